@@ -1,0 +1,130 @@
+"""The `raybench` command line. Every command validates its config before doing any work
+and writes into the run directory (`runs/<name>` unless `run_dir` says otherwise)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from raybench.config import ConfigError, dump_config, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", "-c", help="YAML config (e.g. jobs/configs/smoke.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set train.steps=50 (repeatable)")
+
+
+def _cmd_validate(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(dump_config(cfg), indent=2))
+    return 0
+
+
+def _cmd_data_synth(args) -> int:
+    from raybench.data.loader import validate_dataset
+    from raybench.data.synthetic import write_synthetic
+
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else cfg.data_path
+    write_synthetic(out, num_train=cfg.data.num_train, num_val=cfg.data.num_val,
+                    image_size=cfg.image_size, seed=cfg.data.seed, qtypes=cfg.data.qtypes)
+    print(f"wrote {validate_dataset(out)} rows to {out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    if not args.local:
+        raise ConfigError("distributed training (Ray Train) is not in this build yet; "
+                          "run `raybench train --local` for single-process training")
+    from raybench.train.local import train_local
+
+    metrics = train_local(cfg)
+    print(json.dumps({"final": metrics}, indent=2))
+    return 0
+
+
+def _cmd_ask(args) -> int:
+    import torch
+
+    from raybench.data.processor import VQAProcessor
+    from raybench.data.tokenizer import load_tokenizer
+    from raybench.model.vlm import HybridVLM
+
+    model = HybridVLM.from_pretrained(args.model)
+    tok = load_tokenizer(args.model)
+    proc = VQAProcessor(tok, model.config.num_image_tokens, model.config.vision.image_size)
+    prompt = proc.encode_prompts([args.question])
+    pixels = proc.pixel_values([Path(args.image).read_bytes()])
+    with torch.no_grad():
+        out = model.generate(prompt["input_ids"], prompt["attention_mask"], pixels,
+                             max_new_tokens=args.max_tokens)
+    print(proc.decode_answer(out[0].tolist()))
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    if args.which != "fusion":
+        raise ConfigError(f"bench {args.which!r} is not in this build yet; available: fusion")
+    from raybench.bench.fusion import run_fusion_bench
+
+    run_fusion_bench(out_dir=Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raybench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a config and print it fully expanded")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_validate)
+
+    data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth", help="render the synthetic VQA set to Parquet")
+    _add_config_args(p)
+    p.add_argument("--out", help="output directory (default: <run_dir>/data)")
+    p.set_defaults(fn=_cmd_data_synth)
+
+    p = sub.add_parser("train", help="train a model")
+    _add_config_args(p)
+    p.add_argument("--local", action="store_true", help="single process, no Ray")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("ask", help="answer a question about an image with a saved model")
+    p.add_argument("--model", required=True, help="model directory (safetensors + config.json)")
+    p.add_argument("--image", required=True)
+    p.add_argument("--question", required=True)
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.set_defaults(fn=_cmd_ask)
+
+    p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
+    p.add_argument("which", choices=["fusion", "train", "sweep", "serve", "compile", "all"])
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--size", default="small", choices=["tiny", "small"])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="fewer repeats, tiny inputs (a minute or two)")
+    p.set_defaults(fn=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as err:
+        print(f"raybench: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # data errors are user errors too: no traceback for those
+        from raybench.data.loader import DataError
+        if isinstance(err, DataError):
+            print(f"raybench: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

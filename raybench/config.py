@@ -1,0 +1,330 @@
+"""Every raybench config as a pydantic model: YAML in, clear field errors out.
+
+`load_config(path, overrides)` reads YAML, applies `--set a.b=c` overrides, expands the
+model preset/size defaults, and validates everything before any process starts. A bad
+value fails with the field path, the value and what is allowed, e.g.
+
+    model.fusion.sparsity.final_keep_ratio = 1.5: must be in (0, 1]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raybench.model.presets import PRESETS, SIZES, deep_merge, model_defaults
+
+SCHEDULES = ("constant", "linear", "exponential", "step")
+TOKENIZE_FUNCTIONS = ("softmax", "gumbel_argmax", "st_argmax")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names every bad field."""
+
+
+class _Strict(BaseModel):
+    # Unknown keys are typos until proven otherwise.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VisionConfig(_Strict):
+    """SigLIP-style vision tower (transformers `SiglipVisionModel`)."""
+    image_size: int = Field(64, ge=8)
+    patch_size: int = Field(8, ge=1)
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    intermediate_size: int = Field(256, ge=1)
+    pretrained_path: str | None = None  # a local transformers checkpoint directory
+
+
+class LLMConfig(_Strict):
+    """Decoder-only LLM (transformers `Qwen3ForCausalLM` or `LlamaForCausalLM`)."""
+    arch: Literal["qwen3", "llama"] = "qwen3"
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(4, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    head_dim: int | None = Field(None, ge=1)  # None: hidden_size // num_heads
+    intermediate_size: int = Field(384, ge=1)
+    rope_theta: float = Field(10_000.0, gt=0)
+    max_position_embeddings: int = Field(1024, ge=16)
+    vocab_size: int | None = Field(None, ge=1)  # None: taken from the tokenizer at build time
+    pretrained_path: str | None = None
+
+
+class VETConfig(_Strict):
+    """Ovis Visual Embedding Table: visual head -> probabilities -> probs @ table."""
+    vocab_size: int = Field(1024, ge=1)
+    tokenize_function: Literal["softmax", "gumbel_argmax", "st_argmax"] = "softmax"
+    tau: float = Field(1.0, gt=0)
+    # Indicator rows are the table's last rows; they frame the image and never get patch mass.
+    num_indicator_tokens: int = Field(2, ge=0)
+
+
+class QFormerConfig(_Strict):
+    """BLIP-2-style Q-Former-lite: learned queries cross-attend to ViT patches."""
+    num_queries: int = Field(16, ge=1)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+
+
+class DeepStackConfig(_Strict):
+    """Qwen3-VL DeepStack: ViT taps -> one merger each -> added after LLM layers 0..K-1."""
+    num_injections: int = Field(0, ge=0)
+    # None: spread the taps evenly over the ViT (see `resolved_visual_indexes`).
+    visual_indexes: list[int] | None = None
+
+
+class SparsityConfig(_Strict):
+    """Dense->sparse progressive pruning of visual tokens by query relevance."""
+    enabled: bool = False
+    schedule: Literal["constant", "linear", "exponential", "step"] = "exponential"
+    final_keep_ratio: float = Field(0.25, gt=0, le=1)
+    stage_layers: list[int] = Field(default_factory=lambda: [1, 2])  # prune after these layers
+
+
+class FusionConfig(_Strict):
+    projector: Literal["mlp", "vet", "qformer"] = "mlp"
+    spatial_merge_size: int = Field(2, ge=1)
+    vet: VETConfig = Field(default_factory=VETConfig)
+    qformer: QFormerConfig = Field(default_factory=QFormerConfig)
+    deepstack: DeepStackConfig = Field(default_factory=DeepStackConfig)
+    sparsity: SparsityConfig = Field(default_factory=SparsityConfig)
+
+
+class ModelConfig(_Strict):
+    preset: Literal["llava", "blip2", "ovis", "deepstack", "dense_sparse", "hybrid"] = "hybrid"
+    size: Literal["tiny", "small", "gpu"] = "small"
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    fusion: FusionConfig = Field(default_factory=FusionConfig)
+
+    # Derived shapes, in one place so the model, data collator and serving agree.
+    @property
+    def num_patches(self) -> int:
+        return (self.vision.image_size // self.vision.patch_size) ** 2
+
+    @property
+    def num_merged_tokens(self) -> int:
+        return self.num_patches // self.fusion.spatial_merge_size**2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """How many `<image>` placeholders the prompt carries for one image."""
+        f = self.fusion
+        if f.projector == "qformer":
+            return f.qformer.num_queries
+        extra = f.vet.num_indicator_tokens if f.projector == "vet" else 0
+        return self.num_merged_tokens + extra
+
+    @property
+    def deepstack_visual_indexes(self) -> list[int]:
+        ds = self.fusion.deepstack
+        if ds.visual_indexes is not None:
+            return list(ds.visual_indexes)
+        k, depth = ds.num_injections, self.vision.num_layers
+        if k == 0:
+            return []
+        # Evenly from the first to the last ViT block, like Qwen3-VL's (8, 16, 24) of 27.
+        return [round(i * (depth - 1) / max(k - 1, 1)) for i in range(k)] if k > 1 else [depth // 2]
+
+    @property
+    def llm_head_dim(self) -> int:
+        return self.llm.head_dim or self.llm.hidden_size // self.llm.num_heads
+
+
+class DataConfig(_Strict):
+    path: str | None = None  # None: <run_dir>/data (generated by `raybench data synth`)
+    num_train: int = Field(20_000, ge=1)
+    num_val: int = Field(1_000, ge=1)
+    seed: int = 0
+    qtypes: list[str] | None = None  # None: every synthetic question type
+    image_size: int | None = Field(None, ge=8)  # None: model.vision.image_size
+    tokenizer_vocab_size: int = Field(512, ge=300)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(600, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(30, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    eval_every: int = Field(100, ge=1)
+    eval_samples: int = Field(512, ge=1)
+    log_every: int = Field(10, ge=1)
+    seed: int = 0
+    num_workers: int = Field(2, ge=1)
+    compile: bool = False
+
+
+class RunConfig(_Strict):
+    name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
+    run_dir: str | None = None  # None: runs/<name>
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir or Path("runs") / self.name)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data.path) if self.data.path else self.run_path / "data"
+
+    @property
+    def image_size(self) -> int:
+        return self.data.image_size or self.model.vision.image_size
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], c) with c parsed as YAML, so `x=3`, `x=[1,2]`, `x=null` work."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=1e-3")
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str):
+        try:  # PyYAML reads `1e-3` (no dot) as a string; users mean a number
+            parsed = float(parsed)
+        except ValueError:
+            pass
+    return key.strip().split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    raw = dict(raw)
+    for item in overrides:
+        path, value = parse_override(item)
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def expand_model(raw_model: dict[str, Any] | None) -> dict[str, Any]:
+    """Size defaults <- preset toggles <- the user's own model fields."""
+    raw_model = dict(raw_model or {})
+    preset = raw_model.get("preset", "hybrid")
+    size = raw_model.get("size", "small")
+    if preset not in PRESETS:
+        raise ConfigError(f"model.preset = {preset!r}: unknown preset; allowed: {', '.join(PRESETS)}")
+    if size not in SIZES:
+        raise ConfigError(f"model.size = {size!r}: unknown size; allowed: {', '.join(SIZES)}")
+    return deep_merge(model_defaults(preset, size), raw_model)
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"])
+        lines.append(f"{path} = {e.get('input')!r}: {e['msg']}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _cross_field_errors(cfg: RunConfig) -> list[str]:
+    """Constraints that span fields; each line: path = value: what is allowed."""
+    m, errs = cfg.model, []
+    v, llm, f = m.vision, m.llm, m.fusion
+    if v.image_size % (v.patch_size * f.spatial_merge_size):
+        errs.append(f"model.vision.image_size = {v.image_size}: must be a multiple of patch_size x "
+                    f"spatial_merge_size = {v.patch_size * f.spatial_merge_size}")
+    if v.hidden_size % v.num_heads:
+        errs.append(f"model.vision.num_heads = {v.num_heads}: must divide hidden_size {v.hidden_size}")
+    if llm.num_heads % llm.num_kv_heads:
+        errs.append(f"model.llm.num_kv_heads = {llm.num_kv_heads}: must divide num_heads {llm.num_heads}")
+    if llm.head_dim is None and llm.hidden_size % llm.num_heads:
+        errs.append(f"model.llm.num_heads = {llm.num_heads}: must divide hidden_size {llm.hidden_size} "
+                    "(or set model.llm.head_dim)")
+    if f.projector == "vet" and f.vet.vocab_size <= f.vet.num_indicator_tokens:
+        errs.append(f"model.fusion.vet.vocab_size = {f.vet.vocab_size}: must exceed "
+                    f"num_indicator_tokens = {f.vet.num_indicator_tokens}")
+    ds = f.deepstack
+    if ds.num_injections > llm.num_layers:
+        errs.append(f"model.fusion.deepstack.num_injections = {ds.num_injections}: at most "
+                    f"model.llm.num_layers = {llm.num_layers} (one injection after each of layers 0..K-1)")
+    if ds.visual_indexes is None and ds.num_injections > v.num_layers:
+        errs.append(f"model.fusion.deepstack.num_injections = {ds.num_injections}: at most "
+                    f"model.vision.num_layers = {v.num_layers} ViT taps")
+    if ds.visual_indexes is not None:
+        if len(ds.visual_indexes) != ds.num_injections:
+            errs.append(f"model.fusion.deepstack.visual_indexes = {ds.visual_indexes}: needs exactly "
+                        f"num_injections = {ds.num_injections} entries")
+        bad = [i for i in ds.visual_indexes if not 0 <= i < v.num_layers]
+        if bad:
+            errs.append(f"model.fusion.deepstack.visual_indexes = {ds.visual_indexes}: taps {bad} are past "
+                        f"the ViT; allowed 0..{v.num_layers - 1}")
+    if ds.num_injections and f.projector == "qformer":
+        errs.append("model.fusion.deepstack.num_injections = "
+                    f"{ds.num_injections}: DeepStack adds per patch position and needs projector mlp or "
+                    "vet; the Q-Former's queries have no patch positions")
+    sp = f.sparsity
+    if sp.enabled:
+        st = sp.stage_layers
+        if not st:
+            errs.append("model.fusion.sparsity.stage_layers = []: needs at least one layer when enabled")
+        if st != sorted(set(st)):
+            errs.append(f"model.fusion.sparsity.stage_layers = {st}: must be strictly increasing")
+        # A stage ends after layer L and is scored with layer L+1's q/k, so L+1 must exist.
+        bad = [layer for layer in st if not 0 <= layer < llm.num_layers - 1]
+        if bad:
+            errs.append(f"model.fusion.sparsity.stage_layers = {st}: layers {bad} out of range; "
+                        f"allowed 0..{llm.num_layers - 2} (scoring uses the next layer)")
+    if cfg.data.qtypes is not None:
+        from raybench.data.synthetic import QTYPES  # light: only PIL/pyarrow at import
+        bad = [q for q in cfg.data.qtypes if q not in QTYPES]
+        if bad:
+            errs.append(f"data.qtypes = {cfg.data.qtypes}: unknown {bad}; allowed: {', '.join(QTYPES)}")
+    return errs
+
+
+def validate_config(raw: dict[str, Any]) -> RunConfig:
+    raw = dict(raw)
+    raw["model"] = expand_model(raw.get("model"))
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+    errs = _cross_field_errors(cfg)
+    if errs:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errs))
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+    return validate_config(apply_overrides(raw, overrides or []))
+
+
+def dump_config(cfg: RunConfig) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: for MLflow params and sweep spaces."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

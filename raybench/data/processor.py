@@ -1,0 +1,81 @@
+"""Rows -> model tensors. One place decides the sequence layout, so training, evaluation,
+generation and serving agree:
+
+    <s> <image> x num_image_tokens  question tokens | " answer" tokens </s>
+    |------------------- prompt (labels -100) -------|---- loss here ----|
+
+Training batches are right-padded (labels line up at the end); generation prompts are
+left-padded (the last column is every prompt's last token, where decoding starts).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from raybench.data.loader import decode_images
+from raybench.data.tokenizer import image_token_id
+
+IGNORE_INDEX = -100
+
+
+class VQAProcessor:
+    def __init__(self, tokenizer, num_image_tokens: int, image_size: int):
+        self.tokenizer = tokenizer
+        self.num_image_tokens = num_image_tokens
+        self.image_size = image_size
+        self.image_token_id = image_token_id(tokenizer)
+        self.pad_id, self.bos_id, self.eos_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
+                                                 tokenizer.eos_token_id)
+
+    def prompt_ids(self, question: str) -> list[int]:
+        text = self.tokenizer.encode(question.strip(), add_special_tokens=False)
+        return [self.bos_id] + [self.image_token_id] * self.num_image_tokens + text
+
+    def answer_ids(self, answer: str) -> list[int]:
+        # Leading space: the answer is a new word after the question (one token per word).
+        return self.tokenizer.encode(" " + answer.strip(), add_special_tokens=False) + [self.eos_id]
+
+    def encode_train(self, questions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Right-padded input_ids / attention_mask / labels (loss on answer + eos only)."""
+        seqs, labels = [], []
+        for q, a in zip(questions, answers):
+            p, ans = self.prompt_ids(q), self.answer_ids(a)
+            seqs.append(p + ans)
+            labels.append([IGNORE_INDEX] * len(p) + ans)
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        lab = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, (s, lb) in enumerate(zip(seqs, labels)):
+            ids[i, : len(s)] = torch.tensor(s)
+            lab[i, : len(lb)] = torch.tensor(lb)
+            mask[i, : len(s)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+    def encode_prompts(self, questions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Left-padded prompts for `HybridVLM.generate`."""
+        seqs = [self.prompt_ids(q) for q in questions]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            ids[i, width - len(s):] = torch.tensor(s)
+            mask[i, width - len(s):] = 1
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def pixel_values(self, images: Sequence[bytes]) -> torch.Tensor:
+        return decode_images(list(images), self.image_size)
+
+    def collate(self, rows: dict[str, Sequence]) -> dict[str, torch.Tensor]:
+        """A columnar batch (image bytes, question, answer) -> training tensors."""
+        batch = self.encode_train(rows["question"], rows["answer"])
+        batch["pixel_values"] = self.pixel_values(rows["image"])
+        return batch
+
+    def decode_answer(self, token_ids: Sequence[int]) -> str:
+        ids = list(token_ids)
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()

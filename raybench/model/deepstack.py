@@ -1,0 +1,47 @@
+"""Qwen3-VL DeepStack: several ViT layers injected into several early LLM layers.
+
+Tap k (ViT block `deepstack_visual_indexes[k]`) goes through its own merger and is added
+to the hidden states at the visual positions after LLM decoder layer k - no gate, no scale,
+prefill only (as `Qwen3VLTextModel._deepstack_process`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from raybench.model.merger import PatchMerger
+
+
+class DeepStackMergers(nn.Module):
+    def __init__(self, num_taps: int, vision_hidden: int, llm_hidden: int, merge: int):
+        super().__init__()
+        self.deepstack_merger_list = nn.ModuleList(
+            PatchMerger(vision_hidden, llm_hidden, merge, use_postshuffle_norm=True)
+            for _ in range(num_taps)
+        )
+
+    def forward(self, taps: list[torch.Tensor], pad_before: int = 0, pad_after: int = 0
+                ) -> list[torch.Tensor]:
+        """taps[k] [B, P, Hv] -> embeds[k] [B, N_vis, D] aligned with the visual span.
+
+        `pad_before/after` zero rows line the embeds up with tokens that are visual positions
+        but not patches (the VET's indicator tokens): they receive nothing.
+        """
+        out = []
+        for merger, tap in zip(self.deepstack_merger_list, taps):
+            e = merger(tap)
+            if pad_before or pad_after:
+                e = nn.functional.pad(e, (0, 0, pad_before, pad_after))
+            out.append(e)
+        return out
+
+
+def deepstack_process(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+                      visual_embeds: torch.Tensor) -> torch.Tensor:
+    """hidden[visual_pos_masks] += embeds, out of place (autograd-safe). embeds [B, N_vis, D]."""
+    hidden_states = hidden_states.clone()
+    local = hidden_states[visual_pos_masks] + visual_embeds.reshape(-1, visual_embeds.shape[-1]).to(
+        hidden_states.dtype)
+    hidden_states[visual_pos_masks] = local
+    return hidden_states

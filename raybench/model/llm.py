@@ -1,0 +1,68 @@
+"""The decoder side: build a transformers causal LM, a per-layer KV cache, attention masks.
+
+We drive the decoder layers ourselves (DeepStack injects between layers and pruning
+changes the sequence between layers), so the cache is our own: after pruning, later
+layers hold fewer keys than earlier ones, and each layer remembers which keys are valid.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+from raybench.config import LLMConfig
+
+
+def build_causal_lm(cfg: LLMConfig, vocab_size: int, head_dim: int):
+    if cfg.pretrained_path:
+        lm = AutoModelForCausalLM.from_pretrained(cfg.pretrained_path, local_files_only=True,
+                                                  attn_implementation="sdpa", dtype=torch.float32)
+        if lm.get_input_embeddings().num_embeddings < vocab_size:
+            lm.resize_token_embeddings(vocab_size)  # room for <image> and our specials
+        return lm
+    common = dict(
+        vocab_size=vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, head_dim=head_dim,
+        max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+    )
+    config = Qwen3Config(**common) if cfg.arch == "qwen3" else LlamaConfig(**common)
+    config._attn_implementation = "sdpa"
+    return Qwen3ForCausalLM(config) if cfg.arch == "qwen3" else LlamaForCausalLM(config)
+
+
+class KVCache:
+    """Keys/values per layer plus which cached keys are real (not padding)."""
+
+    def __init__(self, num_layers: int):
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.key_valid: list[torch.Tensor | None] = [None] * num_layers
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        # The signature transformers' attention modules call.
+        if self.keys[layer_idx] is not None:
+            key = torch.cat([self.keys[layer_idx], key], dim=-2)
+            value = torch.cat([self.values[layer_idx], value], dim=-2)
+        self.keys[layer_idx], self.values[layer_idx] = key, value
+        return key, value
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        k = self.keys[layer_idx]
+        return 0 if k is None else k.shape[-2]
+
+
+def attention_mask(key_valid: torch.Tensor, num_queries: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive [B,1,Tq,Tk] mask: causal over the last Tq keys, padding keys hidden.
+
+    A padding query would otherwise see no key at all (NaN softmax), so every query may
+    always see itself.
+    """
+    tk = key_valid.shape[1]
+    q_pos = torch.arange(tk - num_queries, tk, device=key_valid.device)
+    k_pos = torch.arange(tk, device=key_valid.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & key_valid[:, None, :]
+    allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)

@@ -1,0 +1,91 @@
+"""Dense->sparse: progressive, query-relevance top-k pruning of visual tokens.
+
+After the last layer of each stage (`stage_layers`), image tokens are scored PyramidDrop-
+style (`pdrop_rank_drop`): the *next* layer's input norm, q/k projections and RoPE, applied
+to detached hidden states, give the attention of the query token (the last prompt token:
+the question's end at inference, the token before the answer in training) over the keys;
+averaged over heads and restricted to image keys, the top-k survive, in original order.
+Text tokens are never dropped. Original position ids are kept (FastV's choice), which
+keeps RoPE and the KV cache consistent without re-indexing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+
+def keep_ratios(schedule: str, final_keep_ratio: float, num_stages: int) -> list[float]:
+    """Fraction of the original visual tokens alive after each stage s = 1..S.
+
+    constant     prune to r at the first stage, then hold (FastV-like one shot)
+    linear       1 - (1 - r) * s / S
+    exponential  r ** (s / S)          (PyramidDrop's geometric lambda)
+    step         keep everything for the first half of the stages, then r
+    """
+    r, n = final_keep_ratio, num_stages
+    if schedule == "constant":
+        return [r] * n
+    if schedule == "linear":
+        return [1 - (1 - r) * s / n for s in range(1, n + 1)]
+    if schedule == "exponential":
+        return [r ** (s / n) for s in range(1, n + 1)]
+    if schedule == "step":
+        return [1.0 if s <= n // 2 else r for s in range(1, n + 1)]
+    raise ValueError(f"unknown sparsity schedule {schedule!r}")
+
+
+def keep_counts(num_visual: int, schedule: str, final_keep_ratio: float, num_stages: int) -> list[int]:
+    """Visual tokens alive after each stage; at least one, never increasing."""
+    counts, prev = [], num_visual
+    for ratio in keep_ratios(schedule, final_keep_ratio, num_stages):
+        prev = min(prev, max(1, math.ceil(num_visual * ratio - 1e-9)))
+        counts.append(prev)
+    return counts
+
+
+@torch.no_grad()
+def visual_relevance(next_layer, hidden: torch.Tensor, position_embeddings, query_index: torch.Tensor,
+                     key_valid: torch.Tensor, visual_pos_masks: torch.Tensor) -> torch.Tensor:
+    """Query-token attention over the image tokens, from the next layer's q/k: [B, N_vis]."""
+    attn = next_layer.self_attn
+    x = next_layer.input_layernorm(hidden.detach())
+    b, t, _ = x.shape
+    hd = attn.head_dim
+    rows = torch.arange(b, device=x.device)
+    q = attn.q_proj(x[rows, query_index]).view(b, 1, -1, hd)
+    k = attn.k_proj(x).view(b, t, -1, hd)
+    if hasattr(attn, "q_norm"):  # Qwen3 normalises q and k per head; Llama does not
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    cos, sin = position_embeddings
+    q, _ = apply_rotary_pos_emb(q, q, cos[rows, query_index].unsqueeze(1), sin[rows, query_index].unsqueeze(1))
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = (q @ k.transpose(-1, -2)).squeeze(2) * attn.scaling  # [B, heads, T]
+    causal = torch.arange(t, device=x.device)[None, :] <= query_index[:, None]
+    scores = scores.masked_fill(~(causal & key_valid)[:, None, :], float("-inf"))
+    probs = scores.float().softmax(-1).mean(1)  # [B, T]
+    return probs[visual_pos_masks].view(b, -1)
+
+
+def kept_indices(scores: torch.Tensor, keep: int, visual_pos_masks: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k visual tokens per sample -> (kept visual-relative ids [B,k], kept sequence ids [B,T'])."""
+    b, t = visual_pos_masks.shape
+    kept_vis = scores.topk(keep, dim=-1).indices.sort(-1).values
+    vis_pos = visual_pos_masks.nonzero()[:, 1].view(b, -1)  # sequence index of each visual token
+    drop = torch.ones_like(vis_pos, dtype=torch.bool).scatter_(1, kept_vis, False)
+    keep_seq = torch.ones(b, t, dtype=torch.bool, device=scores.device)
+    keep_seq[torch.arange(b, device=scores.device)[:, None].expand_as(vis_pos)[drop], vis_pos[drop]] = False
+    seq_idx = keep_seq.nonzero()[:, 1].view(b, -1)
+    return kept_vis, seq_idx
+
+
+def gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Gather along dim 1 of [B, T, ...] with per-sample indices [B, T']."""
+    if x.dim() == 2:
+        return x.gather(1, index)
+    return x.gather(1, index.view(*index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:]))

@@ -1,0 +1,302 @@
+"""HybridVLM: one model, every fusion family from the seeds' table as a config.
+
+    pixels -> VisionTower (SigLIP, DeepStack taps)             encode_images()
+           -> projector (MLP merger | VET | Q-Former)          project()
+              + DeepStack mergers (one per tap)
+           -> LLM: <image> placeholders replaced by visual embeds,
+              DeepStack adds after layers 0..K-1,               run_decoder()
+              visual tokens pruned after each sparsity stage
+           -> loss on answer tokens / prefill + KV-cache decode  forward() / generate()
+
+The three methods are also the three serving stages (vision, projection, LLM). The model
+knows nothing of distribution: FSDP is applied from outside (`raybench.train.parallel`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from raybench.config import ModelConfig
+from raybench.model.deepstack import DeepStackMergers, deepstack_process
+from raybench.model.llm import KVCache, attention_mask, build_causal_lm
+from raybench.model.merger import PatchMerger
+from raybench.model.qformer import QFormer
+from raybench.model.sparsity import gather_seq, keep_counts, kept_indices, visual_relevance
+from raybench.model.vet import VETProjector
+from raybench.model.vision import VisionTower, build_siglip
+
+IGNORE_INDEX = -100
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None = None  # [B, T'-1, V]: next-token logits (return_logits=True)
+    labels: torch.Tensor | None = None  # [B, T'-1]: the targets aligned with `logits`
+
+
+@dataclass
+class DecoderState:
+    """What the decoder loop carries between layers; pruning gathers all of it together."""
+    hidden: torch.Tensor          # [B, T, D]
+    position_ids: torch.Tensor    # [B, T] original positions (kept through pruning)
+    key_valid: torch.Tensor       # [B, T] real token (not padding)
+    visual_pos_masks: torch.Tensor  # [B, T]
+    query_mask: torch.Tensor      # [B, T] the token whose attention ranks image tokens
+    keep_index: torch.Tensor      # [B, T] index into the unpruned sequence
+    deepstack_embeds: list[torch.Tensor]  # [B, N_vis, D] each, aligned with visual tokens
+
+    def gather(self, seq_idx: torch.Tensor, kept_vis: torch.Tensor) -> None:
+        for name in ("hidden", "position_ids", "key_valid", "visual_pos_masks", "query_mask", "keep_index"):
+            setattr(self, name, gather_seq(getattr(self, name), seq_idx))
+        self.deepstack_embeds = [gather_seq(e, kept_vis) for e in self.deepstack_embeds]
+
+
+class HybridVLM(nn.Module):
+    def __init__(self, config: ModelConfig, *, vocab_size: int, image_token_id: int,
+                 pad_token_id: int, eos_token_id: int):
+        super().__init__()
+        self.config = config
+        self.vocab_size, self.image_token_id = vocab_size, image_token_id
+        self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
+        f = config.fusion
+        self.vision = VisionTower(build_siglip(config.vision))
+        self.llm = build_causal_lm(config.llm, vocab_size, config.llm_head_dim)
+        hv, d = self.vision.siglip.config.hidden_size, self.llm.config.hidden_size
+        if f.projector == "mlp":
+            self.projector = PatchMerger(hv, d, f.spatial_merge_size, use_postshuffle_norm=False)
+        elif f.projector == "vet":
+            self.projector = VETProjector(f.vet, hv, d, f.spatial_merge_size)
+            self.projector.init_table_like(self.llm.get_input_embeddings().weight)
+        else:
+            self.projector = QFormer(f.qformer, hv, d)
+        self.deepstack_visual_indexes = config.deepstack_visual_indexes
+        self.deepstack = (DeepStackMergers(len(self.deepstack_visual_indexes), hv, d, f.spatial_merge_size)
+                          if self.deepstack_visual_indexes else None)
+        sp = f.sparsity
+        self.stage_layers = list(sp.stage_layers) if sp.enabled else []
+        self.stage_keep = (keep_counts(config.num_image_tokens, sp.schedule, sp.final_keep_ratio,
+                                       len(self.stage_layers)) if sp.enabled else [])
+
+    @classmethod
+    def for_tokenizer(cls, config: ModelConfig, tokenizer) -> "HybridVLM":
+        from raybench.data.tokenizer import image_token_id
+        return cls(config, vocab_size=len(tokenizer), image_token_id=image_token_id(tokenizer),
+                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+
+    # ----------------------------------------------------------------- the three stages
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.llm.model.layers
+
+    def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage 1 (ViT): pixels [B,3,H,W] -> (patches [B,P,Hv], DeepStack taps)."""
+        return self.vision(pixel_values, self.deepstack_visual_indexes)
+
+    def project(self, patches: torch.Tensor, taps: list[torch.Tensor]
+                ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Stage 2: ViT features -> (visual embeds [B,N_vis,D], DeepStack embeds [B,N_vis,D] each)."""
+        visual = self.projector(patches)
+        if self.deepstack is None:
+            return visual, []
+        n_ind = self.config.fusion.vet.num_indicator_tokens if self.config.fusion.projector == "vet" else 0
+        return visual, self.deepstack(taps, pad_before=min(n_ind, 1), pad_after=max(n_ind - 1, 0))
+
+    def embed(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor | None
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token embeddings with `<image>` placeholders replaced by visual embeds."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        visual_pos_masks = input_ids == self.image_token_id
+        if visual_embeds is None:
+            if visual_pos_masks.any():
+                raise ValueError("prompt has <image> tokens but no image was given")
+            return embeds, visual_pos_masks
+        n_vis = visual_embeds.shape[1]
+        counts = visual_pos_masks.sum(1)
+        if (counts != n_vis).any():
+            raise ValueError(f"each prompt needs exactly {n_vis} <image> tokens for one image, "
+                             f"got {counts.tolist()}")
+        embeds = embeds.masked_scatter(visual_pos_masks.unsqueeze(-1), visual_embeds.to(embeds.dtype))
+        return embeds, visual_pos_masks
+
+    def run_decoder(self, state: DecoderState, cache: KVCache | None = None, prune: bool = True
+                    ) -> DecoderState:
+        """Stage 3's prefill (and each decode step with `prune=False`, no visuals)."""
+        rotary = self.llm.model.rotary_emb
+        pe = rotary(state.hidden, state.position_ids)
+        layers = self.decoder_layers
+        has_visual = bool(state.visual_pos_masks.any())
+        for i, layer in enumerate(layers):
+            key_valid = state.key_valid
+            if cache is not None:
+                past = cache.key_valid[i]
+                key_valid = key_valid if past is None else torch.cat([past, key_valid], dim=1)
+                cache.key_valid[i] = key_valid
+            mask = attention_mask(key_valid, state.hidden.shape[1], state.hidden.dtype)
+            state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=pe,
+                                 position_ids=state.position_ids, past_key_values=cache)
+            if has_visual and i < len(state.deepstack_embeds):
+                state.hidden = deepstack_process(state.hidden, state.visual_pos_masks,
+                                                 state.deepstack_embeds[i])
+            if prune and has_visual and i in self.stage_layers:
+                keep = self.stage_keep[self.stage_layers.index(i)]
+                n_vis = int(state.visual_pos_masks[0].sum())
+                if keep < n_vis:
+                    scores = visual_relevance(layers[i + 1], state.hidden, pe,
+                                              state.query_mask.float().argmax(1), state.key_valid,
+                                              state.visual_pos_masks)
+                    kept_vis, seq_idx = kept_indices(scores, keep, state.visual_pos_masks)
+                    state.gather(seq_idx, kept_vis)
+                    pe = rotary(state.hidden, state.position_ids)
+        return state
+
+    def _prefill_state(self, input_ids, attention_mask_2d, visual_embeds, deepstack_embeds,
+                       query_index) -> DecoderState:
+        embeds, visual_pos_masks = self.embed(input_ids, visual_embeds)
+        key_valid = attention_mask_2d.bool()
+        position_ids = (key_valid.long().cumsum(1) - 1).clamp(min=0)
+        b, t = input_ids.shape
+        arange = torch.arange(t, device=input_ids.device)
+        return DecoderState(
+            hidden=embeds, position_ids=position_ids, key_valid=key_valid,
+            visual_pos_masks=visual_pos_masks, query_mask=arange[None, :] == query_index[:, None],
+            keep_index=arange[None, :].expand(b, t), deepstack_embeds=list(deepstack_embeds),
+        )
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.llm.lm_head(self.llm.model.norm(hidden))
+
+    # ----------------------------------------------------------------- training forward
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                return_logits: bool = False) -> VLMOutput:
+        """Right-padded batch -> loss on answer tokens (labels != -100) only."""
+        visual, deepstack = None, []
+        if pixel_values is not None:
+            visual, deepstack = self.project(*self.encode_images(pixel_values))
+        if labels is not None:
+            # The query for pruning is the token before the answer (PyramidDrop's training rule).
+            query_index = ((labels != IGNORE_INDEX).float().argmax(1) - 1).clamp(min=0)
+        else:
+            query_index = attention_mask.long().sum(1) - 1
+        state = self.run_decoder(self._prefill_state(input_ids, attention_mask, visual, deepstack,
+                                                     query_index))
+        hidden = state.hidden[:, :-1]
+        if labels is None:
+            return VLMOutput(loss=None, logits=self.logits(hidden) if return_logits else None)
+        targets = labels.gather(1, state.keep_index)[:, 1:]
+        selected = targets != IGNORE_INDEX
+        # Project only the answer positions: the vocabulary matmul dominates otherwise.
+        loss = F.cross_entropy(self.logits(hidden[selected]).float(), targets[selected])
+        return VLMOutput(loss=loss, logits=self.logits(hidden) if return_logits else None,
+                         labels=targets if return_logits else None)
+
+    # ----------------------------------------------------------------- generation
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 pixel_values: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Left-padded prompts -> new token ids [B, <=max_new_tokens] (eos-padded)."""
+        visual, deepstack = None, []
+        if pixel_values is not None:
+            visual, deepstack = self.project(*self.encode_images(pixel_values))
+        return self.generate_from_visual(input_ids, attention_mask, visual, deepstack, **kwargs)
+
+    @torch.no_grad()
+    def generate_from_visual(self, input_ids, attention_mask, visual_embeds, deepstack_embeds, *,
+                             max_new_tokens: int = 8, temperature: float = 0.0, top_p: float = 1.0,
+                             use_cache: bool = True, generator: torch.Generator | None = None
+                             ) -> torch.Tensor:
+        if not bool(attention_mask[:, -1].all()):
+            raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
+        b, t = input_ids.shape
+        query_index = torch.full((b,), t - 1, device=input_ids.device)
+        cache = KVCache(len(self.decoder_layers)) if use_cache else None
+        state = self.run_decoder(self._prefill_state(input_ids, attention_mask, visual_embeds,
+                                                     deepstack_embeds, query_index), cache)
+        next_pos = state.position_ids[:, -1] + 1
+        logits = self.logits(state.hidden[:, -1])
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        out = []
+        for step in range(max_new_tokens):
+            # Placeholders are never text: an emitted <image> would need an image to embed.
+            logits[:, [self.image_token_id, self.pad_token_id]] = float("-inf")
+            token = _sample(logits, temperature, top_p, generator)
+            token = token.masked_fill(done, self.eos_token_id)
+            out.append(token)
+            done |= token == self.eos_token_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            if use_cache:
+                state = DecoderState(
+                    hidden=self.llm.get_input_embeddings()(token[:, None]), position_ids=next_pos[:, None],
+                    key_valid=torch.ones(b, 1, dtype=torch.bool, device=token.device),
+                    visual_pos_masks=torch.zeros(b, 1, dtype=torch.bool, device=token.device),
+                    query_mask=torch.ones(b, 1, dtype=torch.bool, device=token.device),
+                    keep_index=torch.zeros(b, 1, dtype=torch.long, device=token.device), deepstack_embeds=[])
+                state = self.run_decoder(state, cache, prune=False)
+                next_pos = next_pos + 1
+                logits = self.logits(state.hidden[:, -1])
+            else:  # full recompute: the reference the KV cache must reproduce
+                ids = torch.cat([input_ids, torch.stack(out, 1)], 1)
+                mask = torch.cat([attention_mask, torch.ones(b, len(out), dtype=attention_mask.dtype,
+                                                             device=ids.device)], 1)
+                state = self.run_decoder(self._prefill_state(ids, mask, visual_embeds, deepstack_embeds,
+                                                             query_index))
+                logits = self.logits(state.hidden[:, -1])
+        return torch.stack(out, 1)
+
+    # ----------------------------------------------------------------- save / load
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """safetensors weights + config.json (no pickle anywhere)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        cfg = self.config.model_copy(deep=True)
+        # The saved weights are complete: loading must not need the original checkpoints.
+        cfg.vision.pretrained_path = None
+        cfg.llm.pretrained_path = None
+        cfg.llm.vocab_size = self.vocab_size
+        meta = {"format": "raybench-hybrid-vlm", "model": cfg.model_dump(mode="json"),
+                "vocab_size": self.vocab_size, "image_token_id": self.image_token_id,
+                "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id}
+        (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
+        save_model(self, str(directory / WEIGHTS_NAME))
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "HybridVLM":
+        directory = Path(directory)
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+        if meta.get("format") != "raybench-hybrid-vlm":
+            raise ValueError(f"{directory}: not a raybench model directory (config.json format "
+                             f"{meta.get('format')!r})")
+        cfg = ModelConfig.model_validate(meta["model"])
+        model = cls(cfg, vocab_size=meta["vocab_size"], image_token_id=meta["image_token_id"],
+                    pad_token_id=meta["pad_token_id"], eos_token_id=meta["eos_token_id"])
+        load_model(model, str(directory / WEIGHTS_NAME), device=str(device))
+        return model.eval()
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float,
+            generator: torch.Generator | None) -> torch.Tensor:
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > top_p  # keep the smallest set with mass >= top_p
+        sorted_p = sorted_p.masked_fill(cut, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,86 @@
+"""`raybench train --local`: one process, no Ray - the quickest way to see a model learn."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import torch
+
+from raybench.config import RunConfig, dump_config
+from raybench.data.loader import read_split
+from raybench.data.prepare import ensure_data, ensure_tokenizer
+from raybench.data.processor import VQAProcessor
+from raybench.model.vlm import HybridVLM
+from raybench.train.loop import (build_optimizer, build_scheduler, evaluate, format_eval,
+                                 train_step)
+
+COLUMNS = ["image", "question", "answer", "qtype"]
+
+
+def shuffled_batches(table: pa.Table, batch_size: int, seed: int) -> Iterator[dict]:
+    """Endless epochs of seeded permutations, `batch_size` rows at a time (drop the tail)."""
+    gen = torch.Generator().manual_seed(seed)
+    n = table.num_rows
+    while True:
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield table.take(pa.array(perm[start:start + batch_size].numpy())).to_pydict()
+
+
+def val_batches(table: pa.Table, proc: VQAProcessor, batch_size: int) -> list[dict]:
+    out = []
+    for start in range(0, table.num_rows, batch_size):
+        rows = table.slice(start, batch_size).to_pydict()
+        batch = proc.collate(rows)
+        batch["qtype"] = rows["qtype"]
+        out.append(batch)
+    return out
+
+
+def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, float]:
+    torch.manual_seed(cfg.train.seed)
+    counts = ensure_data(cfg)
+    tok = ensure_tokenizer(cfg)
+    model = HybridVLM.for_tokenizer(cfg.model, tok)
+    proc = VQAProcessor(tok, cfg.model.num_image_tokens, cfg.model.vision.image_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"[raybench] {cfg.model.preset}/{cfg.model.size}: {n_params / 1e6:.2f} M parameters, "
+        f"{counts['train']} train / {counts['val']} val rows from {cfg.data_path}")
+
+    train = read_split(cfg.data_path, "train", columns=COLUMNS)
+    val = read_split(cfg.data_path, "val", columns=COLUMNS).slice(0, cfg.train.eval_samples)
+    evals = val_batches(val, proc, cfg.train.batch_size)
+    suppressed = [proc.image_token_id, proc.pad_id]
+    optimizer, t = build_optimizer(model, cfg.train), cfg.train
+    scheduler = build_scheduler(optimizer, t)
+    logs = cfg.run_path / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    history = (logs / "train_local.jsonl").open("w")
+
+    metrics: dict[str, float] = {}
+    batches = shuffled_batches(train, t.batch_size, t.seed)
+    window_start, window_samples, losses = time.perf_counter(), 0, []
+    for step in range(1, t.steps + 1):
+        loss = train_step(model, proc.collate(next(batches)), optimizer, scheduler, t.grad_clip)
+        losses.append(loss)
+        window_samples += t.batch_size
+        if step % t.eval_every == 0 or step == t.steps:
+            rate = window_samples / (time.perf_counter() - window_start)
+            metrics = evaluate(model, evals, suppressed)
+            train_loss = sum(losses) / len(losses)
+            log(format_eval(step, t.steps, train_loss, metrics, rate))
+            history.write(json.dumps({"step": step, "train_loss": train_loss, "samples_per_s": rate,
+                                      **metrics}) + "\n")
+            history.flush()
+            window_start, window_samples, losses = time.perf_counter(), 0, []
+    history.close()
+
+    out = cfg.run_path / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (cfg.run_path / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
+    log(f"[raybench] model saved to {out} (safetensors + config.json + tokenizer)")
+    return metrics

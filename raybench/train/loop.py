@@ -1,0 +1,94 @@
+"""The training pieces every launcher shares: optimizer, LR schedule, one step, evaluation.
+
+Kept free of Ray and of process groups so the single-process trainer, Ray Train workers
+and `torchrun` run literally the same step (and benchmarks compare like with like).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from raybench.config import TrainConfig
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No decay on norms, biases, embeddings and tables: decay there only slows learning.
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.dim() < 2 or "embed" in name or "vte" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` of the peak (nanoVLM's get_lr)."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+
+
+def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, scheduler,
+               grad_clip: float) -> float:
+    model.train()
+    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    optimizer.zero_grad(set_to_none=True)
+    out.loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return out.loss.detach().item()
+
+
+def answer_exact_match(logits: torch.Tensor, labels: torch.Tensor, suppressed: list[int]) -> torch.Tensor:
+    """Per-sample exact match of greedy decoding, from one teacher-forced forward.
+
+    Greedy decoding reproduces answer+eos exactly iff, given the correct prefix, every
+    answer position's argmax is the target; `suppressed` mirrors what generate() masks.
+    """
+    logits = logits.clone()
+    logits[..., suppressed] = float("-inf")
+    hit = (logits.argmax(-1) == labels) | (labels == -100)
+    return hit.all(dim=1)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict], suppressed: list[int]) -> dict[str, float]:
+    """Validation loss (answer tokens) and exact-match accuracy, overall and per qtype."""
+    model.eval()
+    total_loss, total_n = 0.0, 0
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for batch in batches:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                    return_logits=True)
+        n = batch["input_ids"].shape[0]
+        total_loss += out.loss.item() * n
+        total_n += n
+        correct = answer_exact_match(out.logits, out.labels, suppressed).tolist()
+        for qtype, ok in zip(batch["qtype"], correct):
+            hits[qtype][0] += int(ok)
+            hits[qtype][1] += 1
+    metrics = {"val_loss": total_loss / max(total_n, 1),
+               "accuracy": sum(h for h, _ in hits.values()) / max(total_n, 1)}
+    for qtype, (h, n) in sorted(hits.items()):
+        metrics[f"acc/{qtype}"] = h / n
+    return metrics
+
+
+def format_eval(step: int, total: int, loss: float, metrics: dict[str, float], samples_per_s: float) -> str:
+    per_q = " ".join(f"{k[4:]}={v:.2f}" for k, v in metrics.items() if k.startswith("acc/"))
+    return (f"step {step:>5}/{total} | loss {loss:.3f} | val_loss {metrics['val_loss']:.3f} | "
+            f"acc {metrics['accuracy']:.3f} ({per_q}) | {samples_per_s:.0f} samples/s")
