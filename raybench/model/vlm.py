@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,9 @@ class HybridVLM(nn.Module):
                           if self.deepstack_visual_indexes else None)
         sp = f.sparsity
         self.stage_layers = list(sp.stage_layers) if sp.enabled else []
+        # Pruning scores with the *next* layer's q/k outside that layer's forward; a wrapper
+        # that shards layers (FSDP) sets this to gather that layer's weights first.
+        self.before_scoring: Callable[[nn.Module], None] | None = None
         self.stage_keep = (keep_counts(config.num_image_tokens, sp.schedule, sp.final_keep_ratio,
                                        len(self.stage_layers)) if sp.enabled else [])
 
@@ -152,6 +156,8 @@ class HybridVLM(nn.Module):
                 keep = self.stage_keep[self.stage_layers.index(i)]
                 n_vis = int(state.visual_pos_masks[0].sum())
                 if keep < n_vis:
+                    if self.before_scoring is not None:
+                        self.before_scoring(layers[i + 1])
                     scores = visual_relevance(layers[i + 1], state.hidden, pe,
                                               state.query_mask.float().argmax(1), state.key_valid,
                                               state.visual_pos_masks)

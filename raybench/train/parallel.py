@@ -1,0 +1,44 @@
+"""FSDP2 applied from outside the model (torchtitan's pattern).
+
+`fully_shard` per ViT block, per decoder layer, on the projector (VET / merger /
+Q-Former) and the DeepStack mergers, then on the root, so each unit's parameters are
+all-gathered just before it runs and freed after. CPU: gloo, fp32 (gloo has no bf16
+collectives). GPU: bf16 parameters/activations with fp32 gradient reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from raybench.model.vlm import HybridVLM
+
+
+def build_mesh(world_size: int, device_type: str) -> DeviceMesh:
+    # An explicit CPU mesh: gloo + fully_shard on a GPU box segfaults otherwise (pytorch#132471).
+    return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp_shard",))
+
+
+def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
+    if device_type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+
+
+def parallelize(model: HybridVLM, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
+                compile: bool = False) -> HybridVLM:
+    kw = {"mesh": mesh, "mp_policy": mp_policy}
+    units = [*model.vision.blocks, *model.decoder_layers, model.projector]
+    if model.deepstack is not None:
+        units.append(model.deepstack)
+    for unit in units:
+        if compile:
+            # Per block, after sharding decisions: FSDP's hooks stay outside the graph.
+            unit.compile()
+        fully_shard(unit, **kw)
+    fully_shard(model, **kw)
+    # Pruning reads the next decoder layer's q/k outside its forward: gather it first
+    # (its own forward then reshards it as usual).
+    model.before_scoring = lambda layer: layer.unshard()
+    return model
