@@ -1,0 +1,285 @@
+"""A procedural visual-question-answering set, rendered with Pillow.
+
+Each image is a solid background split into an invisible 2x2 grid; every object sits
+inside its own cell, so objects never overlap and "where is ...?" has exactly one
+quadrant answer. Colours are distinct within an image and never equal the background,
+so every question names something uniquely identifiable. Question types span coarse to
+fine detail:
+
+    background  "what color is the background?"      -> a colour   (large area)
+    color       "what color is the square?"           -> a colour
+    shape       "what shape is red?"                  -> a shape
+    position    "where is the blue circle?"           -> top-left / top-right / ...
+    count       "how many shapes are there?"          -> one .. four (objects can be small)
+    glyph       "what letter is shown?"               -> a lowercase letter (drawn small)
+
+Every answer is one lowercase word from a small closed set (`answer_vocabulary`).
+Generation is deterministic: example `i` of a seed depends only on `(seed, i)`, so the
+same seed gives byte-identical PNGs and `generate(n)` is a prefix of `generate(m > n)`.
+
+Imports stay light (Pillow and pyarrow only): the config validator imports `QTYPES`.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+QTYPES: tuple[str, ...] = ("color", "shape", "position", "count", "glyph", "background")
+
+# Saturated and far apart in RGB so that antialiased edges never read as another colour.
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 220),
+    "yellow": (240, 220, 40),
+    "purple": (140, 50, 180),
+    "orange": (245, 140, 20),
+}
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+# Cell index -> answer word; cells are numbered row-major in the 2x2 grid.
+POSITIONS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
+COUNT_WORDS: tuple[str, ...] = ("one", "two", "three", "four")
+# Capitals that stay distinct from each other at ~10 px (no O/Q/D, B/R/P, I/L, V/Y ...).
+GLYPHS: tuple[str, ...] = ("A", "C", "E", "H", "K", "M", "S", "T", "X", "Z")
+
+SCHEMA = pa.schema([
+    ("image", pa.binary()),
+    ("question", pa.string()),
+    ("answer", pa.string()),
+    ("qtype", pa.string()),
+    ("split", pa.string()),
+])
+
+_SUPERSAMPLE = 2  # draw at 2x and box-filter down: cheap antialiasing for small shapes
+_MIN_IMAGE_SIZE = 8
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    color: str
+    cell: int
+    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in [0, 1] image coordinates
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image shows; questions are asked about it and tests check answers against it."""
+
+    background: str
+    objects: tuple[SceneObject, ...] = ()
+    glyph: str | None = None  # the capital letter drawn, if any
+    glyph_cell: int | None = None
+    glyph_center: tuple[float, float] | None = None  # in [0, 1] image coordinates
+
+
+def answer_vocabulary() -> dict[str, list[str]]:
+    """The closed answer set of every question type."""
+    colors = list(COLORS)
+    return {
+        "color": colors,
+        "shape": list(SHAPES),
+        "position": list(POSITIONS),
+        "count": list(COUNT_WORDS),
+        "glyph": [g.lower() for g in GLYPHS],
+        "background": colors,
+    }
+
+
+def chance_accuracy(qtype: str) -> float:
+    """Accuracy of a uniform guess over the question type's answer set."""
+    _check_qtypes([qtype])
+    return 1.0 / len(answer_vocabulary()[qtype])
+
+
+def _check_qtypes(qtypes: Sequence[str]) -> list[str]:
+    if isinstance(qtypes, str):  # a bare string would iterate as letters
+        qtypes = [qtypes]
+    bad = [q for q in qtypes if q not in QTYPES]
+    if bad:
+        raise ValueError(f"unknown question type(s) {bad}; allowed: {', '.join(QTYPES)}")
+    out = list(dict.fromkeys(qtypes))
+    if not out:
+        raise ValueError(f"no question types requested; allowed: {', '.join(QTYPES)}")
+    return out
+
+
+# ----------------------------------------------------------------------------- scenes
+
+
+def _place(rng: random.Random, cell: int, lo: float, hi: float) -> tuple[float, float, float, float]:
+    """A square box of side in [lo, hi] of a cell, jittered but wholly inside that cell."""
+    side = rng.uniform(lo, hi) * 0.5  # a cell is half the image wide
+    cx0, cy0 = (cell % 2) * 0.5, (cell // 2) * 0.5
+    margin = 0.02
+    x0 = cx0 + margin + rng.uniform(0.0, 0.5 - 2 * margin - side)
+    y0 = cy0 + margin + rng.uniform(0.0, 0.5 - 2 * margin - side)
+    return (x0, y0, x0 + side, y0 + side)
+
+
+def sample_scene(rng: random.Random, qtype: str) -> tuple[Scene, str, str]:
+    """A scene for one question type and its (question, answer)."""
+    names = list(COLORS)
+    if qtype == "glyph":
+        # One letter in one cell, up to two shapes elsewhere as distractors.
+        background = rng.choice(names)
+        cells = rng.sample(range(4), 1 + rng.randint(0, 2))
+        colors = rng.sample([c for c in names if c != background], len(cells) - 1)
+        objs = tuple(SceneObject(rng.choice(SHAPES), col, cell, _place(rng, cell, 0.35, 0.8))
+                     for cell, col in zip(cells[1:], colors))
+        letter = rng.choice(GLYPHS)
+        gcell = cells[0]
+        center = ((gcell % 2) * 0.5 + rng.uniform(0.2, 0.3), (gcell // 2) * 0.5 + rng.uniform(0.2, 0.3))
+        scene = Scene(background, objs, letter, gcell, center)
+        return scene, "what letter is shown?", letter.lower()
+
+    n = rng.randint(1, 4)
+    background = rng.choice(names)
+    colors = rng.sample([c for c in names if c != background], n)
+    cells = rng.sample(range(4), n)
+    shapes = [rng.choice(SHAPES) for _ in range(n)]
+    target = rng.randrange(n)  # the object a color/shape/position question is about
+    if qtype == "color":
+        # "the square" must be unique: the others take the remaining two shapes only.
+        others = [s for s in SHAPES if s != shapes[target]]
+        shapes = [s if i == target else rng.choice(others) for i, s in enumerate(shapes)]
+    # Small objects matter most for counting; every type sees the same size range.
+    objs = tuple(SceneObject(s, c, cell, _place(rng, cell, 0.3, 0.85))
+                 for s, c, cell in zip(shapes, colors, cells))
+    scene = Scene(background, objs)
+
+    if qtype == "background":
+        return scene, "what color is the background?", background
+    if qtype == "count":
+        return scene, "how many shapes are there?", COUNT_WORDS[n - 1]
+    obj = objs[target]
+    if qtype == "color":
+        return scene, f"what color is the {obj.shape}?", obj.color
+    if qtype == "shape":
+        return scene, f"what shape is {obj.color}?", obj.shape
+    if qtype == "position":
+        return scene, f"where is the {obj.color} {obj.shape}?", POSITIONS[obj.cell]
+    raise ValueError(f"unknown question type {qtype!r}; allowed: {', '.join(QTYPES)}")
+
+
+# ---------------------------------------------------------------------------- render
+
+
+@functools.lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    # Pillow >= 10.1: a scalable built-in font (Aileron, embedded), no font file on disk.
+    return ImageFont.load_default(size=size)
+
+
+def glyph_font_size(image_size: int) -> int:
+    """Small but legible: a quarter of the image (cap height about a sixth)."""
+    return max(6, round(image_size / 4))
+
+
+def render_scene(scene: Scene, image_size: int) -> Image.Image:
+    """The scene as an RGB image of image_size x image_size."""
+    big = image_size * _SUPERSAMPLE
+    img = Image.new("RGB", (big, big), COLORS[scene.background])
+    draw = ImageDraw.Draw(img)
+    for obj in scene.objects:
+        x0, y0, x1, y1 = (v * big for v in obj.box)
+        fill = COLORS[obj.color]
+        if obj.shape == "circle":
+            draw.ellipse((x0, y0, x1, y1), fill=fill)
+        elif obj.shape == "square":
+            draw.rectangle((x0, y0, x1, y1), fill=fill)
+        else:  # triangle, apex up
+            draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+    if scene.glyph is not None and scene.glyph_center is not None:
+        font = _font(glyph_font_size(image_size) * _SUPERSAMPLE)
+        # Black or white, whichever contrasts with the background, so every letter is legible.
+        r, g, b = COLORS[scene.background]
+        ink = (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+        cx, cy = scene.glyph_center[0] * big, scene.glyph_center[1] * big
+        # anchor="mm" centres the ink box (not the line box) on the point.
+        draw.text((cx, cy), scene.glyph, fill=ink, font=font, anchor="mm")
+    return img.reduce(_SUPERSAMPLE)
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    # Fixed settings (no optimize pass) give byte-identical output for a given Pillow/zlib;
+    # level 3 takes half the time of the default 6 for files ~15% larger.
+    img.save(buf, format="PNG", compress_level=3)
+    return buf.getvalue()
+
+
+def _example_rng(seed: int, index: int) -> random.Random:
+    # A string seed is hashed with SHA-512 by `random`: stable across processes and
+    # independent of PYTHONHASHSEED; one stream per example keeps prefixes stable.
+    return random.Random(f"raybench-synthetic:{seed}:{index}")
+
+
+def make_example(seed: int, index: int, image_size: int, qtype: str) -> tuple[bytes, str, str, Scene]:
+    """Example `index` of `seed`: (png, question, answer, scene)."""
+    scene, question, answer = sample_scene(_example_rng(seed, index), qtype)
+    return _png(render_scene(scene, image_size)), question, answer, scene
+
+
+def generate(num_examples: int, image_size: int, seed: int, split: str,
+             qtypes: Sequence[str] | None = None) -> pa.Table:
+    """`num_examples` rows (image, question, answer, qtype, split); qtypes cycle in order."""
+    kinds = _check_qtypes(QTYPES if qtypes is None else qtypes)
+    if num_examples < 0:
+        raise ValueError(f"num_examples = {num_examples}: must be >= 0")
+    if image_size < _MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size = {image_size}: must be >= {_MIN_IMAGE_SIZE}")
+    images, questions, answers, types = [], [], [], []
+    for i in range(num_examples):
+        qtype = kinds[i % len(kinds)]
+        png, q, a, _ = make_example(seed, i, image_size, qtype)
+        images.append(png)
+        questions.append(q)
+        answers.append(a)
+        types.append(qtype)
+    return pa.table([images, questions, answers, types, [split] * num_examples], schema=SCHEMA)
+
+
+def derived_seed(seed: int, split: str) -> int:
+    """A seed for another split, so that its images are not the train images."""
+    digest = hashlib.sha256(f"{seed}:{split}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def write_synthetic(out_dir: str | os.PathLike, num_train: int, num_val: int, image_size: int,
+                    seed: int, qtypes: Sequence[str] | None = None) -> Path:
+    """Write out_dir/train.parquet (seed) and out_dir/val.parquet (a derived seed)."""
+    out = Path(out_dir).expanduser()
+    tables = {
+        "train": generate(num_train, image_size, seed, "train", qtypes),
+        "val": generate(num_val, image_size, derived_seed(seed, "val"), "val", qtypes),
+    }
+    # Build in a hidden sibling and rename, so an interrupted run never leaves a directory
+    # that looks complete (callers synthesise only when the directory is missing).
+    fresh = not out.exists()
+    target = out.parent / f".{out.name}.tmp-{os.getpid()}" if fresh else out
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        for name, table in tables.items():
+            tmp = target / f".{name}.parquet.tmp"
+            pq.write_table(table, tmp)
+            os.replace(tmp, target / f"{name}.parquet")
+        if fresh:
+            os.replace(target, out)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,120 @@
+"""An offline byte-level BPE tokenizer, trained on the dataset's own text.
+
+Built with the `tokenizers` library and wrapped as a `transformers` fast tokenizer, so it
+saves and loads with `save_pretrained` / `from_pretrained` from a local directory and never
+touches a model hub.
+
+Conventions the rest of raybench relies on:
+
+* Special tokens: `<pad>`, `<s>` (bos), `</s>` (eos), `<unk>` and the image placeholder
+  `<image>`, with ids 0..4 in that order on a freshly built tokenizer. `image_token_id(tok)`
+  finds `<image>` on any tokenizer (ours, or a real LLM's after `load_tokenizer` added it).
+* Nothing is added on encode: callers use `tok.encode(text, add_special_tokens=False)` and
+  place bos / `<image>` / eos by hand (see `raybench.data.processor`).
+* Leading space: an answer follows its question as a new word, so it is encoded as
+  `" " + answer`; the training corpus (`tokenizer_corpus`) holds answers in that same form.
+  Words are pre-tokenized GPT-2 style (a word carries its leading space) except that
+  hyphenated words stay whole, so with the default vocabulary every question word and every
+  answer of the synthetic set (" red", " top-left", " a") is a single token.
+* Byte-level: the 256 byte symbols are always in the vocabulary, so any text (unseen
+  characters, accents, emoji) encodes and decodes losslessly; `<unk>` is never produced.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import pyarrow as pa
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
+IMAGE_TOKEN = "<image>"
+
+# GPT-2's split rule with one change: `\p{L}+(?:-\p{L}+)*` keeps "top-left" one word.
+_WORDS = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+(?:-\p{L}+)*| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+
+
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_WORDS), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE of at most `vocab_size` tokens on `texts` (deterministic)."""
+    specials = [*SPECIAL_TOKENS.values(), IMAGE_TOKEN]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + len(specials):
+        raise ValueError(f"vocab_size = {vocab_size}: must be >= {len(alphabet) + len(specials)} "
+                         "(256 byte symbols + special tokens)")
+    # No unk_token in the model: with every byte in the alphabet nothing is unknown.
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = _pre_tokenizer()
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=alphabet, show_progress=False)
+    bpe.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, **SPECIAL_TOKENS,
+                                   extra_special_tokens={"image_token": IMAGE_TOKEN})
+
+
+def tokenizer_corpus(table_or_tables: pa.Table | Iterable[pa.Table]) -> Iterator[str]:
+    """Questions, and answers with a leading space, from one or more tables."""
+    tables = [table_or_tables] if isinstance(table_or_tables, pa.Table) else table_or_tables
+    for table in tables:
+        for batch in table.select(["question", "answer"]).to_batches():
+            questions, answers = batch.column(0).to_pylist(), batch.column(1).to_pylist()
+            for q, a in zip(questions, answers):
+                if q is not None:
+                    yield q.strip()
+                if a is not None:
+                    yield " " + a.strip()
+
+
+def image_token_id(tok) -> int:
+    """The id of `<image>`; ValueError if the tokenizer does not have it."""
+    tid = tok.convert_tokens_to_ids(IMAGE_TOKEN)
+    # An unknown token maps to unk (or None), which never converts back to "<image>".
+    if tid is None or tok.convert_ids_to_tokens(tid) != IMAGE_TOKEN:
+        raise ValueError(f"the tokenizer has no {IMAGE_TOKEN} token; load it with "
+                         "raybench.data.tokenizer.load_tokenizer, which adds one")
+    return int(tid)
+
+
+def save_tokenizer(tok, directory: str | os.PathLike) -> Path:
+    """Write the tokenizer files (tokenizer.json, tokenizer_config.json) into `directory`."""
+    out = Path(directory).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(str(out))
+    return out
+
+
+def load_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """A tokenizer from a local directory: one saved by `save_tokenizer`, or a real LLM's.
+
+    Never downloads. A tokenizer without `<image>` gets it as an added special token (the
+    caller resizes the embeddings to `len(tok)`); one without a pad or bos token reuses eos
+    for it, as the processor needs both.
+    """
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory does not exist: {path}")
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        # A bare tokenizer.json without a config the Auto classes can resolve.
+        if not (path / "tokenizer.json").exists():
+            raise FileNotFoundError(f"no loadable tokenizer in {path}: {err}") from None
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
+    if IMAGE_TOKEN not in tok.get_vocab():
+        tok.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
+    if tok.eos_token is not None:
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        if tok.bos_token is None:
+            tok.bos_token = tok.eos_token
+    return tok
