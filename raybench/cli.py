@@ -37,13 +37,38 @@ def _cmd_data_synth(args) -> int:
 
 def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    if not args.local:
-        raise ConfigError("distributed training (Ray Train) is not in this build yet; "
-                          "run `raybench train --local` for single-process training")
-    from raybench.train.local import train_local
+    if args.local:
+        from raybench.train.local import train_local
 
-    metrics = train_local(cfg)
+        metrics = train_local(cfg)
+    else:
+        from raybench.train.trainer import fit, model_dir
+
+        result = fit(cfg)
+        if result.error:
+            print(f"raybench: training failed: {result.error}", file=sys.stderr)
+            return 1
+        metrics = {k: v for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
+        print(f"[raybench] checkpoints in {result.path}; model in {model_dir(cfg)}")
     print(json.dumps({"final": metrics}, indent=2))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from raybench.data.loader import read_split
+    from raybench.data.processor import VQAProcessor
+    from raybench.data.tokenizer import load_tokenizer
+    from raybench.model.vlm import HybridVLM
+    from raybench.train.local import COLUMNS, val_batches
+    from raybench.train.loop import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    model = HybridVLM.from_pretrained(args.model)
+    proc = VQAProcessor(load_tokenizer(args.model), model.config.num_image_tokens,
+                        model.config.vision.image_size)
+    val = read_split(cfg.data_path, "val", columns=COLUMNS).slice(0, cfg.train.eval_samples)
+    metrics = evaluate(model, val_batches(val, proc, cfg.train.batch_size), [proc.image_token_id, proc.pad_id])
+    print(json.dumps(metrics, indent=2))
     return 0
 
 
@@ -89,10 +114,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (default: <run_dir>/data)")
     p.set_defaults(fn=_cmd_data_synth)
 
-    p = sub.add_parser("train", help="train a model")
+    p = sub.add_parser("train", help="train a model (Ray Train workers under FSDP2; --local: one process)")
     _add_config_args(p)
     p.add_argument("--local", action="store_true", help="single process, no Ray")
     p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss and accuracy per qtype of a saved model")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="model directory (safetensors + config.json)")
+    p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("ask", help="answer a question about an image with a saved model")
     p.add_argument("--model", required=True, help="model directory (safetensors + config.json)")

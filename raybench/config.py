@@ -145,6 +145,7 @@ class DataConfig(_Strict):
     qtypes: list[str] | None = None  # None: every synthetic question type
     image_size: int | None = Field(None, ge=8)  # None: model.vision.image_size
     tokenizer_vocab_size: int = Field(512, ge=300)
+    max_length: int = Field(96, ge=8)  # text + image tokens per sample, padded to this in Ray Data
 
 
 class TrainConfig(_Strict):
@@ -159,8 +160,14 @@ class TrainConfig(_Strict):
     eval_samples: int = Field(512, ge=1)
     log_every: int = Field(10, ge=1)
     seed: int = 0
-    num_workers: int = Field(2, ge=1)
     compile: bool = False
+    # Ray Train (`raybench train` without --local)
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)  # fractional on small machines: Ray Data needs CPU too
+    checkpoint_every: int | None = Field(None, ge=1)  # None: at every eval
+    keep_checkpoints: int = Field(2, ge=1)  # the best by val accuracy, and always the latest
+    max_failures: int = Field(2, ge=-1)  # worker-group restarts from the last checkpoint (-1: forever)
+    storage_path: str | None = None  # None: <run_dir>/ray; S3/NFS on a multi-node cluster
 
 
 class RunConfig(_Strict):

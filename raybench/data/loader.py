@@ -140,7 +140,7 @@ def read_split(path: str | os.PathLike, split: str,
 # ----------------------------------------------------------------------------- images
 
 
-def _decode_rgb(png_bytes: bytes, image_size: int) -> np.ndarray:
+def decode_rgb_uint8(png_bytes: bytes, image_size: int) -> np.ndarray:
     """Encoded image bytes -> uint8 [H, W, 3] RGB at image_size x image_size."""
     if not isinstance(png_bytes, (bytes, bytearray, memoryview)):
         raise DataError(f"image is not a decodable image: expected bytes, got {type(png_bytes).__name__}")
@@ -154,10 +154,13 @@ def _decode_rgb(png_bytes: bytes, image_size: int) -> np.ndarray:
         raise DataError(f"image is not a decodable image ({len(png_bytes)} bytes): {err}") from None
 
 
-def _normalize(pixels: np.ndarray) -> torch.Tensor:
-    # SigLIP-style: (x / 255 - 0.5) / 0.5 maps [0, 255] to [-1, 1]; channels first.
-    t = torch.from_numpy(pixels).to(torch.float32).div_(127.5).sub_(1.0)
-    return t.movedim(-1, -3).contiguous()
+def normalize_pixels(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W] in [-1, 1].
+
+    SigLIP-style: (x / 255 - 0.5) / 0.5. Shared by the local loader and Ray Data workers,
+    which keep images as uint8 until the batch is on the worker.
+    """
+    return pixels.to(torch.float32).div_(127.5).sub_(1.0).movedim(-1, -3).contiguous()
 
 
 def decode_image(png_bytes: bytes, image_size: int) -> torch.Tensor:
@@ -170,5 +173,5 @@ def decode_images(images: Iterable[bytes], image_size: int) -> torch.Tensor:
     images = list(images)
     out = np.empty((len(images), image_size, image_size, 3), dtype=np.uint8)
     for i, data in enumerate(images):
-        out[i] = _decode_rgb(data, image_size)
-    return _normalize(out)
+        out[i] = decode_rgb_uint8(data, image_size)
+    return normalize_pixels(torch.from_numpy(out))

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from raybench.config import ModelConfig
@@ -265,8 +265,12 @@ class HybridVLM(nn.Module):
 
     # ----------------------------------------------------------------- save / load
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """safetensors weights + config.json (no pickle anywhere)."""
+    def save_pretrained(self, directory: str | Path,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """safetensors weights + config.json (no pickle anywhere).
+
+        `state_dict`: full weights gathered elsewhere (from an FSDP-sharded model).
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         cfg = self.config.model_copy(deep=True)
@@ -278,7 +282,10 @@ class HybridVLM(nn.Module):
                 "vocab_size": self.vocab_size, "image_token_id": self.image_token_id,
                 "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        save_model(self, str(directory / WEIGHTS_NAME))
+        if state_dict is None:
+            save_model(self, str(directory / WEIGHTS_NAME))
+        else:
+            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(directory / WEIGHTS_NAME))
         return directory
 
     @classmethod

@@ -66,26 +66,42 @@ def answer_exact_match(logits: torch.Tensor, labels: torch.Tensor, suppressed: l
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict], suppressed: list[int]) -> dict[str, float]:
-    """Validation loss (answer tokens) and exact-match accuracy, overall and per qtype."""
+def evaluate_counts(model: nn.Module, batches: Iterable[dict], suppressed: list[int]) -> dict:
+    """Raw sums (loss, samples, hits per qtype): they add across ranks, averages don't."""
     model.eval()
-    total_loss, total_n = 0.0, 0
+    loss_sum, n_total = 0.0, 0
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for batch in batches:
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                     return_logits=True)
         n = batch["input_ids"].shape[0]
-        total_loss += out.loss.item() * n
-        total_n += n
+        loss_sum += out.loss.item() * n
+        n_total += n
         correct = answer_exact_match(out.logits, out.labels, suppressed).tolist()
         for qtype, ok in zip(batch["qtype"], correct):
             hits[qtype][0] += int(ok)
             hits[qtype][1] += 1
-    metrics = {"val_loss": total_loss / max(total_n, 1),
-               "accuracy": sum(h for h, _ in hits.values()) / max(total_n, 1)}
-    for qtype, (h, n) in sorted(hits.items()):
-        metrics[f"acc/{qtype}"] = h / n
+    return {"loss_sum": loss_sum, "n": n_total, "hits": dict(hits)}
+
+
+def merge_counts(parts: list[dict]) -> dict[str, float]:
+    """Counts from one or more ranks -> val loss, accuracy overall and per qtype."""
+    loss_sum, n = sum(p["loss_sum"] for p in parts), sum(p["n"] for p in parts)
+    hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for p in parts:
+        for qtype, (h, m) in p["hits"].items():
+            hits[qtype][0] += h
+            hits[qtype][1] += m
+    metrics = {"val_loss": loss_sum / max(n, 1),
+               "accuracy": sum(h for h, _ in hits.values()) / max(n, 1)}
+    for qtype, (h, m) in sorted(hits.items()):
+        metrics[f"acc/{qtype}"] = h / m
     return metrics
+
+
+def evaluate(model: nn.Module, batches: Iterable[dict], suppressed: list[int]) -> dict[str, float]:
+    """Validation loss (answer tokens) and exact-match accuracy, overall and per qtype."""
+    return merge_counts([evaluate_counts(model, batches, suppressed)])
 
 
 def format_eval(step: int, total: int, loss: float, metrics: dict[str, float], samples_per_s: float) -> str:

@@ -1,0 +1,92 @@
+"""`raybench train`: the driver that launches a Ray Train `TorchTrainer` (Train V2).
+
+Everything that can be wrong with the input is checked here, before Ray starts a worker:
+the config, the data path and its columns, empty splits, a batch that can't be split
+across the workers. A run is resumable by name: starting it again with the same
+`name` and storage continues from the latest checkpoint (and the same MLflow run).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from raybench.config import ConfigError, RunConfig, dump_config
+from raybench.data.prepare import ensure_data, ensure_tokenizer, tokenizer_dir
+
+
+def check_distributed(cfg: RunConfig) -> None:
+    t = cfg.train
+    if t.batch_size < t.num_workers:
+        raise ConfigError(f"train.batch_size = {t.batch_size}: smaller than train.num_workers = "
+                          f"{t.num_workers}; every worker needs at least one sample per step")
+    if t.batch_size % t.num_workers:
+        raise ConfigError(f"train.batch_size = {t.batch_size}: must be a multiple of train.num_workers = "
+                          f"{t.num_workers} (each worker takes batch_size / num_workers)")
+    need = cfg.model.num_image_tokens + 8
+    if cfg.data.max_length < need:
+        raise ConfigError(f"data.max_length = {cfg.data.max_length}: must leave room for "
+                          f"{cfg.model.num_image_tokens} image tokens and the text (at least {need})")
+
+
+def init_ray() -> None:
+    """Join `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else start Ray locally."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+
+
+def storage_path(cfg: RunConfig) -> str:
+    return cfg.train.storage_path or str((cfg.run_path / "ray").resolve())
+
+
+def build_trainer(cfg: RunConfig, callbacks: list | None = None):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from raybench.track import tracking_uri
+    from raybench.train.data import DeterministicSplit, build_dataset
+    from raybench.train.worker import train_loop_per_worker
+
+    t, m = cfg.train, cfg.model
+    use_gpu = ray.cluster_resources().get("GPU", 0) >= t.num_workers
+    tok_dir = tokenizer_dir(cfg).resolve()
+    common = dict(tokenizer_dir=tok_dir, num_image_tokens=m.num_image_tokens,
+                  image_size=m.vision.image_size, max_length=cfg.data.max_length)
+    datasets = {
+        "train": build_dataset(cfg.data_path.resolve(), "train", **common),
+        "val": build_dataset(cfg.data_path.resolve(), "val", limit=t.eval_samples, **common),
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": dump_config(cfg), "tokenizer_dir": str(tok_dir), "use_gpu": use_gpu,
+                           "model_dir": str((cfg.run_path / "model").resolve()),
+                           "tracking_uri": tracking_uri(cfg.run_path.resolve())},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+        run_config=RayRunConfig(
+            name=cfg.name, storage_path=storage_path(cfg), callbacks=callbacks or [],
+            failure_config=FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints,
+                                               checkpoint_score_attribute="accuracy",
+                                               checkpoint_score_order="max"),
+        ),
+        datasets=datasets,
+        dataset_config=DeterministicSplit(),
+    )
+
+
+def fit(cfg: RunConfig):
+    """Validate, prepare data and tokenizer on the driver, then run the TorchTrainer."""
+    check_distributed(cfg)
+    ensure_data(cfg)
+    ensure_tokenizer(cfg)
+    init_ray()
+    return build_trainer(cfg).fit()
+
+
+def model_dir(cfg: RunConfig) -> Path:
+    return cfg.run_path / "model"

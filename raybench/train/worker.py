@@ -1,0 +1,153 @@
+"""What each Ray Train worker runs: build, shard (FSDP2), resume, train, evaluate, checkpoint.
+
+The step itself is `raybench.train.loop.train_step`, the same one the single-process
+trainer and the `torchrun` baseline use. Only rank 0 talks to MLflow.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import ray.data
+import ray.train
+import torch
+import torch.distributed as dist
+
+from raybench.config import RunConfig, dump_config, flatten
+from raybench.data.tokenizer import load_tokenizer
+from raybench.model.vlm import HybridVLM
+from raybench.train import checkpoint as ckpt
+from raybench.train.data import CollateNumpy, to_model_batch
+from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_counts, format_eval,
+                                 merge_counts, train_step)
+from raybench.train.parallel import build_mesh, mixed_precision, parallelize
+
+
+def build_sharded_model(cfg: RunConfig, tokenizer, world_size: int, device: torch.device) -> HybridVLM:
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, before sharding
+    model = HybridVLM.for_tokenizer(cfg.model, tokenizer).to(device)
+    return parallelize(model, build_mesh(world_size, device.type), mixed_precision(device.type),
+                       compile=cfg.train.compile)
+
+
+def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, device):
+    # Deterministic: an ordered shard and a seeded local shuffle, so `skip` lands on the
+    # exact batch a resumed run stopped before.
+    batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
+                                       local_shuffle_buffer_size=max(4 * per_worker, 256),
+                                       local_shuffle_seed=seed * 1000 + epoch, collate_fn=CollateNumpy())
+    for i, batch in enumerate(batches):
+        if i >= skip:
+            yield to_model_batch(batch, device)
+
+
+def _evaluate(model, val_shard, per_worker: int, suppressed: list[int], device) -> dict[str, float]:
+    batches = (to_model_batch(b, device)
+               for b in val_shard.iter_torch_batches(batch_size=per_worker, collate_fn=CollateNumpy()))
+    counts = evaluate_counts(model, batches, suppressed)
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, counts)
+    return merge_counts(parts)
+
+
+def _open_tracker(cfg: RunConfig, rank: int, uri: str):
+    if rank != 0:
+        return None
+    from raybench.track import Tracker
+
+    # Re-opened by name after a restart: the same MLflow run continues.
+    return Tracker.open(cfg.run_path, cfg.name, params=flatten(dump_config(cfg)), uri=uri)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    cfg = RunConfig.model_validate(config["cfg"])
+    t = cfg.train
+    # One progress bar per epoch per worker drowns the per-eval lines; Ray's own reporting stays.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    tokenizer = load_tokenizer(config["tokenizer_dir"])
+    model = build_sharded_model(cfg, tokenizer, world, device)
+    optimizer = build_optimizer(model, t)
+    scheduler = build_scheduler(optimizer, t)
+    state = ckpt.TrainerState()
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as d:
+            state = ckpt.load(Path(d), model, optimizer, scheduler)
+    tracker = _open_tracker(cfg, rank, config["tracking_uri"])
+    if rank == 0:
+        print(f"[raybench] {'resuming at step ' + str(state.step) if resumed else 'starting'}: "
+              f"{world} workers on {device.type}, pid {os.getpid()}", flush=True)
+        shards = [p.to_local().numel() for p in model.parameters()]
+        tracker.log_metrics({"params_local": sum(shards), "params_full": sum(p.numel() for p in model.parameters())},
+                            step=state.step)
+        if resumed:
+            tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
+
+    per_worker = t.batch_size // world
+    suppressed = [model.image_token_id, model.pad_token_id]
+    shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    every = t.checkpoint_every or t.eval_every
+    window = _Window()
+    while state.step < t.steps:
+        for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device):
+            loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
+            state.step += 1
+            state.batch_in_epoch += 1
+            # Throughput counts every rank's samples and real (unpadded) tokens.
+            window.add(loss, per_worker * world, int(batch["attention_mask"].sum()) * world)
+            if tracker and state.step % t.log_every == 0:
+                tracker.log_metrics({"train_loss": loss, "lr": scheduler.get_last_lr()[0]}, step=state.step)
+            if state.step % every == 0 or state.step == t.steps:
+                _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed,
+                                       device, tracker, rank, window, t.steps)
+                window = _Window()
+            if state.step >= t.steps:
+                break
+        else:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+    full = ckpt.full_state_dict(model)  # collective: every rank takes part
+    if rank == 0:
+        out = model.save_pretrained(Path(config["model_dir"]), state_dict=full)
+        tokenizer.save_pretrained(out)
+        tracker.log_model_dir(out)
+        tracker.finish()
+        print(f"[raybench] model saved to {out}", flush=True)
+
+
+class _Window:
+    """Training loss and throughput since the last eval (eval time excluded)."""
+
+    def __init__(self):
+        self.start, self.samples, self.tokens, self.losses = time.perf_counter(), 0, 0, []
+
+    def add(self, loss: float, samples: int, tokens: int) -> None:
+        self.losses.append(loss)
+        self.samples += samples
+        self.tokens += tokens
+
+    def metrics(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"train_loss": sum(self.losses) / max(len(self.losses), 1),
+                "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
+
+
+def _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed, device,
+                           tracker, rank, window: _Window, total_steps) -> None:
+    throughput = window.metrics()
+    metrics = _evaluate(model, val_shard, per_worker, suppressed, device)
+    metrics.update(step=state.step, **throughput)
+    if rank == 0:
+        print(format_eval(state.step, total_steps, metrics["train_loss"], metrics, metrics["samples_per_s"]),
+              flush=True)
+        tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+        tracker.flush()
+    with tempfile.TemporaryDirectory(prefix="raybench-ckpt-") as tmp:
+        ckpt.save(Path(tmp), model, optimizer, scheduler, state, rank)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
