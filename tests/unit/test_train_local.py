@@ -1,0 +1,72 @@
+"""Single-process training, the CLI around it, and the distributed trainer's input checks
+(which must fail before Ray starts a single process)."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from raybench.cli import main
+from raybench.config import ConfigError, validate_config
+from raybench.data.loader import DataError
+from raybench.model.vlm import HybridVLM
+from raybench.train.local import train_local
+from raybench.train.trainer import fit
+
+
+def tiny(tmp_path, **sections):
+    raw = {"name": "t", "run_dir": str(tmp_path / "run"), "model": {"preset": "hybrid", "size": "tiny"},
+           "data": {"num_train": 96, "num_val": 32},
+           "train": {"steps": 6, "batch_size": 16, "eval_every": 3, "eval_samples": 32, "warmup_steps": 1}}
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return validate_config(raw)
+
+
+def test_local_training_writes_a_loadable_model_and_history(tmp_path):
+    cfg = tiny(tmp_path)
+    lines = []
+    metrics = train_local(cfg, log=lines.append)
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and "acc/glyph" in metrics
+    assert sum(line.startswith("step") for line in lines) == 2
+    history = [json.loads(x) for x in (cfg.run_path / "logs" / "train_local.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [3, 6]
+    model = HybridVLM.from_pretrained(cfg.run_path / "model")
+    assert model.config.fusion == cfg.model.fusion and model.config.vision == cfg.model.vision
+    assert (cfg.run_path / "model" / "tokenizer.json").exists()
+    assert (cfg.run_path / "data" / "train.parquet").exists()
+
+
+def test_ask_answers_from_a_saved_model(tmp_path, capsys):
+    cfg = tiny(tmp_path)
+    train_local(cfg, log=lambda _: None)
+    image = tmp_path / "x.png"
+    from raybench.data.loader import read_split
+    image.write_bytes(read_split(cfg.data_path, "val").column("image")[0].as_py())
+    capsys.readouterr()
+    assert main(["ask", "--model", str(cfg.run_path / "model"), "--image", str(image),
+                 "--question", "what color is the background?"]) == 0
+    answer = capsys.readouterr().out.strip()
+    assert "<image>" not in answer and "<pad>" not in answer
+
+
+def test_cli_reports_config_errors_without_traceback(tmp_path, capsys):
+    code = main(["validate", "--set", "model.fusion.sparsity.final_keep_ratio=2"])
+    assert code == 2
+    assert "final_keep_ratio = 2" in capsys.readouterr().err
+
+
+def test_distributed_input_errors_fail_before_ray_starts(tmp_path):
+    ray.shutdown()
+    with pytest.raises(DataError, match="does not exist|not found|no such"):
+        fit(tiny(tmp_path, data={"path": str(tmp_path / "missing")}))
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({c: pa.array([], pa.binary() if c == "image" else pa.string())
+                             for c in ("image", "question", "answer", "qtype", "split")}), empty)
+    with pytest.raises(DataError, match="empty|no rows|0 rows"):
+        fit(tiny(tmp_path, data={"path": str(empty)}))
+    with pytest.raises(ConfigError, match="train.batch_size = 1: smaller than train.num_workers = 2"):
+        fit(tiny(tmp_path, train={"batch_size": 1, "num_workers": 2}))
+    assert not ray.is_initialized()
