@@ -91,13 +91,26 @@ def _cmd_ask(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
-    if args.which != "fusion":
-        raise ConfigError(f"bench {args.which!r} is not in this build yet; available: fusion")
-    from raybench.bench.fusion import run_fusion_bench
+# Each benchmark is a module `raybench.bench.<name>` with `main(args) -> int`.
+BENCHMARKS = ("fusion", "train", "sweep", "serve", "compile")
 
-    run_fusion_bench(out_dir=Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
-    return 0
+
+def _cmd_bench(args) -> int:
+    import importlib
+
+    names = BENCHMARKS if args.which == "all" else (args.which,)
+    rc = 0
+    for name in names:
+        try:
+            module = importlib.import_module(f"raybench.bench.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"raybench.bench.{name}":
+                raise
+            if args.which != "all":
+                raise ConfigError(f"bench {name!r} is not in this build yet") from None
+            continue
+        rc = module.main(args) or rc
+    return rc
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="fewer repeats, tiny inputs (a minute or two)")
     p.set_defaults(fn=_cmd_bench)
+
+    # Commands that live with their subsystem register themselves.
+    from raybench.serve.cli import register as register_serve
+    from raybench.tune.cli import register as register_sweep
+
+    register_sweep(sub)
+    register_serve(sub)
     return parser
 
 

@@ -170,12 +170,46 @@ class TrainConfig(_Strict):
     storage_path: str | None = None  # None: <run_dir>/ray; S3/NFS on a multi-node cluster
 
 
+class Dimension(_Strict):
+    """One search-space dimension over a config field (`sweep.space` maps field path -> this).
+
+    choice: `values`; uniform / loguniform: float `low`..`high`; int / logint: integers.
+    """
+    type: Literal["choice", "uniform", "loguniform", "int", "logint"]
+    values: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+
+
+class ASHAConfig(_Strict):
+    grace_period: int = Field(1, ge=1)  # in evaluations (Tune iterations), not steps
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepConfig(_Strict):
+    num_samples: int = Field(8, ge=1)
+    max_concurrent_trials: int = Field(1, ge=1)  # 1 on a 2-core machine (ray#54305)
+    objective: Literal["accuracy", "pareto"] = "accuracy"
+    # pareto: accuracy (max) x inference cost (min): FLOPs or measured prefill latency per sample
+    cost_metric: Literal["gflops_per_sample", "prefill_ms_per_sample"] = "gflops_per_sample"
+    scheduler: Literal["asha", "fifo"] = "asha"  # ASHA needs a single objective
+    asha: ASHAConfig = Field(default_factory=ASHAConfig)
+    seed: int = 0
+    trial_max_failures: int = Field(1, ge=-1)  # Tune-level trial restarts
+    driver_cpus: float = Field(0.01, gt=0)  # the per-trial driver function; 0 is refused by Tune
+    storage: str | None = None  # Optuna RDB URL; None: sqlite:///<run_dir>/optuna.db
+    registered_model: str = Field("raybench-vlm", min_length=1)
+    alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
+    space: dict[str, Dimension] = Field(default_factory=dict)
+
+
 class RunConfig(_Strict):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
     run_dir: str | None = None  # None: runs/<name>
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @property
     def run_path(self) -> Path:
@@ -309,7 +343,8 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_raw(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The user's YAML plus overrides, before preset expansion (what a sweep varies)."""
     raw: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -318,7 +353,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raw = yaml.safe_load(p.read_text()) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
-    return validate_config(apply_overrides(raw, overrides or []))
+    return apply_overrides(raw, overrides or [])
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    return validate_config(load_raw(path, overrides))
 
 
 def dump_config(cfg: RunConfig) -> dict[str, Any]:

@@ -303,3 +303,24 @@ def _find_run(
     )
     # The oldest match wins so that every later open agrees on the same run.
     return next((r.info.run_id for r in runs if matches(r)), None)
+
+
+def register_champion(uri: str, run_id: str, name: str = "raybench-vlm", alias: str = "champion",
+                      artifact_path: str = "model", tags: Mapping[str, Any] | None = None) -> str:
+    """Register `runs:/<run_id>/<artifact_path>` as a new version of `name`; point `alias` at it.
+
+    MLflow 3 uses aliases, not stages: `models:/raybench-vlm@champion` resolves to the
+    version returned here. Returns that version.
+    """
+    client = MlflowClient(uri, registry_uri=uri)
+    try:
+        client.create_registered_model(name, description="raybench HybridVLM: sweep champions")
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = client.create_model_version(
+        name, f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+        tags={k: str(v) for k, v in (tags or {}).items()},
+    )
+    client.set_registered_model_alias(name, alias, version.version)
+    return version.version

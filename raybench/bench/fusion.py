@@ -178,3 +178,38 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def main(args) -> int:
+    run_fusion_bench(out_dir=Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
+    return 0
+
+
+def inference_cost(model_cfg, metric: str = "gflops_per_sample", batch: int = 4, repeats: int = 5) -> float:
+    """One inference-cost figure for a model config (a sweep's second objective).
+
+    FLOPs do not depend on the weights (pruning keeps a scheduled count), so an untrained
+    model of the same config measures the same; latency is a median after one warm-up.
+    """
+    torch.manual_seed(0)
+    model = HybridVLM(model_cfg, vocab_size=512, image_token_id=3, pad_token_id=0,
+                      eos_token_id=2).eval().requires_grad_(False)
+    ids, mask, pixels = _inputs(model, batch)
+
+    def prefill():
+        with torch.no_grad():
+            model.generate(ids, mask, pixels, max_new_tokens=1)
+
+    if metric == "gflops_per_sample":
+        with FlopCounterMode(display=False) as counter:
+            prefill()
+        return counter.get_total_flops() / batch / 1e9
+    if metric == "prefill_ms_per_sample":
+        prefill()
+        samples = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            prefill()
+            samples.append((time.perf_counter() - t0) * 1000 / batch)
+        return statistics.median(samples)
+    raise ValueError(f"unknown cost metric {metric!r}")

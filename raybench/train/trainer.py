@@ -42,18 +42,22 @@ def storage_path(cfg: RunConfig) -> str:
     return cfg.train.storage_path or str((cfg.run_path / "ray").resolve())
 
 
-def build_trainer(cfg: RunConfig, callbacks: list | None = None):
+def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri: str | None = None,
+                  parent_run_id: str | None = None, tags: dict | None = None,
+                  extra_metrics: dict | None = None, tokenizer: Path | None = None):
+    """A `TorchTrainer` for `cfg`. A sweep trial passes its Tune callback, the sweep's MLflow
+    store and parent run, and metrics to add to every report (e.g. its inference cost)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raybench.track import tracking_uri
+    from raybench.track import tracking_uri as default_tracking_uri
     from raybench.train.data import DeterministicSplit, build_dataset
     from raybench.train.worker import train_loop_per_worker
 
     t, m = cfg.train, cfg.model
     use_gpu = ray.cluster_resources().get("GPU", 0) >= t.num_workers
-    tok_dir = tokenizer_dir(cfg).resolve()
+    tok_dir = Path(tokenizer or tokenizer_dir(cfg)).resolve()
     common = dict(tokenizer_dir=tok_dir, num_image_tokens=m.num_image_tokens,
                   image_size=m.vision.image_size, max_length=cfg.data.max_length)
     datasets = {
@@ -64,7 +68,9 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None):
         train_loop_per_worker,
         train_loop_config={"cfg": dump_config(cfg), "tokenizer_dir": str(tok_dir), "use_gpu": use_gpu,
                            "model_dir": str((cfg.run_path / "model").resolve()),
-                           "tracking_uri": tracking_uri(cfg.run_path.resolve())},
+                           "tracking_uri": tracking_uri or default_tracking_uri(cfg.run_path.resolve()),
+                           "parent_run_id": parent_run_id, "tags": tags or {},
+                           "extra_metrics": extra_metrics or {}},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker}),
         run_config=RayRunConfig(
@@ -79,13 +85,14 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None):
     )
 
 
-def fit(cfg: RunConfig):
+def fit(cfg: RunConfig, **trainer_kwargs):
     """Validate, prepare data and tokenizer on the driver, then run the TorchTrainer."""
     check_distributed(cfg)
     ensure_data(cfg)
-    ensure_tokenizer(cfg)
+    if trainer_kwargs.get("tokenizer") is None:
+        ensure_tokenizer(cfg)
     init_ray()
-    return build_trainer(cfg).fit()
+    return build_trainer(cfg, **trainer_kwargs).fit()
 
 
 def model_dir(cfg: RunConfig) -> Path:

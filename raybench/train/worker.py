@@ -53,13 +53,14 @@ def _evaluate(model, val_shard, per_worker: int, suppressed: list[int], device) 
     return merge_counts(parts)
 
 
-def _open_tracker(cfg: RunConfig, rank: int, uri: str):
+def _open_tracker(cfg: RunConfig, rank: int, config: dict):
     if rank != 0:
         return None
     from raybench.track import Tracker
 
     # Re-opened by name after a restart: the same MLflow run continues.
-    return Tracker.open(cfg.run_path, cfg.name, params=flatten(dump_config(cfg)), uri=uri)
+    return Tracker.open(cfg.run_path, cfg.name, params=flatten(dump_config(cfg)), uri=config["tracking_uri"],
+                        parent_run_id=config.get("parent_run_id"), tags=config.get("tags"))
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -79,7 +80,8 @@ def train_loop_per_worker(config: dict) -> None:
     if resumed:
         with resumed.as_directory() as d:
             state = ckpt.load(Path(d), model, optimizer, scheduler)
-    tracker = _open_tracker(cfg, rank, config["tracking_uri"])
+    tracker = _open_tracker(cfg, rank, config)
+    extra = config.get("extra_metrics") or {}
     if rank == 0:
         print(f"[raybench] {'resuming at step ' + str(state.step) if resumed else 'starting'}: "
               f"{world} workers on {device.type}, pid {os.getpid()}", flush=True)
@@ -105,7 +107,7 @@ def train_loop_per_worker(config: dict) -> None:
                 tracker.log_metrics({"train_loss": loss, "lr": scheduler.get_last_lr()[0]}, step=state.step)
             if state.step % every == 0 or state.step == t.steps:
                 _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed,
-                                       device, tracker, rank, window, t.steps)
+                                       device, tracker, rank, window, t.steps, extra)
                 window = _Window()
             if state.step >= t.steps:
                 break
@@ -139,10 +141,10 @@ class _Window:
 
 
 def _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed, device,
-                           tracker, rank, window: _Window, total_steps) -> None:
+                           tracker, rank, window: _Window, total_steps, extra: dict) -> None:
     throughput = window.metrics()
     metrics = _evaluate(model, val_shard, per_worker, suppressed, device)
-    metrics.update(step=state.step, **throughput)
+    metrics.update(step=state.step, **throughput, **extra)
     if rank == 0:
         print(format_eval(state.step, total_steps, metrics["train_loss"], metrics, metrics["samples_per_s"]),
               flush=True)

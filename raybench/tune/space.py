@@ -1,0 +1,128 @@
+"""The sweep's search space: config field paths -> Optuna distributions.
+
+A dimension names a config field by its dotted path (`model.fusion.vet.vocab_size`) and
+a distribution over it. A trial's config is the user's raw YAML with the sampled values
+set on top, expanded and validated exactly like `raybench train` would (so sweeping
+`model.preset` re-applies that preset's defaults).
+
+`validate_space` runs before Ray starts: every dimension must name a real model/train
+field, have a sane range, and every value at its edges (each choice, `low`, `high`) must
+give a valid config - an injection count past the LLM's layers or an unknown schedule
+fails here, in a second, with the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+from raybench.config import ConfigError, Dimension, RunConfig, dump_config, flatten, validate_config
+
+SWEEPABLE = ("model.", "train.")
+NOT_SWEEPABLE = {"model.size", "train.num_workers", "train.storage_path", "train.steps", "train.eval_every",
+                 "train.checkpoint_every"}  # shape the trial or its ASHA rungs, not the model
+_CHOICE_TYPES = (str, int, float, bool, type(None))
+
+# Shorthands the issue tracker and users speak in.
+ALIASES = {
+    "vet_vocab_size": "model.fusion.vet.vocab_size",
+    "num_injections": "model.fusion.deepstack.num_injections",
+    "sparsity_schedule": "model.fusion.sparsity.schedule",
+    "final_keep_ratio": "model.fusion.sparsity.final_keep_ratio",
+    "lr": "train.lr",
+    "preset": "model.preset",
+}
+
+
+def canonical(path: str) -> str:
+    return ALIASES.get(path, path)
+
+
+def set_path(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    """A deep copy of `raw` with `a.b.c = value`."""
+    out = copy.deepcopy(raw)
+    node = out
+    parts = path.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        node[part] = child = dict(child) if isinstance(child, dict) else {}
+        node = child
+    node[parts[-1]] = value
+    return out
+
+
+def trial_raw(raw: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    for path, value in params.items():
+        raw = set_path(raw, canonical(path), value)
+    return raw
+
+
+def _edge_values(dim: Dimension) -> list[tuple[str, Any]]:
+    if dim.type == "choice":
+        return [(f"values[{i}]", v) for i, v in enumerate(dim.values or [])]
+    cast = int if dim.type in ("int", "logint") else float
+    return [("low", cast(dim.low)), ("high", cast(dim.high))]
+
+
+def _shape_errors(where: str, dim: Dimension) -> list[str]:
+    if dim.type == "choice":
+        if not dim.values:
+            return [f"{where}.values = {dim.values!r}: a choice needs at least one value"]
+        bad = [v for v in dim.values if not isinstance(v, _CHOICE_TYPES)]
+        if bad:
+            return [f"{where}.values = {dim.values!r}: choices must be strings, numbers, booleans or null"]
+        return []
+    if dim.low is None or dim.high is None:
+        return [f"{where} = {{low: {dim.low}, high: {dim.high}}}: a {dim.type} range needs low and high"]
+    errs = []
+    if not dim.low < dim.high:
+        errs.append(f"{where} = {{low: {dim.low}, high: {dim.high}}}: needs low < high")
+    if dim.type in ("loguniform", "logint") and dim.low <= 0:
+        errs.append(f"{where}.low = {dim.low}: a log range needs low > 0")
+    if dim.type in ("int", "logint") and (dim.low != math.floor(dim.low) or dim.high != math.floor(dim.high)):
+        errs.append(f"{where} = {{low: {dim.low}, high: {dim.high}}}: an int range needs integer bounds")
+    return errs
+
+
+def validate_space(raw: dict[str, Any], cfg: RunConfig) -> None:
+    """Raise `ConfigError` naming every bad dimension (see the module docstring)."""
+    fields = flatten(dump_config(cfg))
+    errs: list[str] = []
+    for path, dim in cfg.sweep.space.items():
+        where = f"sweep.space[{path!r}]"
+        field = canonical(path)
+        if not field.startswith(SWEEPABLE) or field in NOT_SWEEPABLE or field not in fields:
+            errs.append(f"{where}: not a sweepable field; use a model.* or train.* path from "
+                        f"`raybench validate` (or one of {', '.join(ALIASES)})")
+            continue
+        shape = _shape_errors(where, dim)
+        if shape:
+            errs.extend(shape)
+            continue
+        for edge, value in _edge_values(dim):
+            try:
+                validate_config(set_path(raw, field, value))
+            except ConfigError as err:
+                reason = str(err).removeprefix("invalid config:").strip().splitlines()[0].strip()
+                errs.append(f"{where}.{edge} = {value!r}: gives an invalid config: {reason}")
+    if len({canonical(p) for p in cfg.sweep.space}) != len(cfg.sweep.space):
+        errs.append("sweep.space: a field is listed twice (under its path and an alias)")
+    if errs:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(errs))
+
+
+def optuna_space(space: dict[str, Dimension]) -> dict[str, Any]:
+    """Dimensions -> Optuna distributions, keyed by canonical field path."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    out: dict[str, Any] = {}
+    for path, dim in space.items():
+        key = canonical(path)
+        if dim.type == "choice":
+            out[key] = CategoricalDistribution(list(dim.values))
+        elif dim.type in ("uniform", "loguniform"):
+            out[key] = FloatDistribution(dim.low, dim.high, log=dim.type == "loguniform")
+        else:
+            out[key] = IntDistribution(int(dim.low), int(dim.high), log=dim.type == "logint")
+    return out

@@ -1,0 +1,164 @@
+"""`raybench sweep`: Ray Tune + Optuna (TPE) over the config's `sweep.space`.
+
+Layout of a sweep's run directory (`runs/<name>`, one folder to inspect or delete):
+
+    sweep.yaml      the raw config it started from (what `--resume` rebuilds trials from)
+    data/ tokenizer/    shared by every trial
+    optuna.db       the Optuna study (`optuna-dashboard sqlite:///.../optuna.db`)
+    mlflow.db mlartifacts/  MLflow: one parent run, one child run per trial
+    tune/<name>/    Tune's experiment state (`Tuner.restore`)
+    trials/<id>/    each trial's Train checkpoints and final model
+    summary/        trials table, best config, plots (also on the parent MLflow run)
+
+Single objective (`accuracy`): OptunaSearch + ASHA on the per-eval validation accuracy.
+`objective: pareto`: accuracy (max) x inference cost (min) - Optuna's multi-objective TPE,
+no early stopping (Optuna ignores intermediate results there), and the Pareto front is
+reported.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raybench.config import ConfigError, RunConfig, dump_config, flatten, load_raw, validate_config
+from raybench.tune.space import optuna_space, validate_space
+
+SWEEP_FILE = "sweep.yaml"
+
+
+@dataclass
+class Sweep:
+    raw: dict[str, Any]
+    cfg: RunConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return self.cfg.run_path.resolve()
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.run_dir / "tune" / self.cfg.name
+
+    @property
+    def study_storage(self) -> str:
+        return self.cfg.sweep.storage or f"sqlite:///{self.run_dir / 'optuna.db'}"
+
+    @property
+    def evals_per_trial(self) -> int:
+        t = self.cfg.train
+        return math.ceil(t.steps / (t.checkpoint_every or t.eval_every))
+
+    @property
+    def metrics(self) -> tuple[list[str], list[str]]:
+        if self.cfg.sweep.objective == "pareto":
+            return ["accuracy", self.cfg.sweep.cost_metric], ["max", "min"]
+        return ["accuracy"], ["max"]
+
+
+def load_sweep(config: str | Path | None, overrides: list[str]) -> Sweep:
+    """Load and check everything a sweep needs, before Ray starts."""
+    from raybench.train.trainer import check_distributed
+
+    raw = load_raw(config, overrides)
+    cfg = validate_config(raw)
+    if not cfg.sweep.space:
+        raise ConfigError("sweep.space = {}: a sweep needs at least one dimension, e.g.\n"
+                          "  sweep:\n    space:\n      model.fusion.vet.vocab_size: "
+                          "{type: logint, low: 1024, high: 32768}")
+    if cfg.sweep.objective == "pareto" and cfg.sweep.scheduler == "asha":
+        cfg.sweep.scheduler = "fifo"  # ASHA ranks one metric; Optuna ignores intermediates here
+    validate_space(raw, cfg)
+    check_distributed(cfg)
+    return Sweep(raw, cfg)
+
+
+def load_resume(directory: str | Path) -> Sweep:
+    run_dir = Path(directory)
+    if (run_dir / SWEEP_FILE).is_file() is False and (run_dir.parent.parent / SWEEP_FILE).is_file():
+        run_dir = run_dir.parent.parent  # given tune/<name> itself
+    path = run_dir / SWEEP_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume {directory}: no {SWEEP_FILE} there; pass the sweep's run "
+                          "directory (runs/<name>)")
+    raw = yaml.safe_load(path.read_text())
+    raw["run_dir"] = str(run_dir.resolve())  # the folder may have been moved or copied
+    sweep = Sweep(raw, validate_config(raw))
+    if sweep.cfg.sweep.objective == "pareto":
+        sweep.cfg.sweep.scheduler = "fifo"
+    return sweep
+
+
+def _tuner(sweep: Sweep, trainable, resume: bool):
+    import optuna
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    s = sweep.cfg.sweep
+    if resume:
+        if not tune.Tuner.can_restore(str(sweep.experiment_dir)):
+            raise ConfigError(f"--resume: no Tune experiment to restore in {sweep.experiment_dir}")
+        # Finished trials stay finished; unfinished and errored ones continue from their checkpoints.
+        return tune.Tuner.restore(str(sweep.experiment_dir), trainable=trainable,
+                                  resume_unfinished=True, resume_errored=True)
+    metrics, modes = sweep.metrics
+    single = len(metrics) == 1
+    searcher = OptunaSearch(
+        space=optuna_space(s.space), metric=metrics[0] if single else metrics,
+        mode=modes[0] if single else modes, study_name=sweep.cfg.name,
+        sampler=optuna.samplers.TPESampler(seed=s.seed),
+        storage=optuna.storages.RDBStorage(sweep.study_storage),
+    )
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric="accuracy", mode="max",
+                               max_t=sweep.evals_per_trial, grace_period=s.asha.grace_period,
+                               reduction_factor=s.asha.reduction_factor)
+                 if s.scheduler == "asha" else FIFOScheduler())
+    return tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
+                                    max_concurrent_trials=s.max_concurrent_trials),
+        run_config=tune.RunConfig(name=sweep.cfg.name, storage_path=str(sweep.experiment_dir.parent),
+                                  failure_config=tune.FailureConfig(max_failures=s.trial_max_failures)),
+    )
+
+
+def run_sweep(sweep: Sweep, resume: bool = False):
+    """Prepare shared inputs, open the parent MLflow run, fit the Tuner, then summarise."""
+    from ray import tune
+
+    from raybench.data.prepare import ensure_data, ensure_tokenizer, tokenizer_dir
+    from raybench.track import Tracker, tracking_uri
+    from raybench.train.trainer import init_ray
+    from raybench.tune.report import summarize
+    from raybench.tune.trial import run_trial
+
+    cfg, run_dir = sweep.cfg, sweep.run_dir
+    if not resume:
+        if tune.Tuner.can_restore(str(sweep.experiment_dir)):
+            raise ConfigError(f"sweep {cfg.name!r} already ran in {run_dir}: continue it with "
+                              f"`raybench sweep --resume {run_dir}`, or pick a new name/run_dir")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / SWEEP_FILE).write_text(yaml.safe_dump(sweep.raw, sort_keys=False))
+    ensure_data(cfg)
+    ensure_tokenizer(cfg)
+    uri = tracking_uri(run_dir)
+    parent = Tracker.open(run_dir, cfg.name, params=flatten(dump_config(cfg)), uri=uri,
+                          tags={"raybench.kind": "sweep", "raybench.objective": cfg.sweep.objective})
+    init_ray()
+    ctx = {"raw": sweep.raw, "name": cfg.name, "run_dir": str(run_dir),
+           "data_path": str(cfg.data_path.resolve()), "tokenizer": str(tokenizer_dir(cfg).resolve()),
+           "tracking_uri": uri, "parent_run_id": parent.run_id, "cost_metric": cfg.sweep.cost_metric}
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": cfg.sweep.driver_cpus})
+    print(f"[raybench] sweep {cfg.name}: {cfg.sweep.num_samples} trials, objective {cfg.sweep.objective}, "
+          f"scheduler {cfg.sweep.scheduler}; MLflow run {parent.run_id} at {uri}", flush=True)
+    try:
+        grid = _tuner(sweep, trainable, resume).fit()
+    except BaseException:
+        parent.finish("KILLED")
+        raise
+    return summarize(sweep, grid, parent)

@@ -1,0 +1,188 @@
+"""Ray Train end to end on a real local Ray instance and real MLflow stores.
+
+- 2 FSDP2 workers train the tiny hybrid preset, logging to a real `mlflow server`;
+  parameters are sharded; the exported model reproduces the eval accuracy in a fresh process.
+- A worker process is killed (SIGKILL to its real PID) mid-run: the run restarts from the
+  last checkpoint and completes, continuing the same MLflow run.
+- The driver is stopped (SIGINT) and started again: the resumed run's step-N loss equals an
+  uninterrupted run's step-N loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import ray
+import yaml
+from mlflow.tracking import MlflowClient
+
+from raybench.config import load_config
+from raybench.track import RUN_NAME_TAG
+from raybench.train.trainer import fit, storage_path
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+STEPS, EVERY = 30, 10
+
+
+def write_config(tmp: Path, name: str, data_dir: Path, **train) -> Path:
+    cfg = {
+        "name": name, "run_dir": str(tmp / name),
+        "model": {"preset": "hybrid", "size": "tiny"},
+        "data": {"path": str(data_dir), "num_train": 512, "num_val": 64},
+        "train": {"steps": STEPS, "batch_size": 16, "lr": 3e-3, "warmup_steps": 3, "eval_every": EVERY,
+                  "eval_samples": 64, "log_every": 1, "num_workers": 2, "cpus_per_worker": 0.5,
+                  "max_failures": 2, **train},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    from raybench.data.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("data") / "synth"
+    write_synthetic(out, num_train=512, num_val=64, image_size=32, seed=0)
+    return out
+
+
+@pytest.fixture
+def local_ray():
+    yield
+    ray.shutdown()
+
+
+def _runs_named(client: MlflowClient, name: str):
+    exp = client.get_experiment_by_name("raybench")
+    return client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'")
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def test_fsdp_training_logs_to_mlflow_server_and_exports_a_reproducible_model(
+        tmp_path, data_dir, mlflow_server, local_ray, monkeypatch):
+    uri, _ = mlflow_server
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg_path = write_config(tmp_path, "fsdp", data_dir)
+    cfg = load_config(cfg_path)
+    result = fit(cfg)
+    assert result.error is None
+    assert result.metrics["step"] == STEPS
+
+    client = MlflowClient(uri)
+    (run,) = _runs_named(client, "fsdp")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.preset"] == "hybrid"
+    loss = _history(client, run.info.run_id, "train_loss")
+    assert sorted(loss) == list(range(1, STEPS + 1))
+    assert sum(loss[s] for s in range(STEPS - 4, STEPS + 1)) < sum(loss[s] for s in range(1, 6))
+    # Each of the 2 ranks holds about half of the parameters (FSDP2 pads uneven shards).
+    local = _history(client, run.info.run_id, "params_local")[0]
+    full = _history(client, run.info.run_id, "params_full")[0]
+    assert 0.45 * full <= local <= 0.55 * full
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "model")} >= {
+        "model/model.safetensors", "model/config.json", "model/tokenizer.json"}
+
+    # The exported weights, loaded in a fresh process, reproduce the sharded eval.
+    out = subprocess.run([sys.executable, "-m", "raybench.cli", "eval", "--config", str(cfg_path),
+                          "--model", str(cfg.run_path / "model")], capture_output=True, text=True, check=True)
+    fresh = json.loads(out.stdout)
+    assert fresh["accuracy"] == pytest.approx(result.metrics["accuracy"], abs=1e-9)
+    assert fresh["val_loss"] == pytest.approx(result.metrics["val_loss"], rel=1e-4)
+
+
+def _registered_checkpoint(storage: Path) -> bool:
+    """True once the Train controller has registered a checkpoint (not merely a directory
+    being uploaded): its snapshot names the latest checkpoint result."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return False  # not written yet, or caught mid-write
+    return bool(snapshot.get("latest_checkpoint_result"))
+
+
+def _worker_pids() -> list[int]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return [a.pid for a in actors]
+
+
+def test_killed_worker_restarts_from_checkpoint_and_run_completes(tmp_path, data_dir, local_ray, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(write_config(tmp_path, "killed", data_dir, steps=60))
+    storage = Path(storage_path(cfg)) / cfg.name
+    killed: list[int] = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if _registered_checkpoint(storage):
+                pids = _worker_pids()
+                if pids:
+                    os.kill(pids[-1], signal.SIGKILL)
+                    killed.append(pids[-1])
+                    return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    result = fit(cfg)
+    killer.join(timeout=5)
+    assert killed, "no worker was killed"
+    assert result.error is None
+    assert result.metrics["step"] == 60
+
+    client = MlflowClient(f"sqlite:///{cfg.run_path.resolve() / 'mlflow.db'}")
+    (run,) = _runs_named(client, "killed")  # one MLflow run, continued after the restart
+    resumed = _history(client, run.info.run_id, "resumed_from_step")
+    assert resumed and all(s % EVERY == 0 and s > 0 for s in resumed.values())
+    steps = sorted(_history(client, run.info.run_id, "train_loss"))
+    assert steps[-1] == 60 and steps[0] == 1
+    assert max(b - a for a, b in zip(steps, steps[1:])) <= EVERY
+
+
+def _train_cli(cfg_path: Path, log: Path) -> subprocess.Popen:
+    env = {**os.environ}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "raybench.cli", "train", "--config", str(cfg_path)],
+                            stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+
+def test_resume_after_driver_stops_matches_uninterrupted_loss(tmp_path, data_dir):
+    ray.shutdown()  # each driver below starts (and stops) its own local Ray
+    steps = {}
+    for name, interrupt in (("straight", False), ("interrupted", True)):
+        cfg_path = write_config(tmp_path, name, data_dir)
+        cfg = load_config(cfg_path)
+        storage = Path(storage_path(cfg)) / name
+        proc = _train_cli(cfg_path, tmp_path / f"{name}.log")
+        if interrupt:
+            deadline = time.monotonic() + 300
+            while not _registered_checkpoint(storage) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert proc.poll() is None, "finished before it could be interrupted"
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+            assert not (cfg.run_path / "model").exists(), "the interrupted run should not have finished"
+            proc = _train_cli(cfg_path, tmp_path / f"{name}-resumed.log")
+        assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
+        client = MlflowClient(f"sqlite:///{cfg.run_path.resolve() / 'mlflow.db'}")
+        (run,) = _runs_named(client, name)
+        steps[name] = _history(client, run.info.run_id, "train_loss")
+        if interrupt:
+            assert _history(client, run.info.run_id, "resumed_from_step")
+    assert steps["interrupted"][STEPS] == pytest.approx(steps["straight"][STEPS], rel=1e-5)
