@@ -156,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
     from raybench.serve.cli import register as register_serve
     from raybench.tune.cli import register as register_sweep
 
+    from raybench.pipeline import register as register_pipeline
+
     register_sweep(sub)
     register_serve(sub)
+    register_pipeline(sub)
     return parser
 
 

@@ -30,12 +30,41 @@ def check_distributed(cfg: RunConfig) -> None:
 
 
 def init_ray() -> None:
-    """Join `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else start Ray locally."""
+    """Join `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else start Ray locally.
+
+    "local", not Ray's default: without an address `ray.init()` would silently join any
+    cluster a `ray start` left running on this machine (/tmp/ray/ray_current_cluster).
+    """
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True,
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+
+
+DATA_TASK_CPUS = 1.0  # Ray Data's read/split tasks ask for a whole CPU each
+
+
+def check_cluster_fits(cfg: RunConfig, reserved: float = 0.0) -> None:
+    """Workers + one CPU for Ray Data must fit the cluster, or training waits forever on a
+    `_split_single_block` task no node can schedule. Checked after Ray starts, before any
+    worker does. `reserved`: CPUs already held by the caller (a Tune trial's driver)."""
+    import ray
+
+    t = cfg.train
+    total = ray.cluster_resources().get("CPU", 0.0)
+    need = t.num_workers * t.cpus_per_worker + DATA_TASK_CPUS + reserved
+    if need <= total + 1e-9:
+        return
+    fit_cpw = max((total - DATA_TASK_CPUS - reserved) / t.num_workers, 0.0)
+    msg = (f"train.cpus_per_worker = {t.cpus_per_worker}: {t.num_workers} workers x {t.cpus_per_worker} CPU "
+           f"+ {DATA_TASK_CPUS:g} CPU for Ray Data{f' + {reserved:g} reserved' if reserved else ''} = {need:g} "
+           f"> the cluster's {total:g} CPUs; use train.cpus_per_worker <= {int(fit_cpw * 100) / 100:g} "
+           f"or fewer train.num_workers")
+    if os.environ.get("RAY_ADDRESS"):  # a cluster may still scale up: say so, don't refuse
+        print(f"[raybench] warning: {msg}", flush=True)
+        return
+    raise ConfigError(msg)
 
 
 def storage_path(cfg: RunConfig) -> str:
@@ -72,7 +101,8 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
                            "parent_run_id": parent_run_id, "tags": tags or {},
                            "extra_metrics": extra_metrics or {}},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": t.cpus_per_worker}),
+                                     resources_per_worker={"CPU": t.cpus_per_worker},
+                                     placement_strategy=t.placement_strategy),
         run_config=RayRunConfig(
             name=cfg.name, storage_path=storage_path(cfg), callbacks=callbacks or [],
             failure_config=FailureConfig(max_failures=t.max_failures),
@@ -92,6 +122,7 @@ def fit(cfg: RunConfig, **trainer_kwargs):
     if trainer_kwargs.get("tokenizer") is None:
         ensure_tokenizer(cfg)
     init_ray()
+    check_cluster_fits(cfg, reserved=trainer_kwargs.pop("reserved_cpus", 0.0))
     return build_trainer(cfg, **trainer_kwargs).fit()
 
 

@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import ray
 import ray.data
 import ray.train
 import torch
@@ -81,10 +82,13 @@ def train_loop_per_worker(config: dict) -> None:
         with resumed.as_directory() as d:
             state = ckpt.load(Path(d), model, optimizer, scheduler)
     tracker = _open_tracker(cfg, rank, config)
+    nodes = [None] * world  # where the workers landed (placement_strategy), for the record
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     extra = config.get("extra_metrics") or {}
     if rank == 0:
         print(f"[raybench] {'resuming at step ' + str(state.step) if resumed else 'starting'}: "
-              f"{world} workers on {device.type}, pid {os.getpid()}", flush=True)
+              f"{world} workers on {device.type} across {len(set(nodes))} node(s), pid {os.getpid()}", flush=True)
+        tracker.client.set_tag(tracker.run_id, "raybench.worker_nodes", ",".join(sorted(set(nodes))))
         shards = [p.to_local().numel() for p in model.parameters()]
         tracker.log_metrics({"params_local": sum(shards), "params_full": sum(p.numel() for p in model.parameters())},
                             step=state.step)
@@ -148,7 +152,9 @@ def _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_wo
     if rank == 0:
         print(format_eval(state.step, total_steps, metrics["train_loss"], metrics, metrics["samples_per_s"]),
               flush=True)
-        tracker.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=state.step)
+        # Per-step `train_loss` is already logged; the eval window's mean gets its own name.
+        tracker.log_metrics({("train_loss_avg" if k == "train_loss" else k): v
+                             for k, v in metrics.items() if k != "step"}, step=state.step)
         tracker.flush()
     with tempfile.TemporaryDirectory(prefix="raybench-ckpt-") as tmp:
         ckpt.save(Path(tmp), model, optimizer, scheduler, state, rank)

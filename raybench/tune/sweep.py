@@ -133,7 +133,7 @@ def run_sweep(sweep: Sweep, resume: bool = False):
 
     from raybench.data.prepare import ensure_data, ensure_tokenizer, tokenizer_dir
     from raybench.track import Tracker, tracking_uri
-    from raybench.train.trainer import init_ray
+    from raybench.train.trainer import check_cluster_fits, init_ray
     from raybench.tune.report import summarize
     from raybench.tune.trial import run_trial
 
@@ -150,9 +150,11 @@ def run_sweep(sweep: Sweep, resume: bool = False):
     parent = Tracker.open(run_dir, cfg.name, params=flatten(dump_config(cfg)), uri=uri,
                           tags={"raybench.kind": "sweep", "raybench.objective": cfg.sweep.objective})
     init_ray()
+    check_cluster_fits(cfg, reserved=cfg.sweep.driver_cpus)  # per trial (max_concurrent_trials: 1 here)
     ctx = {"raw": sweep.raw, "name": cfg.name, "run_dir": str(run_dir),
            "data_path": str(cfg.data_path.resolve()), "tokenizer": str(tokenizer_dir(cfg).resolve()),
-           "tracking_uri": uri, "parent_run_id": parent.run_id, "cost_metric": cfg.sweep.cost_metric}
+           "tracking_uri": uri, "parent_run_id": parent.run_id, "cost_metric": cfg.sweep.cost_metric,
+           "driver_cpus": cfg.sweep.driver_cpus}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": cfg.sweep.driver_cpus})
     print(f"[raybench] sweep {cfg.name}: {cfg.sweep.num_samples} trials, objective {cfg.sweep.objective}, "
           f"scheduler {cfg.sweep.scheduler}; MLflow run {parent.run_id} at {uri}", flush=True)

@@ -39,7 +39,7 @@ def write_config(tmp: Path, name: str, data_dir: Path, **train) -> Path:
         "model": {"preset": "hybrid", "size": "tiny"},
         "data": {"path": str(data_dir), "num_train": 512, "num_val": 64},
         "train": {"steps": STEPS, "batch_size": 16, "lr": 3e-3, "warmup_steps": 3, "eval_every": EVERY,
-                  "eval_samples": 64, "log_every": 1, "num_workers": 2, "cpus_per_worker": 0.5,
+                  "eval_samples": 64, "log_every": 1, "num_workers": 2, "cpus_per_worker": 0.45,
                   "max_failures": 2, **train},
     }
     path = tmp / f"{name}.yaml"

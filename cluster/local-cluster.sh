@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# A real two-node Ray cluster on one machine: a head and a worker node, each a `ray start`
+# with its own CPU count. Token auth stays on (the Ray 2.60 default): `ray start --head`
+# writes ~/.ray/auth_token and clients authenticate with RAY_AUTH_MODE=token.
+#
+#   cluster/local-cluster.sh start     # head (HEAD_CPUS) + worker (WORKER_CPUS)
+#   cluster/local-cluster.sh status
+#   cluster/local-cluster.sh stop      # stops both nodes; nothing is left running
+#
+# Then, from the repository root:
+#   export RAY_ADDRESS=http://127.0.0.1:8265 RAY_AUTH_MODE=token
+#   ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/smoke.yaml
+set -euo pipefail
+
+HEAD_CPUS=${HEAD_CPUS:-1}
+WORKER_CPUS=${WORKER_CPUS:-1}
+GCS_PORT=${GCS_PORT:-6390}
+DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
+STATE_DIR=${STATE_DIR:-/tmp/raybench-cluster}
+export RAY_AUTH_MODE=token
+
+# Each node is a `ray start --block` in its own session, so `stop` ends exactly this
+# cluster's processes (process groups), not every Ray on the machine like `ray stop` would.
+launch() {  # name, ray start args...
+  local name=$1; shift
+  mkdir -p "$STATE_DIR"
+  setsid ray start --block "$@" >"$STATE_DIR/$name.log" 2>&1 < /dev/null &
+  echo $! >"$STATE_DIR/$name.pid"
+}
+
+wait_for_nodes() {
+  local want=$1 deadline=$((SECONDS + 90))
+  until [ "$(${PYTHON:-python3} - <<PY
+import ray
+ray.init(address="127.0.0.1:${GCS_PORT}", logging_level="ERROR")
+print(sum(1 for n in ray.nodes() if n["Alive"]))
+PY
+)" -ge "$want" ]; do
+    [ $SECONDS -lt $deadline ] || { echo "cluster: $want nodes not up after 90 s" >&2; exit 1; }
+    sleep 1
+  done
+}
+
+case "${1:-}" in
+  start)
+    # 127.0.0.1 only: this machine has no other network.
+    [ ! -e "$STATE_DIR/head.pid" ] || { echo "cluster: already started ($STATE_DIR/head.pid)" >&2; exit 1; }
+    launch head --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" --num-cpus="$HEAD_CPUS" --num-gpus=0 \
+      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
+      --resources='{"raybench_head": 1}' --disable-usage-stats
+    wait_for_nodes 1
+    launch worker --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" \
+      --num-gpus=0 --resources='{"raybench_worker": 1}' --disable-usage-stats
+    wait_for_nodes 2
+    echo "cluster up: 2 nodes (head $HEAD_CPUS CPU, worker $WORKER_CPUS CPU); dashboard http://127.0.0.1:$DASHBOARD_PORT"
+    echo "  export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=token"
+    ;;
+  status)
+    ray status --address="127.0.0.1:$GCS_PORT"
+    ;;
+  stop)
+    for name in worker head; do
+      pidfile="$STATE_DIR/$name.pid"
+      [ -e "$pidfile" ] || continue
+      pgid=$(cat "$pidfile")
+      kill -TERM -- "-$pgid" 2>/dev/null || true
+      for _ in $(seq 1 30); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 1; done
+      kill -KILL -- "-$pgid" 2>/dev/null || true
+      rm -f "$pidfile"
+    done
+    echo "cluster stopped"
+    ;;
+  *)
+    echo "usage: $0 start|status|stop" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,123 @@
+"""Sweep space: validation before Ray starts, trial configs, Optuna distributions, Pareto front."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from raybench.cli import main
+from raybench.config import ConfigError, validate_config
+from raybench.tune.report import TrialRow, pareto_front
+from raybench.tune.space import optuna_space, trial_raw, validate_space
+from raybench.tune.sweep import load_sweep
+from raybench.tune.trial import trial_config
+
+BASE = {"name": "sw", "model": {"preset": "hybrid", "size": "tiny"}}
+
+
+def _raw(space: dict, **sweep) -> dict:
+    return {**BASE, "sweep": {"space": space, **sweep}}
+
+
+def _errors(space: dict) -> str:
+    raw = _raw(space)
+    with pytest.raises(ConfigError) as err:
+        validate_space(raw, validate_config(raw))
+    return str(err.value)
+
+
+def test_the_issue_dimensions_validate():
+    raw = _raw({
+        "model.fusion.vet.vocab_size": {"type": "logint", "low": 32, "high": 256},
+        "num_injections": {"type": "int", "low": 0, "high": 2},  # alias
+        "model.fusion.sparsity.schedule": {"type": "choice", "values": ["constant", "linear", "exponential", "step"]},
+        "model.fusion.sparsity.final_keep_ratio": {"type": "uniform", "low": 0.25, "high": 1.0},
+        "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+        "model.preset": {"type": "choice", "values": ["llava", "hybrid"]},
+    })
+    validate_space(raw, validate_config(raw))
+
+
+@pytest.mark.parametrize("space, expected", [
+    ({"model.fusion.deepstack.num_injections": {"type": "int", "low": 0, "high": 9}},
+     "num_injections'].high = 9: gives an invalid config: model.fusion.deepstack.num_injections = 9: at most"),
+    ({"model.fusion.sparsity.schedule": {"type": "choice", "values": ["linear", "cosine"]}},
+     "values[1] = 'cosine': gives an invalid config: model.fusion.sparsity.schedule = 'cosine'"),
+    ({"model.fusion.sparsity.final_keep_ratio": {"type": "uniform", "low": 0.5, "high": 1.5}},
+     "final_keep_ratio'].high = 1.5"),
+    ({"train.lr": {"type": "loguniform", "low": 0.0, "high": 0.01}}, "a log range needs low > 0"),
+    ({"model.fusion.vet.vocab_size": {"type": "int", "low": 300, "high": 100}}, "needs low < high"),
+    ({"model.fusion.vet.vocab_size": {"type": "int", "low": 1.5, "high": 100}}, "needs integer bounds"),
+    ({"model.fusion.vet.vocab_size": {"type": "int", "low": 0, "high": 100}}, "low = 0: gives an invalid config"),
+    ({"model.fusion.vet.vocab_size": {"type": "int"}}, "needs low and high"),
+    ({"model.fusion.sparsity.schedule": {"type": "choice", "values": []}}, "at least one value"),
+    ({"model.nonsense": {"type": "int", "low": 1, "high": 2}}, "['model.nonsense']: not a sweepable field"),
+    ({"data.num_train": {"type": "int", "low": 1, "high": 2}}, "not a sweepable field"),
+    ({"train.steps": {"type": "int", "low": 1, "high": 2}}, "not a sweepable field"),
+])
+def test_invalid_dimensions_name_field_value_and_rule(space, expected):
+    assert expected in _errors(space)
+
+
+def test_every_bad_dimension_is_reported_at_once():
+    msg = _errors({"train.lr": {"type": "loguniform", "low": -1, "high": 1},
+                   "model.fusion.sparsity.schedule": {"type": "choice", "values": ["cosine"]}})
+    assert "train.lr" in msg and "cosine" in msg
+
+
+def test_unknown_dimension_type_is_a_config_error():
+    with pytest.raises(ConfigError, match="sweep.space.train.lr.type"):
+        validate_config(_raw({"train.lr": {"type": "normal", "low": 1, "high": 2}}))
+
+
+def test_empty_space_fails(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(ConfigError, match="a sweep needs at least one dimension"):
+        load_sweep(path, [])
+
+
+def test_bad_sweep_fails_in_the_cli_before_ray(tmp_path, capsys):
+    import ray
+
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(_raw({"model.fusion.sparsity.schedule": {"type": "choice",
+                                                                           "values": ["cosine"]}})))
+    assert main(["sweep", "--config", str(path)]) == 2
+    assert "'cosine'" in capsys.readouterr().err
+    assert not ray.is_initialized()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_trial_config_applies_sampled_values_and_reexpands_presets(tmp_path):
+    ctx = {"raw": _raw({}), "name": "sw", "run_dir": str(tmp_path), "data_path": str(tmp_path / "data")}
+    cfg = trial_config(ctx, {"model.fusion.vet.vocab_size": 100, "train.lr": 0.005}, "abc_00001")
+    assert cfg.name == "sw-abc_00001" and cfg.run_path == tmp_path / "trials" / "abc_00001"
+    assert cfg.model.fusion.vet.vocab_size == 100 and cfg.train.lr == 0.005
+    assert cfg.data.path == str(tmp_path / "data")
+    # Sweeping the preset switches the families with it (llava: plain MLP, no sparsity).
+    llava = trial_config(ctx, {"model.preset": "llava"}, "abc_00002")
+    assert llava.model.fusion.projector == "mlp" and not llava.model.fusion.sparsity.enabled
+    assert trial_raw(ctx["raw"], {"lr": 0.1})["train"]["lr"] == 0.1  # aliases resolve
+    assert "train" not in ctx["raw"]  # the base is never mutated
+
+
+def test_optuna_distributions():
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    raw = _raw({"vet_vocab_size": {"type": "logint", "low": 32, "high": 256},
+                "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+                "model.fusion.sparsity.schedule": {"type": "choice", "values": ["linear", "step"]}})
+    space = optuna_space(validate_config(raw).sweep.space)
+    assert space["model.fusion.vet.vocab_size"] == IntDistribution(32, 256, log=True)
+    assert space["train.lr"] == FloatDistribution(1e-3, 1e-2, log=True)
+    assert space["model.fusion.sparsity.schedule"] == CategoricalDistribution(["linear", "step"])
+
+
+def test_pareto_front_keeps_only_non_dominated_trials():
+    rows = [TrialRow("a", "completed", {}, accuracy=0.5, cost=1.0),
+            TrialRow("b", "completed", {}, accuracy=0.6, cost=2.0),
+            TrialRow("c", "completed", {}, accuracy=0.4, cost=1.5),   # worse than a on both
+            TrialRow("d", "completed", {}, accuracy=0.6, cost=3.0),   # b is as good and cheaper
+            TrialRow("e", "error", {}, accuracy=None, cost=None)]
+    assert [r.trial_id for r in pareto_front(rows)] == ["a", "b"]
