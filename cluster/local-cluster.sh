@@ -12,11 +12,21 @@
 #   ray job submit --working-dir . -- python jobs/pipeline.py --config jobs/configs/smoke.yaml
 set -euo pipefail
 
-HEAD_CPUS=${HEAD_CPUS:-1}
-WORKER_CPUS=${WORKER_CPUS:-1}
+# Logical CPUs (may exceed the cores): each node needs a whole free CPU for Ray Data tasks
+# next to fractional Train workers and Serve replicas.
+HEAD_CPUS=${HEAD_CPUS:-2}
+WORKER_CPUS=${WORKER_CPUS:-2}
 GCS_PORT=${GCS_PORT:-6390}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
-STATE_DIR=${STATE_DIR:-/tmp/raybench-cluster}
+# Two nodes on one machine: each dashboard agent (it runs submitted jobs) needs its own port.
+HEAD_AGENT_PORT=${HEAD_AGENT_PORT:-52365}
+WORKER_AGENT_PORT=${WORKER_AGENT_PORT:-52366}
+STATE_DIR=${STATE_DIR:-/tmp/rbcluster}  # short: Ray's unix sockets live under it
+# Its own temp dirs: a plain `ray.init()` elsewhere on this machine must not find and join
+# this cluster through /tmp/ray/ray_current_cluster; and each node gets its own, as on real
+# machines - two nodes unpacking a job's working_dir into one shared runtime_resources
+# folder replace it under a running driver (its cwd and imports vanish).
+RAY_TEMP_DIR="$STATE_DIR/ray"
 export RAY_AUTH_MODE=token
 
 # Each node is a `ray start --block` in its own session, so `stop` ends exactly this
@@ -28,14 +38,22 @@ launch() {  # name, ray start args...
   echo $! >"$STATE_DIR/$name.pid"
 }
 
-wait_for_nodes() {
-  local want=$1 deadline=$((SECONDS + 90))
-  until [ "$(${PYTHON:-python3} - <<PY
+wait_for_nodes() {  # count, until 90 s; fails at once if a node process died
+  local want=$1 deadline=$((SECONDS + 90)) alive
+  while :; do
+    for name in head worker; do
+      pidfile="$STATE_DIR/$name.pid"
+      if [ -e "$pidfile" ] && ! kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+        echo "cluster: the $name node exited:" >&2; tail -20 "$STATE_DIR/$name.log" >&2; exit 1
+      fi
+    done
+    alive=$(timeout 30 "${PYTHON:-python3}" - 2>/dev/null <<PY || echo 0
 import ray
-ray.init(address="127.0.0.1:${GCS_PORT}", logging_level="ERROR")
+ray.init(address="127.0.0.1:${GCS_PORT}", logging_level="ERROR", log_to_driver=False)
 print(sum(1 for n in ray.nodes() if n["Alive"]))
 PY
-)" -ge "$want" ]; do
+)
+    [ "${alive:-0}" -ge "$want" ] && return 0
     [ $SECONDS -lt $deadline ] || { echo "cluster: $want nodes not up after 90 s" >&2; exit 1; }
     sleep 1
   done
@@ -46,11 +64,13 @@ case "${1:-}" in
     # 127.0.0.1 only: this machine has no other network.
     [ ! -e "$STATE_DIR/head.pid" ] || { echo "cluster: already started ($STATE_DIR/head.pid)" >&2; exit 1; }
     launch head --head --node-ip-address=127.0.0.1 --port="$GCS_PORT" --num-cpus="$HEAD_CPUS" --num-gpus=0 \
-      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true \
-      --resources='{"raybench_head": 1}' --disable-usage-stats
+      --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" --include-dashboard=true --temp-dir="$RAY_TEMP_DIR" \
+      --dashboard-agent-listen-port="$HEAD_AGENT_PORT" --resources='{"raybench_head": 1}' --disable-usage-stats
     wait_for_nodes 1
     launch worker --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 --num-cpus="$WORKER_CPUS" \
-      --num-gpus=0 --resources='{"raybench_worker": 1}' --disable-usage-stats
+      --num-gpus=0 --dashboard-agent-listen-port="$WORKER_AGENT_PORT" --resources='{"raybench_worker": 1}' \
+      --temp-dir="$STATE_DIR/ray-worker" \
+      --disable-usage-stats
     wait_for_nodes 2
     echo "cluster up: 2 nodes (head $HEAD_CPUS CPU, worker $WORKER_CPUS CPU); dashboard http://127.0.0.1:$DASHBOARD_PORT"
     echo "  export RAY_ADDRESS=http://127.0.0.1:$DASHBOARD_PORT RAY_AUTH_MODE=token"
@@ -64,7 +84,7 @@ case "${1:-}" in
       [ -e "$pidfile" ] || continue
       pgid=$(cat "$pidfile")
       kill -TERM -- "-$pgid" 2>/dev/null || true
-      for _ in $(seq 1 30); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 1; done
+      for _ in $(seq 1 10); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 1; done
       kill -KILL -- "-$pgid" 2>/dev/null || true
       rm -f "$pidfile"
     done

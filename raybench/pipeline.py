@@ -96,7 +96,9 @@ def _deploy(cfg) -> str:
 
     _check_capacity(cfg)
     key = os.environ.get(cfg.api_key_env)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    # One HTTP proxy, on the head: several nodes of one machine can't share a port, and the
+    # printed endpoint is the head's.
+    serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_application(cfg, {cfg.api_key_env: key} if key else None), name=cfg.name,
               route_prefix=cfg.route_prefix)
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"

@@ -9,6 +9,7 @@ across the workers. A run is resumable by name: starting it again with the same
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from raybench.config import ConfigError, RunConfig, dump_config
@@ -37,8 +38,15 @@ def init_ray() -> None:
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", log_to_driver=True,
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        # A job's own runtime env (`ray job submit --runtime-env-json`) must not be merged
+        # with another one; the cluster's image/env keeps the hub offline there.
+        ray.init(address=address, log_to_driver=True)
+    else:
+        ray.init(address="local", log_to_driver=True,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
 
 
@@ -73,10 +81,12 @@ def storage_path(cfg: RunConfig) -> str:
 
 def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri: str | None = None,
                   parent_run_id: str | None = None, tags: dict | None = None,
-                  extra_metrics: dict | None = None, tokenizer: Path | None = None):
+                  extra_metrics: dict | None = None, tokenizer: Path | None = None,
+                  launched_at: float | None = None):
     """A `TorchTrainer` for `cfg`. A sweep trial passes its Tune callback, the sweep's MLflow
     store and parent run, and metrics to add to every report (e.g. its inference cost)."""
     import ray
+    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -85,6 +95,8 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
     from raybench.train.worker import train_loop_per_worker
 
     t, m = cfg.train, cfg.model
+    # Ray Data's per-dataset progress bars drown Tune's table and the per-eval lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     use_gpu = ray.cluster_resources().get("GPU", 0) >= t.num_workers
     tok_dir = Path(tokenizer or tokenizer_dir(cfg)).resolve()
     common = dict(tokenizer_dir=tok_dir, num_image_tokens=m.num_image_tokens,
@@ -99,7 +111,10 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
                            "model_dir": str((cfg.run_path / "model").resolve()),
                            "tracking_uri": tracking_uri or default_tracking_uri(cfg.run_path.resolve()),
                            "parent_run_id": parent_run_id, "tags": tags or {},
-                           "extra_metrics": extra_metrics or {}},
+                           "extra_metrics": extra_metrics or {},
+                           # wall clock when this run (or sweep trial) was launched: the worker
+                           # reports `startup_s`, the fixed cost before the first step
+                           "launched_at": launched_at or time.time()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
                                      placement_strategy=t.placement_strategy),

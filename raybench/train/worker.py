@@ -84,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = _open_tracker(cfg, rank, config)
     nodes = [None] * world  # where the workers landed (placement_strategy), for the record
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    extra = config.get("extra_metrics") or {}
+    extra = dict(config.get("extra_metrics") or {})
     if rank == 0:
         print(f"[raybench] {'resuming at step ' + str(state.step) if resumed else 'starting'}: "
               f"{world} workers on {device.type} across {len(set(nodes))} node(s), pid {os.getpid()}", flush=True)
@@ -102,6 +102,10 @@ def train_loop_per_worker(config: dict) -> None:
     window = _Window()
     while state.step < t.steps:
         for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device):
+            if not resumed and "startup_s" not in extra:  # launch -> first step: the fixed cost
+                extra["startup_s"] = time.time() - config.get("launched_at", time.time())
+                if tracker:
+                    tracker.log_metrics({"startup_s": extra["startup_s"]}, step=state.step)
             loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
             state.step += 1
             state.batch_in_epoch += 1

@@ -9,6 +9,7 @@ trial (Tune `FailureConfig`, or `raybench sweep --resume`) resumes from its chec
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from raybench.bench.fusion import inference_cost
     from raybench.train.trainer import fit
 
+    launched_at = time.time()
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, config, trial_id)
     # Reported with every eval so the Pareto objective and the MLflow compare view have it.
@@ -43,6 +45,6 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     result = fit(cfg, callbacks=[TuneReportCallback()], tracking_uri=ctx["tracking_uri"],
                  parent_run_id=ctx["parent_run_id"], tokenizer=Path(ctx["tokenizer"]),
                  tags={"raybench.sweep": ctx["name"], "raybench.trial_id": trial_id},
-                 extra_metrics=cost, reserved_cpus=ctx["driver_cpus"])
+                 extra_metrics=cost, reserved_cpus=ctx["driver_cpus"], launched_at=launched_at)
     if result.error:
         raise result.error

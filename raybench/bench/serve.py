@@ -1,0 +1,446 @@
+"""`raybench bench serve`: what serving costs, against the same model in one run.
+
+Closed-loop HTTP load (keep-alive aiohttp clients on 127.0.0.1, each sending its next
+request when the last returns) at concurrency 1, 8, 32; p50 / p99 latency and req/s for:
+
+    in-process            the model call itself (decode image, tokenize, generate, detokenize),
+                          unbatched (one request at a time) and batched (c requests, one batch)
+    plain FastAPI no-op   uvicorn without Serve: the HTTP floor
+    Serve no-op, 1 hop    FastAPI ingress deployment that answers at once
+    Serve no-op, 3 hops   ingress -> 3 no-op deployments chained by DeploymentResponse: the
+                          framework's own floor for our pipeline's shape
+    single deployment     all three stages in the ingress replica (topology single), batched
+    3-stage pipeline      batched, unbatched (max_batch_size 1), and batched with each stage's
+                          result awaited in the ingress (values, not chained responses)
+    throughput-optimized  the 3-hop no-op and the batched pipeline again on a fresh Ray with
+                          RAY_SERVE_THROUGHPUT_OPTIMIZED=1
+
+Goals from the serving issue, computed in the same run: the pipeline adds <= 3 ms p50 over
+(in-process + 3-hop no-op floor) at concurrency 1; batched >= 4x unbatched req/s at 32.
+The load generator shares the 2 cores with the server; its own cost is in every Serve row.
+
+No `from __future__ import annotations`: FastAPI must resolve the `Request` annotation.
+"""
+
+import asyncio
+import base64
+import io
+import json
+import os
+import platform
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from ray import serve
+
+CONCURRENCY = (1, 8, 32)
+MAX_TOKENS = 4
+PATH = "/v1/chat/completions"
+
+# ------------------------------------------------------------------ no-op apps (the floor)
+
+noop_api = FastAPI()
+plain_api = FastAPI()  # run by uvicorn in a subprocess: HTTP without Serve
+
+
+@plain_api.post(PATH)
+async def _plain(request: Request):
+    await request.body()
+    return {"ok": True}
+
+
+@serve.deployment(name="NoopStage", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+class NoopStage:
+    async def __call__(self, x):
+        return x
+
+
+@serve.deployment(name="NoopIngress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
+@serve.ingress(noop_api)
+class NoopIngress:
+    def __init__(self, *stages):
+        self.stages = stages
+
+    @noop_api.post(PATH)
+    async def chat(self, request: Request):
+        await request.body()
+        response = b"x" * 64  # a small payload handed stage to stage, as our pipeline chains
+        for stage in self.stages:
+            response = stage.remote(response)
+        if self.stages:
+            await response
+        return {"ok": True}
+
+
+# ------------------------------------------------------------------ the model and its requests
+
+def build_model(size: str, out: Path) -> Path:
+    """An untrained hybrid model (timings do not depend on the weights) with a real tokenizer."""
+    import torch
+
+    from raybench.config import validate_config
+    from raybench.data.synthetic import QTYPES, sample_scene
+    from raybench.data.tokenizer import build_tokenizer, save_tokenizer
+    from raybench.model.vlm import HybridVLM
+
+    rng = random.Random(0)
+    texts = []
+    for i in range(400):
+        _, q, a = sample_scene(rng, QTYPES[i % len(QTYPES)])
+        texts += [q, " " + a]
+    tok = build_tokenizer(texts, vocab_size=384)
+    torch.manual_seed(0)
+    cfg = validate_config({"model": {"preset": "hybrid", "size": size}})
+    HybridVLM.for_tokenizer(cfg.model, tok).save_pretrained(out)
+    save_tokenizer(tok, out)
+    return out
+
+
+def make_requests(image_size: int, n: int = 16) -> list[bytes]:
+    from raybench.data.synthetic import QTYPES, render_scene, sample_scene
+
+    rng, bodies = random.Random(1), []
+    for i in range(n):
+        scene, question, _ = sample_scene(rng, QTYPES[i % len(QTYPES)])
+        buf = io.BytesIO()
+        render_scene(scene, image_size).save(buf, format="PNG")
+        uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        bodies.append(json.dumps({"max_tokens": MAX_TOKENS, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": uri}}]}]}).encode())
+    return bodies
+
+
+def _summary(latencies_ms: list[float], elapsed_s: float, errors: int, extra: dict | None = None) -> dict:
+    lat = sorted(latencies_ms)
+    p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))] if lat else float("nan")
+    return {"p50_ms": statistics.median(lat) if lat else float("nan"), "p99_ms": p99,
+            "req_per_s": len(lat) / elapsed_s if elapsed_s > 0 else 0.0, "requests": len(lat),
+            "errors": errors, **(extra or {})}
+
+
+# ------------------------------------------------------------------ in-process
+
+def in_process(model_dir: Path, bodies: list[bytes], concurrency: int, n: int, batched: bool) -> dict:
+    """The model call without any server: parse the same request bodies, generate, decode.
+    Unbatched: requests one after another, so at concurrency c a request waits for the c-1
+    ahead of it. Batched: c requests as one batch (ideal batching, no framework)."""
+    import torch
+
+    # One torch thread, as in a stage replica (Ray sets OMP_NUM_THREADS=1 for a fractional
+    # CPU share): the in-process rows get the compute budget one stage gets.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _in_process(model_dir, bodies, concurrency, n, batched)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _in_process(model_dir: Path, bodies: list[bytes], concurrency: int, n: int, batched: bool) -> dict:
+    import torch
+
+    from raybench.data.processor import VQAProcessor
+    from raybench.data.tokenizer import load_tokenizer
+    from raybench.model.vlm import HybridVLM
+    from raybench.serve.config import LimitsConfig
+    from raybench.serve.schemas import parse_chat_request
+
+    model = HybridVLM.from_pretrained(model_dir)
+    proc = VQAProcessor(load_tokenizer(model_dir), model.config.num_image_tokens, model.config.vision.image_size)
+    limits = LimitsConfig()
+
+    def serve_batch(raw: list[bytes]) -> list[str]:
+        reqs = [parse_chat_request(b, limits, "raybench-vlm") for b in raw]
+        prompt = proc.encode_prompts([r.question for r in reqs])
+        with torch.inference_mode():
+            out = model.generate(prompt["input_ids"], prompt["attention_mask"],
+                                 proc.pixel_values([r.image for r in reqs]), max_new_tokens=MAX_TOKENS)
+        return [proc.decode_answer(row.tolist()) for row in out]
+
+    group = concurrency if batched else 1
+    serve_batch(bodies[:group])  # warm-up
+    lat, t0, done = [], time.perf_counter(), 0
+    while done < n:
+        t = time.perf_counter()
+        serve_batch([bodies[(done + i) % len(bodies)] for i in range(group)])
+        call_ms = (time.perf_counter() - t) * 1000
+        lat += [call_ms] * group
+        done += group
+    elapsed = time.perf_counter() - t0
+    if not batched and concurrency > 1:  # closed loop of c clients on one serial server
+        lat = [ms * concurrency for ms in lat]
+    return _summary(lat, elapsed, 0, {"batch": group})
+
+
+# ------------------------------------------------------------------ HTTP load
+
+async def _load(url: str, bodies: list[bytes], concurrency: int, n: int, warmup: int) -> dict:
+    import aiohttp
+
+    lat: list[float] = []
+    errors, batch_max, counter = 0, 0, iter(range(n + warmup))
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        async def client():
+            nonlocal errors, batch_max
+            for i in counter:
+                t = time.perf_counter()
+                try:
+                    async with session.post(url, data=bodies[i % len(bodies)],
+                                            headers={"Content-Type": "application/json"}) as r:
+                        await r.read()
+                        ok = r.status == 200
+                        sizes = r.headers.get("x-raybench-batch-sizes", "")
+                except aiohttp.ClientError:
+                    ok, sizes = False, ""
+                if i < warmup:
+                    continue
+                if not ok:
+                    errors += 1
+                    continue
+                lat.append((time.perf_counter() - t) * 1000)
+                for kv in filter(None, sizes.split(",")):
+                    batch_max = max(batch_max, int(kv.split("=")[1]))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+    return _summary(lat, elapsed, errors, {"largest_batch": batch_max or None})
+
+
+def http_point(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict:
+    return asyncio.run(_load(url, bodies, concurrency, n, warmup=min(2 * concurrency, 16)))
+
+
+def n_requests(concurrency: int, quick: bool, repeats: int) -> int:
+    if quick:
+        return 16 if concurrency == 1 else concurrency * 3
+    return 10 * repeats if concurrency == 1 else concurrency * repeats
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout_s: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=2)
+            return
+        except OSError as err:
+            if getattr(err, "code", None):  # an HTTP error status: the server is up
+                return
+            time.sleep(0.2)
+    raise TimeoutError(f"{url} did not come up")
+
+
+# ------------------------------------------------------------------ the run
+
+def _serve_apps(model_dir: Path) -> dict:
+    from raybench.serve.app import build_application
+    from raybench.serve.config import validate_serve_config
+
+    stage = {"num_cpus": 0.2, "max_batch_size": 32, "max_ongoing_requests": 64}
+    unbatched = {"num_cpus": 0.2, "max_batch_size": 1, "max_ongoing_requests": 64}
+    base = {"model": str(model_dir), "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 256}}
+
+    def pipeline(**kw):
+        return lambda: build_application(validate_serve_config(
+            {**base, "vision": stage, "projection": stage, "llm": stage, **kw}))
+
+    return {
+        "serve no-op, 1 hop": lambda: NoopIngress.bind(),
+        "serve no-op, 3 hops": lambda: NoopIngress.bind(NoopStage.options(name="Noop1").bind(),
+                                                        NoopStage.options(name="Noop2").bind(),
+                                                        NoopStage.options(name="Noop3").bind()),
+        "single deployment, batched": lambda: build_application(validate_serve_config(
+            {**base, "topology": "single", "vision": stage, "projection": stage, "llm": stage})),
+        "3-stage, batched": pipeline(),
+        "3-stage, unbatched": pipeline(vision=unbatched, projection=unbatched, llm=unbatched),
+        "3-stage, batched, values via ingress": pipeline(chain_responses=False),
+    }
+
+
+def _run_serve_configs(names: list[str], apps: dict, port: int, bodies, quick, repeats, rows, tag=""):
+    for name in names:
+        serve.run(apps[name](), name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}{PATH}"
+        for c in CONCURRENCY:
+            r = http_point(url, bodies, c, n_requests(c, quick, repeats))
+            rows.append({"config": name + tag, "concurrency": c, **r})
+            _print_row(rows[-1])
+        serve.delete("bench")
+
+
+def _print_row(r: dict) -> None:
+    print(f"  {r['config']:>48} c={r['concurrency']:<3} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
+          f"{r['req_per_s']:7.1f} req/s  errors {r['errors']}"
+          + (f"  largest batch {r['largest_batch']}" if r.get("largest_batch") else ""), flush=True)
+
+
+def _start_ray(port: int, throughput_optimized: bool) -> None:
+    import ray
+
+    if throughput_optimized:
+        os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Serve process at start
+    else:
+        os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+
+def _stop_ray() -> None:
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()
+    os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
+
+
+def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, repeats: int = 7) -> dict:
+    if quick:
+        size, repeats = "tiny", 2
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_model(size, Path(tmp) / "model")
+        from raybench.model.vlm import HybridVLM
+        image_size = HybridVLM.from_pretrained(model_dir).config.vision.image_size
+        bodies = make_requests(image_size)
+        print(f"[bench serve] hybrid/{size}, {image_size}px, max_tokens {MAX_TOKENS}", flush=True)
+        for batched in (False, True):
+            for c in CONCURRENCY:
+                r = in_process(model_dir, bodies, c, n_requests(c, quick, repeats), batched)
+                rows.append({"config": f"in-process, {'batched' if batched else 'unbatched'}",
+                             "concurrency": c, **r})
+                _print_row(rows[-1])
+        rows += _plain_fastapi(bodies, quick, repeats)
+        port = _free_port()
+        apps = _serve_apps(model_dir)
+        # --quick: the rows the goals need, one Ray start; the full run adds the floor-lowering
+        # variants (values via the ingress, a fresh Ray in throughput-optimized mode).
+        names = [n for n in apps if not (quick and n == "3-stage, batched, values via ingress")]
+        _start_ray(port, throughput_optimized=False)
+        try:
+            _run_serve_configs(names, apps, port, bodies, quick, repeats, rows)
+        finally:
+            _stop_ray()
+        if not quick:
+            _start_ray(port, throughput_optimized=True)
+            try:
+                _run_serve_configs(["serve no-op, 3 hops", "3-stage, batched"], apps, port, bodies, quick,
+                                   repeats, rows, tag=" [THROUGHPUT_OPTIMIZED]")
+            finally:
+                _stop_ray()
+    report = {"benchmark": "serve", "machine": _machine(), "size": size, "max_tokens": MAX_TOKENS,
+              "repeats": repeats, "command": f"raybench bench serve --size {size}" + (" --quick" if quick else ""),
+              "rows": rows, "goals": goals(rows)}
+    (out_dir / "serve.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(rows, report["goals"])
+    (out_dir / "serve.md").write_text(table + "\n")
+    _plot(rows, out_dir / "serve.png")
+    print(table)
+    return report
+
+
+def _plain_fastapi(bodies, quick, repeats) -> list[dict]:
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "raybench.bench.serve:plain_api", "--host",
+                             "127.0.0.1", "--port", str(port), "--log-level", "warning"])
+    rows = []
+    try:
+        _wait_http(f"http://127.0.0.1:{port}{PATH}")
+        for c in CONCURRENCY:
+            r = http_point(f"http://127.0.0.1:{port}{PATH}", bodies, c, n_requests(c, quick, repeats))
+            rows.append({"config": "plain FastAPI no-op (uvicorn)", "concurrency": c, **r})
+            _print_row(rows[-1])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    return rows
+
+
+def goals(rows: list[dict]) -> dict:
+    at = {(r["config"], r["concurrency"]): r for r in rows}
+
+    def get(name, c, key):
+        r = at.get((name, c))
+        return r[key] if r else float("nan")
+
+    model = get("in-process, unbatched", 1, "p50_ms")
+    floor = get("serve no-op, 3 hops", 1, "p50_ms")
+    pipe = get("3-stage, batched", 1, "p50_ms")
+    ratio = get("3-stage, batched", 32, "req_per_s") / get("3-stage, unbatched", 32, "req_per_s")
+    return {
+        "in_process_p50_ms": model, "noop_3hop_p50_ms": floor, "pipeline_p50_ms": pipe,
+        "pipeline_added_ms_at_c1": pipe - (model + floor), "added_goal_ms": 3.0,
+        "batched_over_unbatched_req_s_at_c32": ratio, "batching_goal": 4.0,
+        "throughput_optimized_noop_3hop_p50_ms": get("serve no-op, 3 hops [THROUGHPUT_OPTIMIZED]", 1, "p50_ms"),
+        "values_via_ingress_p50_ms_at_c1": get("3-stage, batched, values via ingress", 1, "p50_ms"),
+        "single_deployment_p50_ms_at_c1": get("single deployment, batched", 1, "p50_ms"),
+    }
+
+
+def markdown_table(rows: list[dict], g: dict) -> str:
+    lines = ["| config | concurrency | p50 ms | p99 ms | req/s | errors | largest batch |", "|" + "---|" * 7]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                     f"{r['req_per_s']:.1f} | {r['errors']} | {r.get('largest_batch') or r.get('batch') or ''} |")
+    lines += ["", f"- pipeline p50 at c=1: {g['pipeline_p50_ms']:.2f} ms = in-process {g['in_process_p50_ms']:.2f} + "
+              f"3-hop floor {g['noop_3hop_p50_ms']:.2f} + **{g['pipeline_added_ms_at_c1']:+.2f} ms** "
+              f"(goal <= {g['added_goal_ms']:.0f} ms)",
+              f"- batched / unbatched req/s at c=32: **{g['batched_over_unbatched_req_s_at_c32']:.2f}x** "
+              f"(goal >= {g['batching_goal']:.0f}x)"]
+    return "\n".join(lines)
+
+
+def _machine() -> dict:
+    import ray
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "ray": ray.__version__, "cpus": os.cpu_count()}
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    at = {(r["config"], r["concurrency"]): r for r in rows}
+    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
+    width = 0.8 / len(CONCURRENCY)
+    for k, c in enumerate(CONCURRENCY):
+        xs = [i + k * width for i in range(len(configs))]
+        axes[0].bar(xs, [at[(n, c)]["p50_ms"] if (n, c) in at else 0 for n in configs], width, label=f"c={c}")
+        axes[1].bar(xs, [at[(n, c)]["req_per_s"] if (n, c) in at else 0 for n in configs], width, label=f"c={c}")
+    for ax, title in ((axes[0], "p50 latency (ms, log)"), (axes[1], "throughput (req/s, log)")):
+        ax.set_xticks([i + width for i in range(len(configs))])
+        ax.set_xticklabels(configs, rotation=60, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.legend()
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")  # plain FastAPI is ~100x every Serve row
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    run_serve_bench(Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
+    return 0

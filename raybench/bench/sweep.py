@@ -1,0 +1,107 @@
+"""`raybench bench sweep`: what a sweep pays besides training.
+
+Runs a real sweep (tiny preset, FIFO so every trial runs to the end) and reports, per trial,
+the fixed start-up cost (trial launch -> first training step: Train controller, worker
+group, process group, Ray Data materialise and split, model build/shard) against its
+training time, and the sweep's wall time against the sum of its trials' training time.
+All figures come from the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import yaml
+
+
+def _config(out: Path, quick: bool) -> dict:
+    return {
+        "name": "bench-sweep", "run_dir": str(out / "bench-sweep-run"),
+        "model": {"preset": "hybrid", "size": "tiny"},
+        "data": {"num_train": 512, "num_val": 64},
+        "train": {"steps": 20 if quick else 60, "batch_size": 16, "eval_every": 10 if quick else 20,
+                  "eval_samples": 64, "log_every": 5},
+        "sweep": {"num_samples": 2 if quick else 4, "scheduler": "fifo", "seed": 0, "space": {
+            "model.fusion.vet.vocab_size": {"type": "logint", "low": 32, "high": 256},
+            "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2}}},
+    }
+
+
+def run_sweep_bench(out: Path, quick: bool) -> dict:
+    import shutil
+
+    import ray
+
+    from raybench.tune.sweep import load_sweep, run_sweep
+
+    out.mkdir(parents=True, exist_ok=True)
+    cfg_path = out / "bench-sweep.yaml"
+    cfg = _config(out, quick)
+    shutil.rmtree(cfg["run_dir"], ignore_errors=True)
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    sweep = load_sweep(cfg_path, [])
+    t0 = time.perf_counter()
+    try:
+        run_sweep(sweep)
+    finally:
+        ray.shutdown()
+    wall = time.perf_counter() - t0
+    trials = []
+    for tdir in sorted((sweep.experiment_dir).glob("run_trial_*")):
+        lines = [json.loads(x) for x in (tdir / "result.json").read_text().splitlines() if x.strip()]
+        last = lines[-1]
+        total = last["time_total_s"]
+        startup = lines[0].get("startup_s", float("nan"))
+        trials.append({"trial_id": last["trial_id"], "startup_s": startup, "total_s": total,
+                       "training_s": total - startup, "accuracy": last.get("accuracy")})
+    training = sum(t["training_s"] for t in trials)
+    result = {
+        "bench": "sweep", "quick": quick, "config": cfg, "trials": trials,
+        "startup_s": {"median": statistics.median(t["startup_s"] for t in trials),
+                      "min": min(t["startup_s"] for t in trials), "max": max(t["startup_s"] for t in trials)},
+        "sweep_wall_s": wall, "sum_training_s": training,
+        "wall_over_training": wall / training if training else float("nan"),
+    }
+    return result
+
+
+def markdown_row(r: dict) -> str:
+    s = r["startup_s"]
+    return (f"| sweep ({len(r['trials'])} trials, tiny) | per-trial start-up {s['median']:.1f} s "
+            f"(min {s['min']:.1f}, max {s['max']:.1f}) | wall {r['sweep_wall_s']:.0f} s vs "
+            f"{r['sum_training_s']:.0f} s of training = {r['wall_over_training']:.2f}x |")
+
+
+def main(args) -> int:
+    out = Path(args.out)
+    result = run_sweep_bench(out, args.quick)
+    from raybench.bench.fusion import _machine
+
+    result["machine"] = _machine()
+    (out / "sweep.json").write_text(json.dumps(result, indent=2))
+    _plot(result, out / "sweep.png")
+    row = markdown_row(result)
+    with (out / "results.md").open("a") as f:
+        f.write(row + "\n")
+    print(row)
+    return 0
+
+
+def _plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = [t["trial_id"] for t in r["trials"]]
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.barh(ids, [t["startup_s"] for t in r["trials"]], label="start-up (launch -> first step)")
+    ax.barh(ids, [t["training_s"] for t in r["trials"]], left=[t["startup_s"] for t in r["trials"]],
+            label="training + evals + checkpoints")
+    ax.set_xlabel("seconds")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

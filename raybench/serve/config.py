@@ -1,0 +1,204 @@
+"""The serving config: one pydantic model for `raybench deploy`, `build_app` and the
+Serve config YAML written for `serve deploy` / KubeRay `RayService`.
+
+Validated before Ray starts (`load_serve_config`), with the same `field = value: allowed`
+errors as the training config. Per-stage knobs map one-to-one onto Serve deployment
+options (`num_replicas`, `max_ongoing_requests`, `autoscaling_config`,
+`ray_actor_options.num_cpus/num_gpus`); batching knobs travel as the deployment's
+`user_config`, so `serve deploy` can change them on live replicas (`reconfigure`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from raybench.config import ConfigError, _format_validation_error, apply_overrides
+
+IMPORT_PATH = "raybench.serve.app:build_app"
+STAGES = ("vision", "projection", "llm")
+DEPLOYMENT_NAMES = {"ingress": "ChatIngress", "vision": "VisionStage", "projection": "ProjectionStage",
+                    "llm": "LLMStage", "single": "VLMServer"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AutoscalingConfig(_Strict):
+    """Serve's `autoscaling_config` (the fields we expose; Serve's defaults otherwise)."""
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    initial_replicas: int | None = Field(None, ge=0)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> "AutoscalingConfig":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas = {self.min_replicas} must be <= max_replicas = {self.max_replicas}")
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Replicas and resources of one deployment. Fractional CPUs: three stages share 2 cores."""
+    num_replicas: int | None = Field(None, ge=1)  # None: 1, or autoscaling when that is set
+    num_cpus: float = Field(0.2, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    autoscaling_config: AutoscalingConfig | None = None
+
+    @model_validator(mode="after")
+    def _replicas_xor_autoscaling(self) -> "DeploymentConfig":
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("set num_replicas or autoscaling_config, not both")
+        return self
+
+
+class StageConfig(DeploymentConfig):
+    """A model stage: a deployment plus its `@serve.batch` settings."""
+    max_batch_size: int = Field(16, ge=1, le=1024)
+    # 0: no added wait. A batch is whatever queued while the previous one ran (the stage runs
+    # one batch at a time), so batches grow with load and an idle server adds no latency.
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
+
+    @model_validator(mode="after")
+    def _batch_fits_queue(self) -> "StageConfig":
+        # A replica never holds more than max_ongoing_requests, so a bigger batch never fills.
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests = {self.max_ongoing_requests} must be >= "
+                             f"max_batch_size = {self.max_batch_size} (a batch is drawn from the "
+                             "requests a replica holds)")
+        return self
+
+
+class LimitsConfig(_Strict):
+    """What one request may ask for; anything beyond is a 4xx, never work for a replica."""
+    max_body_bytes: int = Field(8 * 2**20, ge=1024)
+    max_image_bytes: int = Field(4 * 2**20, ge=64)
+    max_image_pixels: int = Field(4096 * 4096, ge=1)  # width x height, read from the header
+    max_images: int = Field(1, ge=1, le=1)  # the model's prompt layout holds one image
+    max_tokens: int = Field(64, ge=1)        # the largest max_tokens a request may ask for
+    default_max_tokens: int = Field(16, ge=1)
+    max_prompt_chars: int = Field(4000, ge=1)
+    max_messages: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _default_in_range(self) -> "LimitsConfig":
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens = {self.default_max_tokens} must be <= "
+                             f"max_tokens = {self.max_tokens}")
+        return self
+
+
+class ServeConfig(_Strict):
+    # What to serve: a model directory (safetensors + config.json + tokenizer.json) or a
+    # registry URI `models:/NAME@ALIAS` / `models:/NAME/VERSION`, resolved by each replica.
+    model: str | None = None
+    tracking_uri: str | None = None  # for models:/ URIs; None: MLFLOW_TRACKING_URI on the replica
+    served_model_name: str = "raybench-vlm"
+    name: str = "raybench"          # Serve application name
+    route_prefix: str = "/"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # pipeline: ingress -> VisionStage -> ProjectionStage -> LLMStage (three deployments);
+    # single: one deployment runs all three stages in-process (no hops; for small models).
+    topology: Literal["pipeline", "single"] = "pipeline"
+    # Chain stage calls by passing each DeploymentResponse on (the tensors go stage to
+    # stage); False awaits each stage in the ingress and passes the values (a bench knob).
+    chain_responses: bool = True
+    compile: bool = False           # torch.compile each stage's modules
+    torch_threads: int | None = Field(None, ge=1)  # None: Ray's default for the CPU share
+    api_key_env: str = "RAYBENCH_API_KEY"  # bearer auth is on when this env var is set
+    default_temperature: float = Field(0.0, ge=0, le=2)  # greedy unless a request asks
+    # When a stage replica dies mid-request the ingress retries the pipeline call (it is
+    # idempotent) with back-off 0.1 s .. 1 s, within both limits: long enough for Serve to
+    # mark the replica dead and route to another one, or to start its replacement.
+    retries: int = Field(8, ge=0, le=50)
+    retry_timeout_s: float = Field(20.0, gt=0)
+    ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256))
+    vision: StageConfig = Field(default_factory=StageConfig)
+    projection: StageConfig = Field(default_factory=StageConfig)
+    llm: StageConfig = Field(default_factory=StageConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @model_validator(mode="after")
+    def _route(self) -> "ServeConfig":
+        if not self.route_prefix.startswith("/"):
+            raise ValueError(f"route_prefix = {self.route_prefix!r} must start with '/'")
+        return self
+
+
+def validate_serve_config(raw: dict[str, Any]) -> ServeConfig:
+    try:
+        return ServeConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err).replace("invalid config", "invalid serve config")) from None
+
+
+def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                      **fields: Any) -> ServeConfig:
+    """YAML (optionally with a top-level `serve:` section) + `--set k=v` + explicit fields."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"serve config file not found: {p}")
+        raw = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+        raw = raw.get("serve", raw) if isinstance(raw.get("serve"), dict) else raw
+    # `--set serve.llm.max_batch_size=8` and `--set llm.max_batch_size=8` both work.
+    overrides = [o[len("serve."):] if o.startswith("serve.") else o for o in (overrides or [])]
+    raw = apply_overrides(raw, overrides)
+    raw.update({k: v for k, v in fields.items() if v is not None})
+    return validate_serve_config(raw)
+
+
+def deployment_options(d: DeploymentConfig) -> dict[str, Any]:
+    """Serve deployment options (`.options(**...)` and the YAML `deployments:` entries)."""
+    opts: dict[str, Any] = {
+        "max_ongoing_requests": d.max_ongoing_requests,
+        "ray_actor_options": {"num_cpus": d.num_cpus, "num_gpus": d.num_gpus},
+    }
+    if d.autoscaling_config is not None:
+        opts["autoscaling_config"] = d.autoscaling_config.model_dump(exclude_none=True)
+    else:
+        opts["num_replicas"] = d.num_replicas or 1
+    if isinstance(d, StageConfig):
+        opts["user_config"] = batch_user_config(d)
+    return opts
+
+
+def batch_user_config(s: StageConfig) -> dict[str, Any]:
+    return {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+
+
+def serve_config_yaml(cfg: ServeConfig) -> str:
+    """A Serve config file (`serve deploy`, KubeRay `serveConfigV2`) for these settings.
+
+    `args` is the whole validated config (what `build_app` reads); `deployments` repeats the
+    per-deployment options because that is where Serve users look for them, and entries
+    there override what the code sets (Serve's own precedence).
+    """
+    names = (["single"] if cfg.topology == "single" else ["ingress", *STAGES])
+    deployments = []
+    for key in names:
+        section = cfg.ingress if key in ("ingress", "single") else getattr(cfg, key)
+        deployments.append({"name": DEPLOYMENT_NAMES[key], **deployment_options(section)})
+    doc = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.host, "port": cfg.port},
+        "applications": [{
+            "name": cfg.name, "route_prefix": cfg.route_prefix, "import_path": IMPORT_PATH,
+            "args": cfg.model_dump(mode="json"), "deployments": deployments,
+        }],
+    }
+    header = ("# Ray Serve config written by `raybench deploy --print-serve-config`.\n"
+              "# serve deploy <this file>   |   KubeRay RayService: spec.serveConfigV2\n"
+              f"# Bearer auth: set {cfg.api_key_env} in the Ray nodes' environment (never in this file).\n")
+    return header + yaml.safe_dump(doc, sort_keys=False)

@@ -1,0 +1,283 @@
+"""OpenAI chat-completions shapes and request validation (no Ray, no torch).
+
+`parse_chat_request(body, limits, model_name)` turns raw request bytes into a
+`ChatRequest` (one question, one image's bytes, generation parameters) or raises
+`APIError`, which the ingress renders as OpenAI's error shape:
+
+    {"error": {"message": "...", "type": "invalid_request_error", "param": "...", "code": "..."}}
+
+The model answers one question about one image, so the prompt is the text of the last
+user message and the image is the one `image_url` part across the user messages; system
+and earlier turns are accepted (clients send them) but do not reach the model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from raybench.serve.config import LimitsConfig
+
+
+class APIError(Exception):
+    """A request the server refuses; `status` is the HTTP code (4xx, or 503 when overloaded)."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None,
+                 code: str | None = None, type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------ request shapes
+
+class _Lenient(BaseModel):
+    # OpenAI clients send fields we do not use (user, stream_options, ...): ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageURL(_Lenient):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Lenient):
+    type: Literal["image_url"]
+    image_url: ImageURL | str  # some clients send the URL string directly
+
+
+class Message(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(_Lenient):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None  # the newer OpenAI name for max_tokens
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    n: int = 1
+    stream: bool = False
+    seed: int | None = None
+
+
+@dataclass
+class ChatRequest:
+    """What the pipeline needs from one validated request."""
+    question: str
+    image: bytes
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stream: bool
+    model: str
+    image_param: str = "messages"  # where the image was, for errors found while decoding it
+
+
+# ------------------------------------------------------------------ validation
+
+def parse_chat_request(body: bytes, limits: LimitsConfig, served_model_name: str,
+                       default_temperature: float = 0.0) -> ChatRequest:
+    if len(body) > limits.max_body_bytes:
+        raise APIError(413, f"request body is {len(body)} bytes; at most {limits.max_body_bytes} allowed",
+                       code="request_too_large")
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+    if not isinstance(raw, dict):
+        raise APIError(400, f"request body must be a JSON object, got {type(raw).__name__}",
+                       code="invalid_json")
+    try:
+        req = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as err:
+        e = err.errors()[0]
+        param = ".".join(str(p) for p in e["loc"]) or None
+        raise APIError(400, f"{param or 'body'}: {e['msg']} (got {_short(e.get('input'))})",
+                       param=param, code="invalid_value") from None
+    if req.model not in (None, "", served_model_name):
+        raise APIError(404, f"model {req.model!r} does not exist; this server serves {served_model_name!r}",
+                       param="model", code="model_not_found", type="not_found_error")
+    if req.n != 1:
+        raise APIError(400, f"n = {req.n}: only n = 1 is supported", param="n", code="invalid_value")
+    if len(req.messages) > limits.max_messages:
+        raise APIError(400, f"{len(req.messages)} messages; at most {limits.max_messages} allowed",
+                       param="messages", code="invalid_value")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    if max_tokens is None:
+        max_tokens = limits.default_max_tokens
+    elif not 1 <= max_tokens <= limits.max_tokens:
+        raise APIError(400, f"{param} = {max_tokens}: must be between 1 and {limits.max_tokens}",
+                       param=param, code="invalid_value")
+    question, image, where = _question_and_image(req.messages, limits)
+    temperature = default_temperature if req.temperature is None else req.temperature
+    return ChatRequest(question=question, image=image, max_tokens=max_tokens, temperature=temperature,
+                       top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stream=req.stream,
+                       model=served_model_name, image_param=where)
+
+
+def _short(value: Any, n: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _question_and_image(messages: list[Message], limits: LimitsConfig) -> tuple[str, bytes, str]:
+    images: list[tuple[str, str]] = []  # (param path, url)
+    last_user_text: str | None = None
+    for i, msg in enumerate(messages):
+        texts = []
+        if isinstance(msg.content, str):
+            texts.append(msg.content)
+        elif msg.content is not None:
+            for j, part in enumerate(msg.content):
+                where = f"messages.{i}.content.{j}"
+                kind = part.get("type")
+                if kind == "text":
+                    texts.append(_validated(TextPart, part, where).text)
+                elif kind == "image_url":
+                    if msg.role != "user":
+                        raise APIError(400, f"{where}: images are only accepted in user messages",
+                                       param=where, code="invalid_value")
+                    p = _validated(ImagePart, part, where)
+                    images.append((f"{where}.image_url", p.image_url if isinstance(p.image_url, str)
+                                   else p.image_url.url))
+                else:
+                    raise APIError(400, f"{where}: unsupported content part type {kind!r}; "
+                                   "allowed: 'text', 'image_url'", param=f"{where}.type",
+                                   code="unsupported_content_type")
+        if msg.role == "user":
+            last_user_text = " ".join(t.strip() for t in texts if t.strip())
+    if last_user_text is None:
+        raise APIError(400, "messages: needs a user message", param="messages", code="invalid_value")
+    if not last_user_text:
+        raise APIError(400, "the last user message has no text (the question about the image)",
+                       param="messages", code="invalid_value")
+    if len(last_user_text) > limits.max_prompt_chars:
+        raise APIError(400, f"the question is {len(last_user_text)} characters; at most "
+                       f"{limits.max_prompt_chars} allowed", param="messages", code="invalid_value")
+    if not images:
+        raise APIError(400, "no image: add a user content part {\"type\": \"image_url\", \"image_url\": "
+                       "{\"url\": \"data:image/png;base64,...\"}}", param="messages", code="missing_image")
+    if len(images) > limits.max_images:
+        raise APIError(400, f"{len(images)} images; at most {limits.max_images} per request "
+                       "(the model answers about one image)", param=images[-1][0], code="too_many_images")
+    where, url = images[0]
+    return last_user_text, decode_image_url(url, where, limits), where
+
+
+def _validated(model: type[BaseModel], part: dict, where: str):
+    try:
+        return model.model_validate(part)
+    except ValidationError as err:
+        e = err.errors()[0]
+        param = ".".join([where, *(str(p) for p in e["loc"])])
+        raise APIError(400, f"{param}: {e['msg']}", param=param, code="invalid_value") from None
+
+
+_DATA_URI = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,",
+                       re.IGNORECASE)
+
+
+def decode_image_url(url: str, where: str, limits: LimitsConfig) -> bytes:
+    """A `data:image/...;base64,` URI -> image bytes, checked to be a readable image that is
+    not too large. Only the header is parsed here; the VisionStage decodes the pixels."""
+    if re.match(r"^(https?|ftp|file)://", url, re.IGNORECASE):
+        raise APIError(400, f"{where}: only data URIs (data:image/png;base64,...) are accepted; "
+                       "this server does not fetch URLs", param=where, code="unsupported_image_url")
+    m = _DATA_URI.match(url)
+    if not m:
+        raise APIError(400, f"{where}: not a data URI; expected data:image/png;base64,...",
+                       param=where, code="invalid_image_url")
+    if m.group("mime") and not m.group("mime").lower().startswith("image/"):
+        raise APIError(400, f"{where}: media type {m.group('mime')!r} is not an image",
+                       param=where, code="invalid_image")
+    if not m.group("b64"):
+        raise APIError(400, f"{where}: the data URI must be base64-encoded (;base64,)",
+                       param=where, code="invalid_image_url")
+    payload = url[m.end():]
+    # base64 grows 4/3: refuse before decoding what cannot fit.
+    if len(payload) * 3 // 4 > limits.max_image_bytes + 3:
+        raise APIError(413, f"{where}: image is about {len(payload) * 3 // 4} bytes; at most "
+                       f"{limits.max_image_bytes} allowed", param=where, code="image_too_large")
+    try:
+        data = base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise APIError(400, f"{where}: the data URI's payload is not valid base64 ({err})",
+                       param=where, code="invalid_base64") from None
+    if not data:
+        raise APIError(400, f"{where}: the image is empty", param=where, code="invalid_image")
+    if len(data) > limits.max_image_bytes:
+        raise APIError(413, f"{where}: image is {len(data)} bytes; at most {limits.max_image_bytes} allowed",
+                       param=where, code="image_too_large")
+    check_image_header(data, where, limits)
+    return data
+
+
+def check_image_header(data: bytes, where: str, limits: LimitsConfig) -> None:
+    """Pillow reads only the header here (format and size): cheap, and it stops a
+    decompression bomb before any replica spends memory on it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height, fmt = img.width, img.height, img.format
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise APIError(400, f"{where}: not a decodable image ({len(data)} bytes): {err}",
+                       param=where, code="invalid_image") from None
+    if width * height > limits.max_image_pixels:
+        raise APIError(413, f"{where}: {fmt} image is {width}x{height} = {width * height} pixels; at most "
+                       f"{limits.max_image_pixels} allowed", param=where, code="image_too_large")
+
+
+# ------------------------------------------------------------------ response shapes
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def chat_completion(cid: str, model: str, content: str, finish_reason: str,
+                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {
+        "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                     "logprobs": None, "finish_reason": finish_reason}],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                  "total_tokens": prompt_tokens + completion_tokens},
+    }
+
+
+def chat_chunk(cid: str, model: str, created: int, delta: dict[str, Any],
+               finish_reason: str | None = None) -> dict[str, Any]:
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event: `data: {json}` and a blank line."""
+    text = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {text}\n\n".encode()
+
+
+def models_list(model: str, created: int) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                        "owned_by": "raybench"}]}
