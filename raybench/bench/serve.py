@@ -298,7 +298,7 @@ def _start_ray(port: int, throughput_optimized: bool) -> None:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Serve process at start
     else:
         os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
 

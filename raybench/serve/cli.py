@@ -87,7 +87,8 @@ def serve_until_interrupted(cfg) -> int:
     from raybench.serve.app import build_application
 
     address = os.environ.get("RAY_ADDRESS")
-    ray.init(address=address or None, log_to_driver=False)  # RAY_ADDRESS: an existing cluster
+    # "local" without RAY_ADDRESS: never silently join a cluster a `ray start` left running.
+    ray.init(address=address or "local", log_to_driver=False)
     started_local = not address
     try:
         _check_capacity(cfg)

@@ -131,7 +131,7 @@ def server(model_dir, registry, tmp_path_factory):
     os.environ["RAYBENCH_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model_cache"))  # inherited by replicas
     tracking_uri, _ = registry
     port = free_port()
-    ray.init(num_cpus=2, log_to_driver=False)  # the dashboard serves the state API (list_actors)
+    ray.init(address="local", num_cpus=2, log_to_driver=False)  # the dashboard serves the state API (list_actors)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         stage = {"num_cpus": 0.2, "max_batch_size": 16, "max_ongoing_requests": 64}
