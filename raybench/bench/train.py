@@ -1,0 +1,161 @@
+"""`raybench bench train`: Ray Train 2-worker FSDP2 vs plain `torchrun` with the same code,
+and model FLOPs utilisation against a `torch.matmul` peak measured in the same run.
+
+- torchrun: `raybench.bench.train_torchrun` (same model build, FSDP2 wrapping, preprocessing
+  and `train_step`; data preprocessed in memory), timed after a warm-up.
+- Ray Train: `raybench train` on the same config; throughput is the workers' own
+  `samples_per_s` per eval window (evals and checkpoints excluded), median of the windows
+  after the first (which holds warm-up).
+- MFU: FLOPs of one fwd+bwd step (torch FlopCounterMode, the unsharded model in-process) x
+  steps/s, over the fp32 matmul peak of this machine (2048^2, all threads, median).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 7) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        a @ b
+        samples.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    return statistics.median(samples)
+
+
+def step_gflops(cfg) -> float:
+    """FLOPs of one optimizer step's forward + backward at the global batch size."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from raybench.data.loader import read_split
+    from raybench.data.processor import VQAProcessor
+    from raybench.data.tokenizer import load_tokenizer
+    from raybench.data.prepare import tokenizer_dir
+    from raybench.model.vlm import HybridVLM
+
+    tok = load_tokenizer(tokenizer_dir(cfg))
+    proc = VQAProcessor(tok, cfg.model.num_image_tokens, cfg.model.vision.image_size)
+    rows = read_split(cfg.data_path, "train", columns=["image", "question", "answer"]).slice(
+        0, cfg.train.batch_size).to_pydict()
+    batch = proc.collate(rows)
+    torch.manual_seed(0)
+    model = HybridVLM.for_tokenizer(cfg.model, tok)
+    with FlopCounterMode(display=False) as counter:
+        out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+        out.loss.backward()
+    return counter.get_total_flops() / 1e9
+
+
+def _config(out: Path, size: str, quick: bool) -> dict:
+    return {
+        "name": "bench-train", "run_dir": str(out / "bench-train-run"),
+        "model": {"preset": "hybrid", "size": "tiny" if quick else size},
+        "data": {"num_train": 1024 if quick else 4096, "num_val": 64},
+        "train": {"steps": 30 if quick else 90, "batch_size": 32 if quick else 64,
+                  "eval_every": 10 if quick else 30, "eval_samples": 64, "log_every": 10,
+                  "num_workers": 2, "warmup_steps": 5},
+    }
+
+
+def run_train_bench(out: Path, size: str, quick: bool) -> dict:
+    import shutil
+
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from raybench.config import load_config
+    from raybench.data.prepare import ensure_data, ensure_tokenizer
+    from raybench.track import tracking_uri
+    from raybench.train.trainer import fit
+
+    out.mkdir(parents=True, exist_ok=True)
+    raw = _config(out, size, quick)
+    shutil.rmtree(raw["run_dir"], ignore_errors=True)
+    cfg_path = out / "bench-train.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    ensure_data(cfg)
+    ensure_tokenizer(cfg)
+
+    peak = matmul_peak_gflops()
+    flops = step_gflops(cfg)
+
+    tr_json = out / "torchrun.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what Ray gives a worker with <= 1 CPU
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--master-port", "29517", "-m", "raybench.bench.train_torchrun", "--config", str(cfg_path),
+                    "--warmup", "5", "--steps", str(cfg.train.steps - 10), "--out", str(tr_json)],
+                   check=True, env=env)
+    torchrun = json.loads(tr_json.read_text())
+
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    try:
+        result = fit(cfg)
+    finally:
+        ray.shutdown()
+    if result.error:
+        raise result.error
+    client = MlflowClient(tracking_uri(cfg.run_path))
+    run_id = (cfg.run_path / "mlflow_run_id").read_text().strip()
+    windows = [m.value for m in sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)]
+    ray_sps = statistics.median(windows[1:] or windows)
+
+    def mfu(samples_per_s: float) -> float:
+        return flops * samples_per_s / cfg.train.batch_size / peak
+
+    return {
+        "bench": "train", "quick": quick, "config": raw, "matmul_peak_gflops": peak,
+        "step_gflops": flops, "torchrun": torchrun, "ray_windows_samples_per_s": windows,
+        "ray_samples_per_s": ray_sps, "torchrun_samples_per_s": torchrun["samples_per_s"],
+        "ray_over_torchrun": ray_sps / torchrun["samples_per_s"],
+        "mfu_ray": mfu(ray_sps), "mfu_torchrun": mfu(torchrun["samples_per_s"]),
+    }
+
+
+def markdown_row(r: dict) -> str:
+    m = r["config"]["model"]
+    return (f"| train ({m['preset']} {m['size']}, 2 workers FSDP2, batch {r['config']['train']['batch_size']}) | "
+            f"Ray Train {r['ray_samples_per_s']:.0f} samples/s vs torchrun {r['torchrun_samples_per_s']:.0f} = "
+            f"**{r['ray_over_torchrun']:.2f}x** (goal >= 0.95) | MFU {r['mfu_ray']:.1%} (torchrun "
+            f"{r['mfu_torchrun']:.1%}) of a {r['matmul_peak_gflops']:.0f} GFLOP/s fp32 matmul peak |")
+
+
+def main(args) -> int:
+    from raybench.bench.fusion import _machine
+
+    out = Path(args.out)
+    result = run_train_bench(out, args.size, args.quick)
+    result["machine"] = _machine()
+    (out / "train.json").write_text(json.dumps(result, indent=2))
+    _plot(result, out / "train.png")
+    row = markdown_row(result)
+    with (out / "results.md").open("a") as f:
+        f.write(row + "\n")
+    print(row)
+    return 0
+
+
+def _plot(r: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(["torchrun", "Ray Train"], [r["torchrun_samples_per_s"], r["ray_samples_per_s"]])
+    ax.set_ylabel("samples/s (2 FSDP2 workers)")
+    ax.set_title(f"Ray/torchrun = {r['ray_over_torchrun']:.2f}x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
