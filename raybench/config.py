@@ -245,17 +245,23 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), parsed
 
 
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+def set_path(raw: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
+    """A copy of `raw` with raw[path[0]]...[path[-1]] = value; the dicts on the path are
+    copied, so the input is never mutated."""
     raw = dict(raw)
-    for item in overrides:
-        path, value = parse_override(item)
-        node = raw
-        for part in path[:-1]:
-            child = node.get(part)
-            node[part] = child = dict(child) if isinstance(child, dict) else {}
-            node = child
-        node[path[-1]] = value
+    node = raw
+    for part in path[:-1]:
+        child = node.get(part)
+        node[part] = child = dict(child) if isinstance(child, dict) else {}
+        node = child
+    node[path[-1]] = value
     return raw
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        raw = set_path(raw, *parse_override(item))
+    return dict(raw)
 
 
 def expand_model(raw_model: dict[str, Any] | None) -> dict[str, Any]:

@@ -159,6 +159,17 @@ def _machine() -> dict:
             "threads": torch.get_num_threads()}
 
 
+def write_result(out: Path, name: str, result: dict, row: str, plot) -> None:
+    """The outputs every benchmark writes: <name>.json (with machine info), <name>.png via
+    `plot(result, path)`, and one Markdown row appended to results.md (also printed)."""
+    result["machine"] = _machine()
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{name}.png")
+    with (out / "results.md").open("a") as f:
+        f.write(row + "\n")
+    print(row)
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 

@@ -76,17 +76,11 @@ def markdown_row(r: dict) -> str:
 
 
 def main(args) -> int:
+    from raybench.bench.fusion import write_result
+
     out = Path(args.out)
     result = run_sweep_bench(out, args.quick)
-    from raybench.bench.fusion import _machine
-
-    result["machine"] = _machine()
-    (out / "sweep.json").write_text(json.dumps(result, indent=2))
-    _plot(result, out / "sweep.png")
-    row = markdown_row(result)
-    with (out / "results.md").open("a") as f:
-        f.write(row + "\n")
-    print(row)
+    write_result(out, "sweep", result, markdown_row(result), _plot)
     return 0
 
 

@@ -133,17 +133,11 @@ def markdown_row(r: dict) -> str:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import _machine
+    from raybench.bench.fusion import write_result
 
     out = Path(args.out)
     result = run_train_bench(out, args.size, args.quick)
-    result["machine"] = _machine()
-    (out / "train.json").write_text(json.dumps(result, indent=2))
-    _plot(result, out / "train.png")
-    row = markdown_row(result)
-    with (out / "results.md").open("a") as f:
-        f.write(row + "\n")
-    print(row)
+    write_result(out, "train", result, markdown_row(result), _plot)
     return 0
 
 

@@ -13,11 +13,11 @@ fails here, in a second, with the field, the value and what is allowed.
 
 from __future__ import annotations
 
-import copy
 import math
 from typing import Any
 
 from raybench.config import ConfigError, Dimension, RunConfig, dump_config, flatten, validate_config
+from raybench.config import set_path as set_config_path
 
 SWEEPABLE = ("model.", "train.")
 NOT_SWEEPABLE = {"model.size", "train.num_workers", "train.storage_path", "train.steps", "train.eval_every",
@@ -40,16 +40,8 @@ def canonical(path: str) -> str:
 
 
 def set_path(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A deep copy of `raw` with `a.b.c = value`."""
-    out = copy.deepcopy(raw)
-    node = out
-    parts = path.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        node[part] = child = dict(child) if isinstance(child, dict) else {}
-        node = child
-    node[parts[-1]] = value
-    return out
+    """A copy of `raw` with the dotted field `a.b.c = value`."""
+    return set_config_path(raw, path.split("."), value)
 
 
 def trial_raw(raw: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:

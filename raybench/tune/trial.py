@@ -22,7 +22,7 @@ def trial_name(sweep_name: str, trial_id: str) -> str:
 
 
 def trial_config(ctx: dict[str, Any], params: dict[str, Any], trial_id: str):
-    raw = trial_raw(ctx["raw"], params)
+    raw = dict(trial_raw(ctx["raw"], params))  # a copy: the pops below must not touch ctx
     raw.pop("sweep", None)  # a trial is a plain training run
     raw["name"] = trial_name(ctx["name"], trial_id)
     raw["run_dir"] = str(Path(ctx["run_dir"]) / "trials" / trial_id)
