@@ -91,8 +91,9 @@ def _cmd_ask(args) -> int:
     return 0
 
 
-# Each benchmark is a module `raybench.bench.<name>` with `main(args) -> int`.
-BENCHMARKS = ("fusion", "train", "sweep", "serve", "compile")
+# Each benchmark is a module `raybench.bench.<name>` with `main(args) -> int`; `report`
+# renders BENCHMARKS.md from their JSON files and `all` runs every benchmark, then `report`.
+BENCHMARKS = ("fusion", "train", "sweep", "serve", "compile", "seeds")
 
 
 def _cmd_bench(args) -> int:
@@ -110,6 +111,12 @@ def _cmd_bench(args) -> int:
                 raise ConfigError(f"bench {name!r} is not in this build yet") from None
             continue
         rc = module.main(args) or rc
+    if args.which == "all":
+        from raybench.bench.report import write_report
+
+        # strict: results this run just wrote must keep the schema, or the page is not written
+        copy_to = Path("BENCHMARKS.md") if args.write_benchmarks_md else None
+        rc = write_report(Path(args.out), copy_to, strict=True) or rc
     return rc
 
 
@@ -145,11 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=_cmd_ask)
 
     p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
-    p.add_argument("which", choices=["fusion", "train", "sweep", "serve", "compile", "all"])
+    p.add_argument("which", choices=[*BENCHMARKS, "report", "all"],
+                   help="report: render DIR/BENCHMARKS.md from the JSON files already in --out")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--size", default="small", choices=["tiny", "small"])
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="fewer repeats, tiny inputs (a minute or two)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="seeds: training steps per preset (default: jobs/configs/default.yaml's, 600)")
+    p.add_argument("--write-benchmarks-md", action="store_true",
+                   help="all / report: also copy the rendered page over ./BENCHMARKS.md")
     p.set_defaults(fn=_cmd_bench)
 
     # Commands that live with their subsystem register themselves.

@@ -145,7 +145,7 @@ class DataConfig(_Strict):
     qtypes: list[str] | None = None  # None: every synthetic question type
     image_size: int | None = Field(None, ge=8)  # None: model.vision.image_size
     tokenizer_vocab_size: int = Field(512, ge=300)
-    max_length: int = Field(96, ge=8)  # text + image tokens per sample, padded to this in Ray Data
+    max_length: int = Field(96, ge=8)  # text tokens per row (+1 <image> placeholder), padded to this in Ray Data
 
 
 class TrainConfig(_Strict):
@@ -191,7 +191,10 @@ class ASHAConfig(_Strict):
 
 
 class SweepConfig(_Strict):
-    num_samples: int = Field(8, ge=1)
+    # optuna: TPE samples `num_samples` trials; grid: every combination of the (choice / int)
+    # dimensions once - the exhaustive baseline a search is measured against.
+    search: Literal["optuna", "grid"] = "optuna"
+    num_samples: int = Field(8, ge=1)  # optuna only
     max_concurrent_trials: int = Field(1, ge=1)  # 1 on a 2-core machine (ray#54305)
     objective: Literal["accuracy", "pareto"] = "accuracy"
     # pareto: accuracy (max) x inference cost (min): FLOPs or measured prefill latency per sample

@@ -58,10 +58,12 @@ def run_sweep_bench(out: Path, quick: bool) -> dict:
         trials.append({"trial_id": last["trial_id"], "startup_s": startup, "total_s": total,
                        "training_s": total - startup, "accuracy": last.get("accuracy")})
     training = sum(t["training_s"] for t in trials)
+    startup = [t["startup_s"] for t in trials]
     result = {
         "bench": "sweep", "quick": quick, "config": cfg, "trials": trials,
-        "startup_s": {"median": statistics.median(t["startup_s"] for t in trials),
-                      "min": min(t["startup_s"] for t in trials), "max": max(t["startup_s"] for t in trials)},
+        "command": "raybench bench sweep" + (" --quick" if quick else ""),
+        "startup_s": {"median": statistics.median(startup), "min": min(startup), "max": max(startup),
+                      "samples": startup},
         "sweep_wall_s": wall, "sum_training_s": training,
         "wall_over_training": wall / training if training else float("nan"),
     }
@@ -73,6 +75,37 @@ def markdown_row(r: dict) -> str:
     return (f"| sweep ({len(r['trials'])} trials, tiny) | per-trial start-up {s['median']:.1f} s "
             f"(min {s['min']:.1f}, max {s['max']:.1f}) | wall {r['sweep_wall_s']:.0f} s vs "
             f"{r['sum_training_s']:.0f} s of training = {r['wall_over_training']:.2f}x |")
+
+
+STARTUP_GOAL_S = 5.0
+
+
+def markdown_section(r: dict) -> str:
+    from raybench.bench.report import claim, heading
+
+    c, s = r["config"], r["startup_s"]
+    t = c["train"]
+    lines = [heading(r, f"{len(r['trials'])} trials, {c['model']['preset']} `{c['model']['size']}`, "
+                     f"{t['steps']} steps, {c['sweep']['scheduler'].upper()}"), "",
+             "| trial | start-up (launch → first step) | training + evals + checkpoints | accuracy |",
+             "|---|---|---|---|"]
+    for tr in r["trials"]:
+        acc = tr.get("accuracy")
+        lines.append(f"| {tr['trial_id']} | {tr['startup_s']:.1f} s | {tr['training_s']:.1f} s | "
+                     f"{acc:.3f} |" if acc is not None else
+                     f"| {tr['trial_id']} | {tr['startup_s']:.1f} s | {tr['training_s']:.1f} s | |")
+    lines += ["",
+              f"Sweep wall time {r['sweep_wall_s']:.0f} s vs {r['sum_training_s']:.0f} s of training in its "
+              f"trials: **{r['wall_over_training']:.1f}x**. Per-trial start-up median {s['median']:.1f} s "
+              f"(min {s['min']:.1f}, max {s['max']:.1f}) against the goal of <= {STARTUP_GOAL_S:.0f} s: "
+              f"{claim(s['median'] <= STARTUP_GOAL_S)}.", "",
+              "Start-up is everything before a trial's first step: the Train controller, the worker group "
+              "and gloo process group, Ray Data reading, decoding and materialising the Parquet and splitting "
+              "it per worker, then the model build and FSDP wrapping. The levers: preprocess and materialise "
+              "the dataset once in the sweep driver and hand the refs to every trial; keep the worker group "
+              "warm between trials; and search with ASHA, which stops weak trials after their first eval. "
+              "(ASHA's \"within 1 point of an exhaustive grid at <= 1/3 of its compute\" is not measured here.)"]
+    return "\n".join(lines) + "\n"
 
 
 def main(args) -> int:

@@ -110,14 +110,17 @@ def run_train_bench(out: Path, size: str, quick: bool) -> dict:
     client = MlflowClient(tracking_uri(cfg.run_path))
     run_id = (cfg.run_path / "mlflow_run_id").read_text().strip()
     windows = [m.value for m in sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)]
-    ray_sps = statistics.median(windows[1:] or windows)
+    ray_sps = statistics.median(windows[1:] or windows)  # the first window holds warm-up
 
     def mfu(samples_per_s: float) -> float:
         return flops * samples_per_s / cfg.train.batch_size / peak
 
+    kept = windows[1:] or windows
     return {
         "bench": "train", "quick": quick, "config": raw, "matmul_peak_gflops": peak,
+        "command": "raybench bench train " + ("--quick" if quick else f"--size {size}"),  # --quick: tiny
         "step_gflops": flops, "torchrun": torchrun, "ray_windows_samples_per_s": windows,
+        "ray_samples_per_s_stats": {"median": ray_sps, "min": min(kept), "max": max(kept), "samples": windows},
         "ray_samples_per_s": ray_sps, "torchrun_samples_per_s": torchrun["samples_per_s"],
         "ray_over_torchrun": ray_sps / torchrun["samples_per_s"],
         "mfu_ray": mfu(ray_sps), "mfu_torchrun": mfu(torchrun["samples_per_s"]),
@@ -130,6 +133,34 @@ def markdown_row(r: dict) -> str:
             f"Ray Train {r['ray_samples_per_s']:.0f} samples/s vs torchrun {r['torchrun_samples_per_s']:.0f} = "
             f"**{r['ray_over_torchrun']:.2f}x** (goal >= 0.95) | MFU {r['mfu_ray']:.1%} (torchrun "
             f"{r['mfu_torchrun']:.1%}) of a {r['matmul_peak_gflops']:.0f} GFLOP/s fp32 matmul peak |")
+
+
+def markdown_section(r: dict) -> str:
+    from raybench.bench.report import claim, heading
+
+    m, t = r["config"]["model"], r["config"]["train"]
+    tr = r.get("torchrun", {})
+    goal = 0.95
+    return "\n".join([
+        heading(r, f"{m['preset']} `{m['size']}`, {t['num_workers']} FSDP2 workers on gloo, "
+                f"global batch {t['batch_size']}, {t['steps']} steps"), "",
+        "| | samples/s | MFU |", "|---|---|---|",
+        f"| plain `torchrun`, same model/FSDP2/`train_step`, batches prebuilt in memory "
+        f"({tr.get('steps', '?')} steps after warm-up) | {r['torchrun_samples_per_s']:.0f} | {r['mfu_torchrun']:.1%} |",
+        f"| Ray Train `TorchTrainer` (Ray Data input, median of eval windows after the first) | "
+        f"{r['ray_samples_per_s']:.0f} | {r['mfu_ray']:.1%} |",
+        f"| **Ray / torchrun** | **{r['ray_over_torchrun']:.2f}x** (goal >= {goal}: "
+        f"{claim(r['ray_over_torchrun'] >= goal)}) | |", "",
+        f"MFU = FLOPs of one fwd+bwd step (FlopCounterMode, {r['step_gflops']:.1f} GFLOP at batch "
+        f"{t['batch_size']}) x steps/s over a fp32 2048² `torch.matmul` peak of "
+        f"{r['matmul_peak_gflops']:.0f} GFLOP/s measured in the same run (DESIGN.md quotes ~120; it varies "
+        "run to run on a shared machine). Ray windows: "
+        + ", ".join(f"{w:.0f}" for w in r["ray_windows_samples_per_s"]) + " samples/s.", "",
+        "What differs between the two: the baseline steps through batches prebuilt in memory; the Ray "
+        "workers pull each batch from Ray Data (`iter_torch_batches`, local shuffle, collate) and rank 0 "
+        "logs to MLflow every `log_every` steps. A gap is input-side first: prefetching batches "
+        "(`prefetch_batches`) and a larger shuffle buffer are the levers to try.",
+    ]) + "\n"
 
 
 def main(args) -> int:

@@ -46,11 +46,11 @@ def main() -> None:
     table = read_split(cfg.data_path, "train", columns=COLUMNS)
     rows = table.take(list(range(rank, table.num_rows, world))).to_pydict()
     data = preprocess({k: np.array(v, dtype=object) for k, v in rows.items()}, str(tok_dir),
-                      cfg.model.num_image_tokens, cfg.model.vision.image_size, cfg.data.max_length)
+                      cfg.model.vision.image_size, cfg.data.max_length)
     collate = CollateNumpy()
     n = len(data["qtype"]) // per_worker
     batches = [to_model_batch(collate({k: v[i * per_worker:(i + 1) * per_worker] for k, v in data.items()}),
-                              torch.device("cpu")) for i in range(n)]
+                              torch.device("cpu"), cfg.model.num_image_tokens) for i in range(n)]
 
     model = build_sharded_model(cfg, load_tokenizer(tok_dir), world, torch.device("cpu"))
     optimizer, scheduler = build_optimizer(model, t), None

@@ -4,7 +4,9 @@
     -> split equally across workers -> iter_torch_batches on each worker
 
 Decoded images stay uint8 in the object store (4x smaller than float); workers normalise
-per batch. The split is deterministic (ordered, materialised, `split(equal=True)`) so a
+per batch. Rows hold a single `<image>` placeholder that workers expand to the model's
+`num_image_tokens`, so the materialised data does not depend on the model: a sweep builds
+it once and every trial (VET indicators, Q-Former queries, ...) trains on the same blocks. The split is deterministic (ordered, materialised, `split(equal=True)`) so a
 resumed run sees the same rows in the same order and can skip to the exact batch.
 """
 
@@ -32,10 +34,11 @@ def _processor(tokenizer_dir: str, num_image_tokens: int, image_size: int) -> VQ
     return VQAProcessor(load_tokenizer(tokenizer_dir), num_image_tokens, image_size)
 
 
-def preprocess(batch: dict[str, np.ndarray], tokenizer_dir: str, num_image_tokens: int, image_size: int,
+def preprocess(batch: dict[str, np.ndarray], tokenizer_dir: str, image_size: int,
                max_length: int) -> dict[str, np.ndarray]:
-    """PNG bytes + text -> uint8 pixels and fixed-width, right-padded token arrays."""
-    proc = _processor(tokenizer_dir, num_image_tokens, image_size)
+    """PNG bytes + text -> uint8 pixels and fixed-width, right-padded token arrays with one
+    `<image>` placeholder (see `expand_image_tokens`)."""
+    proc = _processor(tokenizer_dir, 1, image_size)
     enc = proc.encode_train(list(batch["question"]), list(batch["answer"]))
     width = enc["input_ids"].shape[1]
     if width > max_length:
@@ -50,7 +53,7 @@ def preprocess(batch: dict[str, np.ndarray], tokenizer_dir: str, num_image_token
     }
 
 
-def build_dataset(path: Path, split: str, tokenizer_dir: Path, num_image_tokens: int, image_size: int,
+def build_dataset(path: Path, split: str, tokenizer_dir: Path, image_size: int,
                   max_length: int, limit: int | None = None) -> ray.data.Dataset:
     ds = ray.data.read_parquet(str(path), columns=COLUMNS + ["split"], shuffle=None)
     # A predicate expression: Ray pushes it down into the Parquet scan.
@@ -58,8 +61,7 @@ def build_dataset(path: Path, split: str, tokenizer_dir: Path, num_image_tokens:
     if limit is not None:
         ds = ds.limit(limit)
     ds = ds.map_batches(preprocess, batch_format="numpy", batch_size=256, fn_kwargs=dict(
-        tokenizer_dir=str(tokenizer_dir), num_image_tokens=num_image_tokens, image_size=image_size,
-        max_length=max_length))
+        tokenizer_dir=str(tokenizer_dir), image_size=image_size, max_length=max_length))
     ds.context.execution_options.preserve_order = True  # deterministic order -> exact resume
     return ds.materialize()
 
@@ -84,13 +86,27 @@ class CollateNumpy(NumpyBatchCollateFn):
                 for k, v in batch.items()}
 
 
-def to_model_batch(batch: dict, device: torch.device) -> dict:
-    """uint8 pixels -> SigLIP-normalised floats; trim padding columns no row uses."""
+def expand_image_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                        num_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`<s> <image> text` -> `<s> <image> x num_image_tokens text` (the processor's layout:
+    the placeholder is always column 1, so this is two concatenations, no per-row work)."""
+    b, n = input_ids.shape[0], num_image_tokens
+    image_ids = input_ids[:, 1:2].expand(b, n)
+    return (torch.cat([input_ids[:, :1], image_ids, input_ids[:, 2:]], 1),
+            torch.cat([attention_mask[:, :1], attention_mask[:, 1:2].expand(b, n), attention_mask[:, 2:]], 1),
+            torch.cat([labels[:, :1], labels[:, 1:2].expand(b, n), labels[:, 2:]], 1))
+
+
+def to_model_batch(batch: dict, device: torch.device, num_image_tokens: int) -> dict:
+    """uint8 pixels -> SigLIP-normalised floats; trim padding columns no row uses; expand the
+    `<image>` placeholder to the model's image tokens."""
     width = int(batch["attention_mask"].sum(1).max())
+    ids, mask, labels = expand_image_tokens(batch["input_ids"][:, :width], batch["attention_mask"][:, :width],
+                                            batch["labels"][:, :width], num_image_tokens)
     return {
         "pixel_values": normalize_pixels(batch["pixels"]).to(device),
-        "input_ids": batch["input_ids"][:, :width].to(device),
-        "attention_mask": batch["attention_mask"][:, :width].to(device),
-        "labels": batch["labels"][:, :width].to(device),
+        "input_ids": ids.to(device),
+        "attention_mask": mask.to(device),
+        "labels": labels.to(device),
         "qtype": list(batch["qtype"]),
     }

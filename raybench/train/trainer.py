@@ -24,10 +24,6 @@ def check_distributed(cfg: RunConfig) -> None:
     if t.batch_size % t.num_workers:
         raise ConfigError(f"train.batch_size = {t.batch_size}: must be a multiple of train.num_workers = "
                           f"{t.num_workers} (each worker takes batch_size / num_workers)")
-    need = cfg.model.num_image_tokens + 8
-    if cfg.data.max_length < need:
-        raise ConfigError(f"data.max_length = {cfg.data.max_length}: must leave room for "
-                          f"{cfg.model.num_image_tokens} image tokens and the text (at least {need})")
 
 
 def init_ray() -> None:
@@ -79,32 +75,49 @@ def storage_path(cfg: RunConfig) -> str:
     return cfg.train.storage_path or str((cfg.run_path / "ray").resolve())
 
 
+def dataset_key(cfg: RunConfig, tokenizer: Path | None = None) -> tuple:
+    """What the materialised train/val data depend on (not the model: see train/data.py)."""
+    tok_dir = Path(tokenizer or tokenizer_dir(cfg)).resolve()
+    return (str(cfg.data_path.resolve()), str(tok_dir), cfg.model.vision.image_size, cfg.data.max_length,
+            cfg.train.eval_samples)
+
+
+def build_datasets(cfg: RunConfig, tokenizer: Path | None = None) -> dict:
+    """Materialised train/val Ray Datasets, keyed by `dataset_key` (a sweep shares them)."""
+    import ray.data
+
+    from raybench.train.data import build_dataset
+
+    # Ray Data's per-dataset progress bars drown Tune's table and the per-eval lines.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    path, tok_dir, image_size, max_length, eval_samples = dataset_key(cfg, tokenizer)
+    common = dict(tokenizer_dir=Path(tok_dir), image_size=image_size, max_length=max_length)
+    return {"key": dataset_key(cfg, tokenizer),
+            "train": build_dataset(Path(path), "train", **common),
+            "val": build_dataset(Path(path), "val", limit=eval_samples, **common)}
+
+
 def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri: str | None = None,
                   parent_run_id: str | None = None, tags: dict | None = None,
                   extra_metrics: dict | None = None, tokenizer: Path | None = None,
-                  launched_at: float | None = None):
+                  launched_at: float | None = None, datasets: dict | None = None):
     """A `TorchTrainer` for `cfg`. A sweep trial passes its Tune callback, the sweep's MLflow
-    store and parent run, and metrics to add to every report (e.g. its inference cost)."""
+    store and parent run, metrics to add to every report (e.g. its inference cost), and the
+    sweep's already materialised `datasets` (used when their `key` matches this config)."""
     import ray
-    import ray.data
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from raybench.track import tracking_uri as default_tracking_uri
-    from raybench.train.data import DeterministicSplit, build_dataset
+    from raybench.train.data import DeterministicSplit
     from raybench.train.worker import train_loop_per_worker
 
-    t, m = cfg.train, cfg.model
-    # Ray Data's per-dataset progress bars drown Tune's table and the per-eval lines.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    t = cfg.train
+    launched_at = launched_at or time.time()
     use_gpu = ray.cluster_resources().get("GPU", 0) >= t.num_workers
     tok_dir = Path(tokenizer or tokenizer_dir(cfg)).resolve()
-    common = dict(tokenizer_dir=tok_dir, num_image_tokens=m.num_image_tokens,
-                  image_size=m.vision.image_size, max_length=cfg.data.max_length)
-    datasets = {
-        "train": build_dataset(cfg.data_path.resolve(), "train", **common),
-        "val": build_dataset(cfg.data_path.resolve(), "val", limit=t.eval_samples, **common),
-    }
+    if datasets is None or datasets["key"] != dataset_key(cfg, tok_dir):
+        datasets = build_datasets(cfg, tok_dir)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": dump_config(cfg), "tokenizer_dir": str(tok_dir), "use_gpu": use_gpu,
@@ -114,7 +127,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
                            "extra_metrics": extra_metrics or {},
                            # wall clock when this run (or sweep trial) was launched: the worker
                            # reports `startup_s`, the fixed cost before the first step
-                           "launched_at": launched_at or time.time()},
+                           "launched_at": launched_at, "driver_ready_at": time.time()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
                                      placement_strategy=t.placement_strategy),
@@ -125,7 +138,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
                                                checkpoint_score_attribute="accuracy",
                                                checkpoint_score_order="max"),
         ),
-        datasets=datasets,
+        datasets={"train": datasets["train"], "val": datasets["val"]},
         dataset_config=DeterministicSplit(),
     )
 

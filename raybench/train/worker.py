@@ -34,7 +34,7 @@ def build_sharded_model(cfg: RunConfig, tokenizer, world_size: int, device: torc
                        compile=cfg.train.compile)
 
 
-def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, device):
+def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, device, num_image_tokens: int):
     # Deterministic: an ordered shard and a seeded local shuffle, so `skip` lands on the
     # exact batch a resumed run stopped before.
     batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
@@ -42,11 +42,11 @@ def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, dev
                                        local_shuffle_seed=seed * 1000 + epoch, collate_fn=CollateNumpy())
     for i, batch in enumerate(batches):
         if i >= skip:
-            yield to_model_batch(batch, device)
+            yield to_model_batch(batch, device, num_image_tokens)
 
 
 def _evaluate(model, val_shard, per_worker: int, suppressed: list[int], device) -> dict[str, float]:
-    batches = (to_model_batch(b, device)
+    batches = (to_model_batch(b, device, model.config.num_image_tokens)
                for b in val_shard.iter_torch_batches(batch_size=per_worker, collate_fn=CollateNumpy()))
     counts = evaluate_counts(model, batches, suppressed)
     parts = [None] * dist.get_world_size()
@@ -65,6 +65,7 @@ def _open_tracker(cfg: RunConfig, rank: int, config: dict):
 
 
 def train_loop_per_worker(config: dict) -> None:
+    entered = time.time()
     cfg = RunConfig.model_validate(config["cfg"])
     t = cfg.train
     # One progress bar per epoch per worker drowns the per-eval lines; Ray's own reporting stays.
@@ -85,6 +86,12 @@ def train_loop_per_worker(config: dict) -> None:
     nodes = [None] * world  # where the workers landed (placement_strategy), for the record
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     extra = dict(config.get("extra_metrics") or {})
+    launched_at = config.get("launched_at", entered)
+    # Where the fixed cost goes (seconds since launch): the driver's own preparation (a
+    # trial's inference cost, data), the Train controller + worker group + process group,
+    # then model build/shard/resume/MLflow, then the first batch.
+    startup = {"startup_driver_s": config.get("driver_ready_at", launched_at) - launched_at,
+               "startup_workers_s": entered - launched_at, "startup_model_s": time.time() - launched_at}
     if rank == 0:
         print(f"[raybench] {'resuming at step ' + str(state.step) if resumed else 'starting'}: "
               f"{world} workers on {device.type} across {len(set(nodes))} node(s), pid {os.getpid()}", flush=True)
@@ -101,11 +108,13 @@ def train_loop_per_worker(config: dict) -> None:
     every = t.checkpoint_every or t.eval_every
     window = _Window()
     while state.step < t.steps:
-        for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device):
+        for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device,
+                                    cfg.model.num_image_tokens):
             if not resumed and "startup_s" not in extra:  # launch -> first step: the fixed cost
-                extra["startup_s"] = time.time() - config.get("launched_at", time.time())
+                extra.update(startup, startup_s=time.time() - launched_at)
                 if tracker:
-                    tracker.log_metrics({"startup_s": extra["startup_s"]}, step=state.step)
+                    tracker.log_metrics({k: v for k, v in extra.items() if k.startswith("startup")},
+                                        step=state.step)
             loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
             state.step += 1
             state.batch_in_epoch += 1

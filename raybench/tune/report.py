@@ -101,6 +101,31 @@ def _table(rows: list[TrialRow], cost_key: str, champion: TrialRow | None) -> tu
     return header, body
 
 
+def record_grid_in_study(sweep, rows: list[TrialRow]) -> None:
+    """A grid sweep has no searcher: write its trials into the same Optuna study a TPE sweep
+    would have, so the plots and optuna-dashboard show it the same way (once per trial)."""
+    import optuna
+
+    from raybench.tune.space import optuna_space
+
+    _, modes = sweep.metrics
+    study = optuna.create_study(study_name=sweep.cfg.name, storage=sweep.study_storage, load_if_exists=True,
+                                directions=["maximize" if m == "max" else "minimize" for m in modes])
+    recorded = {t.user_attrs.get("trial_id") for t in study.get_trials(deepcopy=False)}
+    dists = optuna_space(sweep.cfg.sweep.space)
+    for r in rows:
+        if r.trial_id in recorded:
+            continue
+        values = [r.accuracy] + ([r.cost] if len(modes) == 2 else [])
+        ok = r.state == "completed" and None not in values
+        state = (optuna.trial.TrialState.COMPLETE if ok else
+                 optuna.trial.TrialState.PRUNED if r.state == "pruned" else optuna.trial.TrialState.FAIL)
+        study.add_trial(optuna.trial.create_trial(
+            params={k: v for k, v in r.params.items() if k in dists}, distributions=dists,
+            values=values if ok else None, state=state, user_attrs={"trial_id": r.trial_id},
+            intermediate_values={r.evals: r.accuracy} if r.state == "pruned" and r.accuracy is not None else None))
+
+
 def _plots(study_name: str, storage: str, out: Path, pareto: bool) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -173,6 +198,8 @@ def summarize(sweep, grid, parent: Tracker) -> dict[str, Any]:
     front = pareto_front(rows) if s.objective == "pareto" else []
     out = sweep.run_dir / "summary"
     out.mkdir(parents=True, exist_ok=True)
+    if s.search == "grid":
+        record_grid_in_study(sweep, rows)
     plots = _plots(sweep.cfg.name, sweep.study_storage, out, s.objective == "pareto")
     _write_summary(out, sweep, rows, champion, front, plots)
 

@@ -77,10 +77,39 @@ def _shape_errors(where: str, dim: Dimension) -> list[str]:
     return errs
 
 
+MAX_GRID_POINTS = 256  # per int dimension, and in all: a bigger grid is a typo, not a plan
+
+
+def grid_values(dim: Dimension) -> list[Any]:
+    """The values a grid search takes for one dimension: every choice, every integer."""
+    if dim.type == "choice":
+        return list(dim.values or [])
+    if dim.type in ("int", "logint"):
+        return list(range(int(dim.low), int(dim.high) + 1))
+    raise ValueError(f"a {dim.type} range has no grid; use a choice of values")
+
+
+def _grid_errors(cfg: RunConfig) -> list[str]:
+    errs, points = [], 1
+    for path, dim in cfg.sweep.space.items():
+        where = f"sweep.space[{path!r}]"
+        if dim.type in ("uniform", "loguniform"):
+            errs.append(f"{where}: sweep.search = grid needs choice or int dimensions, not {dim.type} "
+                        f"(e.g. {{type: choice, values: [{dim.low}, {dim.high}]}})")
+            continue
+        n = len(grid_values(dim)) if not _shape_errors(where, dim) else 1
+        if n > MAX_GRID_POINTS:
+            errs.append(f"{where}: {n} grid values; at most {MAX_GRID_POINTS} (use a choice)")
+        points *= n
+    if not errs and points > MAX_GRID_POINTS:
+        errs.append(f"sweep.space: the grid has {points} points; at most {MAX_GRID_POINTS}")
+    return errs
+
+
 def validate_space(raw: dict[str, Any], cfg: RunConfig) -> None:
     """Raise `ConfigError` naming every bad dimension (see the module docstring)."""
     fields = flatten(dump_config(cfg))
-    errs: list[str] = []
+    errs: list[str] = _grid_errors(cfg) if cfg.sweep.search == "grid" else []
     for path, dim in cfg.sweep.space.items():
         where = f"sweep.space[{path!r}]"
         field = canonical(path)
@@ -102,6 +131,13 @@ def validate_space(raw: dict[str, Any], cfg: RunConfig) -> None:
         errs.append("sweep.space: a field is listed twice (under its path and an alias)")
     if errs:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errs))
+
+
+def grid_space(space: dict[str, Dimension]) -> dict[str, Any]:
+    """Dimensions -> Tune `grid_search` param space, keyed like `optuna_space`."""
+    from ray import tune
+
+    return {canonical(path): tune.grid_search(grid_values(dim)) for path, dim in space.items()}
 
 
 def optuna_space(space: dict[str, Dimension]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from raybench.config import ConfigError, RunConfig, dump_config, flatten, load_raw, validate_config
-from raybench.tune.space import optuna_space, validate_space
+from raybench.tune.space import grid_space, grid_values, optuna_space, validate_space
 
 SWEEP_FILE = "sweep.yaml"
 
@@ -52,6 +52,13 @@ class Sweep:
     def evals_per_trial(self) -> int:
         t = self.cfg.train
         return math.ceil(t.steps / (t.checkpoint_every or t.eval_every))
+
+    @property
+    def num_trials(self) -> int:
+        s = self.cfg.sweep
+        if s.search == "optuna":
+            return s.num_samples
+        return math.prod(len(grid_values(d)) for d in s.space.values())
 
     @property
     def metrics(self) -> tuple[list[str], list[str]]:
@@ -108,22 +115,26 @@ def _tuner(sweep: Sweep, trainable, resume: bool):
                                   resume_unfinished=True, resume_errored=True)
     metrics, modes = sweep.metrics
     single = len(metrics) == 1
+    scheduler = (ASHAScheduler(time_attr="training_iteration", metric="accuracy", mode="max",
+                               max_t=sweep.evals_per_trial, grace_period=s.asha.grace_period,
+                               reduction_factor=s.asha.reduction_factor)
+                 if s.scheduler == "asha" else FIFOScheduler())
+    run_config = tune.RunConfig(name=sweep.cfg.name, storage_path=str(sweep.experiment_dir.parent),
+                                failure_config=tune.FailureConfig(max_failures=s.trial_max_failures))
+    if s.search == "grid":  # every combination once; the summary writes them into the study
+        return tune.Tuner(trainable, param_space=grid_space(s.space), run_config=run_config,
+                          tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1,
+                                                      max_concurrent_trials=s.max_concurrent_trials))
     searcher = OptunaSearch(
         space=optuna_space(s.space), metric=metrics[0] if single else metrics,
         mode=modes[0] if single else modes, study_name=sweep.cfg.name,
         sampler=optuna.samplers.TPESampler(seed=s.seed),
         storage=optuna.storages.RDBStorage(sweep.study_storage),
     )
-    scheduler = (ASHAScheduler(time_attr="training_iteration", metric="accuracy", mode="max",
-                               max_t=sweep.evals_per_trial, grace_period=s.asha.grace_period,
-                               reduction_factor=s.asha.reduction_factor)
-                 if s.scheduler == "asha" else FIFOScheduler())
     return tune.Tuner(
-        trainable,
+        trainable, run_config=run_config,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
                                     max_concurrent_trials=s.max_concurrent_trials),
-        run_config=tune.RunConfig(name=sweep.cfg.name, storage_path=str(sweep.experiment_dir.parent),
-                                  failure_config=tune.FailureConfig(max_failures=s.trial_max_failures)),
     )
 
 
@@ -133,7 +144,7 @@ def run_sweep(sweep: Sweep, resume: bool = False):
 
     from raybench.data.prepare import ensure_data, ensure_tokenizer, tokenizer_dir
     from raybench.track import Tracker, tracking_uri
-    from raybench.train.trainer import check_cluster_fits, init_ray
+    from raybench.train.trainer import build_datasets, check_cluster_fits, init_ray
     from raybench.tune.report import summarize
     from raybench.tune.trial import run_trial
 
@@ -154,9 +165,12 @@ def run_sweep(sweep: Sweep, resume: bool = False):
     ctx = {"raw": sweep.raw, "name": cfg.name, "run_dir": str(run_dir),
            "data_path": str(cfg.data_path.resolve()), "tokenizer": str(tokenizer_dir(cfg).resolve()),
            "tracking_uri": uri, "parent_run_id": parent.run_id, "cost_metric": cfg.sweep.cost_metric,
-           "driver_cpus": cfg.sweep.driver_cpus}
+           "driver_cpus": cfg.sweep.driver_cpus,
+           # Read, decode and tokenise once for every trial (the data don't depend on the
+           # model); a trial whose data settings differ builds its own.
+           "datasets": build_datasets(cfg, tokenizer_dir(cfg).resolve())}
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), {"CPU": cfg.sweep.driver_cpus})
-    print(f"[raybench] sweep {cfg.name}: {cfg.sweep.num_samples} trials, objective {cfg.sweep.objective}, "
+    print(f"[raybench] sweep {cfg.name}: {sweep.num_trials} trials ({cfg.sweep.search}), objective {cfg.sweep.objective}, "
           f"scheduler {cfg.sweep.scheduler}; MLflow run {parent.run_id} at {uri}", flush=True)
     try:
         grid = _tuner(sweep, trainable, resume).fit()

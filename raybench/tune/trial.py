@@ -45,6 +45,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     result = fit(cfg, callbacks=[TuneReportCallback()], tracking_uri=ctx["tracking_uri"],
                  parent_run_id=ctx["parent_run_id"], tokenizer=Path(ctx["tokenizer"]),
                  tags={"raybench.sweep": ctx["name"], "raybench.trial_id": trial_id},
-                 extra_metrics=cost, reserved_cpus=ctx["driver_cpus"], launched_at=launched_at)
+                 extra_metrics=cost, reserved_cpus=ctx["driver_cpus"], launched_at=launched_at,
+                 datasets=ctx.get("datasets"))
     if result.error:
         raise result.error

@@ -121,3 +121,28 @@ def test_pareto_front_keeps_only_non_dominated_trials():
             TrialRow("d", "completed", {}, accuracy=0.6, cost=3.0),   # b is as good and cheaper
             TrialRow("e", "error", {}, accuracy=None, cost=None)]
     assert [r.trial_id for r in pareto_front(rows)] == ["a", "b"]
+
+
+def test_grid_search_enumerates_choices_and_integers():
+    from ray import tune
+
+    from raybench.tune.space import grid_space
+
+    raw = _raw({"num_injections": {"type": "int", "low": 0, "high": 2},
+                "model.fusion.sparsity.schedule": {"type": "choice", "values": ["constant", "step"]}},
+               search="grid")
+    sweep_cfg = validate_config(raw)
+    validate_space(raw, sweep_cfg)
+    space = grid_space(sweep_cfg.sweep.space)
+    assert space == {"model.fusion.deepstack.num_injections": tune.grid_search([0, 1, 2]),
+                     "model.fusion.sparsity.schedule": tune.grid_search(["constant", "step"])}
+
+
+def test_grid_search_refuses_continuous_and_huge_grids():
+    raw = _raw({"train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
+                "model.fusion.vet.vocab_size": {"type": "int", "low": 32, "high": 4096}}, search="grid")
+    with pytest.raises(ConfigError) as err:
+        validate_space(raw, validate_config(raw))
+    msg = str(err.value)
+    assert "train.lr']: sweep.search = grid needs choice or int dimensions, not loguniform" in msg
+    assert "vocab_size']: 4065 grid values; at most 256" in msg

@@ -1,0 +1,48 @@
+"""Ray Data preprocessing without Ray: model-independent rows, expanded on the worker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raybench.data.processor import VQAProcessor
+from raybench.data.synthetic import generate
+from raybench.data.tokenizer import build_tokenizer, save_tokenizer, tokenizer_corpus
+from raybench.train.data import CollateNumpy, preprocess, to_model_batch
+
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def rows_and_tok(tmp_path_factory):
+    table = generate(12, SIZE, seed=5, split="train")
+    tok = build_tokenizer(tokenizer_corpus(table))
+    tok_dir = save_tokenizer(tok, tmp_path_factory.mktemp("tok") / "tokenizer")
+    rows = {k: np.array(v, dtype=object) for k, v in table.select(["image", "question", "answer", "qtype"])
+            .to_pydict().items()}
+    return rows, tok, tok_dir
+
+
+@pytest.mark.parametrize("num_image_tokens", [1, 4, 18])
+def test_worker_batch_equals_the_processor_layout(rows_and_tok, num_image_tokens):
+    """One materialised data set serves every model: after expansion, a worker's batch is
+    exactly what the processor builds for that model's image-token count."""
+    rows, tok, tok_dir = rows_and_tok
+    data = preprocess(rows, str(tok_dir), image_size=SIZE, max_length=40)
+    assert data["input_ids"].shape[1] == 40  # fixed width in the object store
+    batch = to_model_batch(CollateNumpy()(data), torch.device("cpu"), num_image_tokens)
+
+    proc = VQAProcessor(tok, num_image_tokens, SIZE)
+    want = proc.encode_train(list(rows["question"]), list(rows["answer"]))
+    for key in ("input_ids", "attention_mask", "labels"):
+        assert torch.equal(batch[key], want[key]), key
+    assert (batch["input_ids"] == proc.image_token_id).sum(1).tolist() == [num_image_tokens] * 12
+    assert torch.equal(batch["pixel_values"], proc.pixel_values(list(rows["image"])))
+    assert batch["qtype"] == list(rows["qtype"])
+
+
+def test_text_longer_than_max_length_is_refused(rows_and_tok):
+    rows, _, tok_dir = rows_and_tok
+    with pytest.raises(ValueError, match="max_length=8"):
+        preprocess(rows, str(tok_dir), image_size=SIZE, max_length=8)
