@@ -25,6 +25,7 @@ def build_causal_lm(cfg: LLMConfig, vocab_size: int, head_dim: int):
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
         num_key_value_heads=cfg.num_kv_heads, head_dim=head_dim,
         max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=False,
+        initializer_range=cfg.initializer_range,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
     )
     config = Qwen3Config(**common) if cfg.arch == "qwen3" else LlamaConfig(**common)

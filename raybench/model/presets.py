@@ -20,7 +20,7 @@ _SIZES: dict[str, dict[str, Any]] = {
         "vision": dict(image_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=2,
                        intermediate_size=64),
         "llm": dict(arch="qwen3", hidden_size=32, num_layers=4, num_heads=4, num_kv_heads=2,
-                    head_dim=8, intermediate_size=64),
+                    head_dim=8, intermediate_size=64, initializer_range=0.06),
         "fusion": {
             "vet": {"vocab_size": 64},
             "qformer": {"num_queries": 4, "num_layers": 1, "num_heads": 2},
@@ -34,7 +34,7 @@ _SIZES: dict[str, dict[str, Any]] = {
         "vision": dict(image_size=64, patch_size=8, hidden_size=128, num_layers=4, num_heads=4,
                        intermediate_size=256),
         "llm": dict(arch="qwen3", hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
-                    head_dim=32, intermediate_size=384),
+                    head_dim=32, intermediate_size=384, initializer_range=0.06),
         "fusion": {
             "vet": {"vocab_size": 1024},
             "qformer": {"num_queries": 16, "num_layers": 2, "num_heads": 4},

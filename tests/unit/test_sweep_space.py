@@ -146,3 +146,32 @@ def test_grid_search_refuses_continuous_and_huge_grids():
     msg = str(err.value)
     assert "train.lr']: sweep.search = grid needs choice or int dimensions, not loguniform" in msg
     assert "vocab_size']: 4065 grid values; at most 256" in msg
+
+
+def test_grid_trials_land_in_the_optuna_study_once(tmp_path):
+    """A grid sweep has no searcher; its trials are written into the same RDB study a TPE
+    sweep uses (plots, optuna-dashboard), and a resumed summary doesn't add them twice."""
+    import optuna
+
+    from raybench.tune.report import record_grid_in_study
+
+    raw = {**_raw({"num_injections": {"type": "int", "low": 0, "high": 1},
+                   "model.fusion.sparsity.schedule": {"type": "choice", "values": ["constant", "step"]}},
+                  search="grid"), "run_dir": str(tmp_path / "sw")}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    sweep = load_sweep(path, [])
+    assert sweep.num_trials == 4
+    key_i, key_s = "model.fusion.deepstack.num_injections", "model.fusion.sparsity.schedule"
+    rows = [TrialRow("t1", "completed", {key_i: 0, key_s: "constant"}, accuracy=0.5),
+            TrialRow("t2", "completed", {key_i: 1, key_s: "step"}, accuracy=0.75),
+            TrialRow("t3", "error", {key_i: 1, key_s: "constant"})]
+    (tmp_path / "sw").mkdir()
+    record_grid_in_study(sweep, rows)
+    record_grid_in_study(sweep, rows)
+    study = optuna.load_study(study_name="sw", storage=sweep.study_storage)
+    trials = {t.user_attrs["trial_id"]: t for t in study.trials}
+    assert sorted(trials) == ["t1", "t2", "t3"]
+    assert trials["t2"].value == 0.75 and trials["t2"].params == {key_i: 1, key_s: "step"}
+    assert trials["t3"].state == optuna.trial.TrialState.FAIL
+    assert study.best_trial.user_attrs["trial_id"] == "t2"
