@@ -41,7 +41,7 @@ def _config(out: Path, name: str, search: str, num_samples: int, steps: int) -> 
     return {
         "name": name, "run_dir": str(out / name),
         "model": {"preset": "hybrid", "size": "tiny"},
-        "data": {"num_train": 2048, "num_val": 256, "path": str(out / "search-data")},
+        "data": {"num_train": 2048, "num_val": 256},  # per run_dir, same seed: identical data
         "train": {"steps": steps, "batch_size": 32, "eval_every": steps // 4, "eval_samples": 256,
                   "log_every": 10},
         "sweep": {"search": search, "num_samples": num_samples, "seed": 0,

@@ -130,12 +130,14 @@ def markdown_section(r: dict) -> str:
 def main(args) -> int:
     from raybench.bench.fusion import write_result
 
-    from raybench.bench.search import run_search_bench
+    from raybench.bench.search import plot as search_plot, run_search_bench
 
     out = Path(args.out)
     result = run_sweep_bench(out, args.quick)
     if not args.quick:  # grid vs TPE+ASHA: a few dozen trials, minutes here
+        (out / "sweep.json").write_text(json.dumps(result, indent=2))  # kept if the search fails
         result["search"] = run_search_bench(out)
+        search_plot(result["search"], out / "search.png")
     write_result(out, "sweep", result, markdown_row(result), _plot)
     return 0
 
