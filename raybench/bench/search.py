@@ -63,7 +63,21 @@ def _trials(sweep) -> list[dict]:
     return rows
 
 
-def _run(out: Path, name: str, search: str, num_samples: int, steps: int) -> tuple[list[dict], float]:
+def _span_s(sweep) -> float:
+    """First trial launch to last report, from the trials' own result rows."""
+    starts, ends = [], []
+    for tdir in sweep.experiment_dir.glob("run_trial_*"):
+        rows = [json.loads(x) for x in (tdir / "result.json").read_text().splitlines() if x.strip()]
+        if rows:
+            starts.append(rows[0]["timestamp"] - rows[0]["time_total_s"])
+            ends.append(rows[-1]["timestamp"])
+    return max(ends) - min(starts)
+
+
+def _run(out: Path, name: str, search: str, num_samples: int, steps: int) -> tuple[list[dict], float, bool]:
+    """Run one sweep, or reuse it when `out` already holds a finished sweep of this exact
+    config (the grid is ~20 min here; a re-run of the bench after a crash should not pay it
+    again). Returns (trials, wall seconds, reused)."""
     import time
 
     import ray
@@ -71,16 +85,21 @@ def _run(out: Path, name: str, search: str, num_samples: int, steps: int) -> tup
     from raybench.tune.sweep import load_sweep, run_sweep
 
     cfg = _config(out, name, search, num_samples, steps)
-    shutil.rmtree(cfg["run_dir"], ignore_errors=True)
     path = out / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    text = yaml.safe_dump(cfg)
+    finished = Path(cfg["run_dir"]) / "summary" / "summary.md"  # written when a sweep ends
+    if path.exists() and path.read_text() == text and finished.is_file():
+        sweep = load_sweep(path, [])
+        return _trials(sweep), _span_s(sweep), True
+    shutil.rmtree(cfg["run_dir"], ignore_errors=True)
+    path.write_text(text)
     sweep = load_sweep(path, [])
     t0 = time.perf_counter()
     try:
         run_sweep(sweep)
     finally:
         ray.shutdown()
-    return _trials(sweep), time.perf_counter() - t0
+    return _trials(sweep), time.perf_counter() - t0, False
 
 
 def _key(params: dict) -> str:
@@ -109,9 +128,9 @@ def replay(table: dict[str, float], budget: int, sampler: str, seeds: int = REPL
 
 def run_search_bench(out: Path, steps: int = 200) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    grid, grid_wall = _run(out, "search-grid", "grid", 1, steps)
+    grid, grid_wall, grid_reused = _run(out, "search-grid", "grid", 1, steps)
     budget = math.ceil(len(grid) / 3)
-    tpe, tpe_wall = _run(out, "search-tpe", "optuna", budget, steps)
+    tpe, tpe_wall, tpe_reused = _run(out, "search-tpe", "optuna", budget, steps)
     table = {_key(t["params"]): t["accuracy"] for t in grid}
     grid_best = max(table.values())
     tpe_best = max(t["accuracy"] for t in tpe)
@@ -121,8 +140,8 @@ def run_search_bench(out: Path, steps: int = 200) -> dict:
     return {
         "bench": "search", "config": {"space": SPACE, "steps_per_trial": steps, "budget": budget,
                                       "replay_seeds": REPLAY_SEEDS, "tolerance": TOLERANCE},
-        "grid": {"trials": grid, "wall_s": grid_wall, "best_accuracy": grid_best},
-        "tpe_asha": {"trials": tpe, "wall_s": tpe_wall, "best_accuracy": tpe_best},
+        "grid": {"trials": grid, "wall_s": grid_wall, "best_accuracy": grid_best, "reused": grid_reused},
+        "tpe_asha": {"trials": tpe, "wall_s": tpe_wall, "best_accuracy": tpe_best, "reused": tpe_reused},
         "compute_ratio_time": compute["tpe_asha"]["time_s"] / compute["grid"]["time_s"],
         "compute_ratio_steps": compute["tpe_asha"]["steps"] / compute["grid"]["steps"],
         "gap_points": 100 * (grid_best - tpe_best),
