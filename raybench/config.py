@@ -194,6 +194,13 @@ class ASHAConfig(_Strict):
     reduction_factor: float = Field(2.0, gt=1)
 
 
+class TPEConfig(_Strict):
+    # Optuna's default of 10 random trials first makes any sweep of <= 10 trials random
+    # search; None: a quarter of num_samples, 2 to 10 (raybench.tune.searcher).
+    n_startup_trials: int | None = Field(None, ge=1)
+    multivariate: bool = True  # model the dimensions jointly: vocab size x injections interact
+
+
 class SweepConfig(_Strict):
     # optuna: TPE samples `num_samples` trials; grid: every combination of the (choice / int)
     # dimensions once - the exhaustive baseline a search is measured against.
@@ -205,6 +212,7 @@ class SweepConfig(_Strict):
     cost_metric: Literal["gflops_per_sample", "prefill_ms_per_sample"] = "gflops_per_sample"
     scheduler: Literal["asha", "fifo"] = "asha"  # ASHA needs a single objective
     asha: ASHAConfig = Field(default_factory=ASHAConfig)
+    tpe: TPEConfig = Field(default_factory=TPEConfig)
     seed: int = 0
     trial_max_failures: int = Field(1, ge=-1)  # Tune-level trial restarts
     driver_cpus: float = Field(0.01, gt=0)  # the per-trial driver function; 0 is refused by Tune

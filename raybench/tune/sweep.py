@@ -104,7 +104,8 @@ def _tuner(sweep: Sweep, trainable, resume: bool):
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+
+    from raybench.tune.distinct_search import DistinctOptunaSearch
 
     s = sweep.cfg.sweep
     if resume:
@@ -125,10 +126,9 @@ def _tuner(sweep: Sweep, trainable, resume: bool):
         return tune.Tuner(trainable, param_space=grid_space(s.space), run_config=run_config,
                           tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1,
                                                       max_concurrent_trials=s.max_concurrent_trials))
-    searcher = OptunaSearch(
-        space=optuna_space(s.space), metric=metrics[0] if single else metrics,
+    searcher = DistinctOptunaSearch(
+        s, space=optuna_space(s.space), metric=metrics[0] if single else metrics,
         mode=modes[0] if single else modes, study_name=sweep.cfg.name,
-        sampler=optuna.samplers.TPESampler(seed=s.seed),
         storage=optuna.storages.RDBStorage(sweep.study_storage),
     )
     return tune.Tuner(
