@@ -120,7 +120,10 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
         datasets = build_datasets(cfg, tok_dir)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": dump_config(cfg), "tokenizer_dir": str(tok_dir), "use_gpu": use_gpu,
+        # run_dir made absolute: Train workers run in Ray's session directory, so a relative
+        # one (the default `runs/<name>`) would put the MLflow run-id file there.
+        train_loop_config={"cfg": dump_config(cfg.model_copy(update={"run_dir": str(cfg.run_path.resolve())})),
+                           "tokenizer_dir": str(tok_dir), "use_gpu": use_gpu,
                            "model_dir": str((cfg.run_path / "model").resolve()),
                            "tracking_uri": tracking_uri or default_tracking_uri(cfg.run_path.resolve()),
                            "parent_run_id": parent_run_id, "tags": tags or {},

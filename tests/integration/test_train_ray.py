@@ -25,7 +25,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from raybench.config import load_config
-from raybench.track import RUN_NAME_TAG
+from raybench.track import RUN_ID_FILE, RUN_NAME_TAG
 from raybench.train.trainer import fit, storage_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -33,9 +33,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 STEPS, EVERY = 20, 10
 
 
-def write_config(tmp: Path, name: str, data_dir: Path, **train) -> Path:
+def write_config(tmp: Path, name: str, data_dir: Path, run_dir: str | None = None, **train) -> Path:
     cfg = {
-        "name": name, "run_dir": str(tmp / name),
+        "name": name, "run_dir": run_dir or str(tmp / name),
         "model": {"preset": "hybrid", "size": "tiny"},
         "data": {"path": str(data_dir), "num_train": 512, "num_val": 64},
         "train": {"steps": STEPS, "batch_size": 16, "lr": 3e-3, "warmup_steps": 3, "eval_every": EVERY,
@@ -122,7 +122,9 @@ def _worker_pids() -> list[int]:
 
 def test_killed_worker_restarts_from_checkpoint_and_run_completes(tmp_path, data_dir, local_ray, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config(write_config(tmp_path, "killed", data_dir, steps=40))
+    # A relative run_dir, like the default `runs/<name>`: workers run in Ray's own directory.
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(write_config(tmp_path, "killed", data_dir, run_dir="runs/killed", steps=40))
     storage = Path(storage_path(cfg)) / cfg.name
     killed: list[int] = []
 
@@ -147,6 +149,7 @@ def test_killed_worker_restarts_from_checkpoint_and_run_completes(tmp_path, data
 
     client = MlflowClient(f"sqlite:///{cfg.run_path.resolve() / 'mlflow.db'}")
     (run,) = _runs_named(client, "killed")  # one MLflow run, continued after the restart
+    assert (tmp_path / "runs" / "killed" / RUN_ID_FILE).read_text().strip() == run.info.run_id
     resumed = _history(client, run.info.run_id, "resumed_from_step")
     assert resumed and all(s % EVERY == 0 and s > 0 for s in resumed.values())
     steps = sorted(_history(client, run.info.run_id, "train_loss"))
