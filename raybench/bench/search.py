@@ -188,7 +188,10 @@ def markdown_section(r: dict) -> str:
         f"The real TPE+ASHA sweep's best is {r['gap_points']:.1f} points below the grid's best at "
         f"{r['compute_ratio_time']:.2f}x its compute ({r['compute_ratio_steps']:.2f}x its steps): goal "
         f"(within 1 point at <= 1/3 of the compute) {claim(met)}. The configs' accuracies span "
-        f"{r['accuracy_spread_points']:.1f} points.",
+        f"{r['accuracy_spread_points']:.1f} points."
+        + "".join(f" The {name} sweep was reused from an earlier run of this exact config in the same `--out` "
+                  f"(its wall time is from its trials' own timestamps)."
+                  for name, x in (("grid", g), ("TPE", t)) if x.get("reused")),
         "",
         f"One sweep is one draw. Replaying the sweep's sampler on the grid's measured table "
         f"({c['replay_seeds']} seeds, {c['budget']} trials each, no training), how often the best is "
