@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from typing import Any
 
@@ -48,10 +49,7 @@ def discrete_points(space: dict[str, Dimension]) -> list[dict[str, Any]] | None:
         return None
     keys = [canonical(p) for p in space]
     values = [grid_values(d) for d in space.values()]
-    n = 1
-    for v in values:
-        n *= len(v)
-    if n > MAX_ENUMERATED:
+    if math.prod(len(v) for v in values) > MAX_ENUMERATED:
         return None
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
