@@ -79,15 +79,22 @@ case "${1:-}" in
     ray status --address="127.0.0.1:$GCS_PORT"
     ;;
   stop)
+    # Both nodes are asked at once and given 10 s together, then whatever is left is killed.
+    pgids=()
     for name in worker head; do
       pidfile="$STATE_DIR/$name.pid"
       [ -e "$pidfile" ] || continue
-      pgid=$(cat "$pidfile")
-      kill -TERM -- "-$pgid" 2>/dev/null || true
-      for _ in $(seq 1 10); do kill -0 -- "-$pgid" 2>/dev/null || break; sleep 1; done
-      kill -KILL -- "-$pgid" 2>/dev/null || true
+      pgids+=("$(cat "$pidfile")")
       rm -f "$pidfile"
     done
+    for pgid in "${pgids[@]}"; do kill -TERM -- "-$pgid" 2>/dev/null || true; done
+    for _ in $(seq 1 10); do
+      alive=0
+      for pgid in "${pgids[@]}"; do kill -0 -- "-$pgid" 2>/dev/null && alive=1; done
+      [ "$alive" = 1 ] || break
+      sleep 1
+    done
+    for pgid in "${pgids[@]}"; do kill -KILL -- "-$pgid" 2>/dev/null || true; done
     echo "cluster stopped"
     ;;
   *)

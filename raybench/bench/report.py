@@ -103,6 +103,27 @@ def validate_result(name: str, result: dict) -> list[str]:
     return errs
 
 
+def check_written(out: Path, name: str, quick: bool | None = None) -> list[str]:
+    """Problems with what `bench NAME [--quick] --out OUT` left behind (empty list: fine): its
+    JSON's schema, a recorded error, its mode, its plot, its row in results.md."""
+    path = out / f"{name}.json"
+    if not path.is_file():
+        return [f"{path}: missing"]
+    result = json.loads(path.read_text())
+    errs = validate_result(name, result)
+    if result.get("error"):
+        errs.append(f"{name}: error recorded: {result['error']}")
+    if quick is not None and result.get("quick") is not quick:
+        errs.append(f"{name}: quick = {result.get('quick')!r}, expected {quick}")
+    plot = out / f"{name}.png"
+    if not plot.is_file() or plot.stat().st_size == 0:
+        errs.append(f"{plot}: missing or empty")
+    table = out / "results.md"
+    if f"| {name} (" not in (table.read_text() if table.is_file() else ""):
+        errs.append(f"{table}: no row for {name}")
+    return errs
+
+
 # ----------------------------------------------------------------- shared rendering helpers
 
 def claim(ok: bool | None) -> str:

@@ -100,17 +100,17 @@ def build_datasets(cfg: RunConfig, tokenizer: Path | None = None) -> dict:
 def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri: str | None = None,
                   parent_run_id: str | None = None, tags: dict | None = None,
                   extra_metrics: dict | None = None, tokenizer: Path | None = None,
-                  launched_at: float | None = None, datasets: dict | None = None):
+                  launched_at: float | None = None, driver_entered_at: float | None = None,
+                  cost_metric: str | None = None, datasets: dict | None = None):
     """A `TorchTrainer` for `cfg`. A sweep trial passes its Tune callback, the sweep's MLflow
-    store and parent run, metrics to add to every report (e.g. its inference cost), and the
-    sweep's already materialised `datasets` (used when their `key` matches this config)."""
+    store and parent run, metrics to add to every report, the inference-cost metric its
+    workers measure and report (a Pareto sweep's second objective), and the sweep's already
+    materialised `datasets` (used when their `key` matches this config)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from raybench.track import tracking_uri as default_tracking_uri
     from raybench.train.data import DeterministicSplit
-    from raybench.train.worker import train_loop_per_worker
 
     t = cfg.train
     launched_at = launched_at or time.time()
@@ -125,12 +125,13 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
         train_loop_config={"cfg": dump_config(cfg.model_copy(update={"run_dir": str(cfg.run_path.resolve())})),
                            "tokenizer_dir": str(tok_dir), "use_gpu": use_gpu,
                            "model_dir": str((cfg.run_path / "model").resolve()),
-                           "tracking_uri": tracking_uri or default_tracking_uri(cfg.run_path.resolve()),
+                           "tracking_uri": tracking_uri or _default_tracking_uri(cfg),
                            "parent_run_id": parent_run_id, "tags": tags or {},
-                           "extra_metrics": extra_metrics or {},
+                           "extra_metrics": extra_metrics or {}, "cost_metric": cost_metric,
                            # wall clock when this run (or sweep trial) was launched: the worker
                            # reports `startup_s`, the fixed cost before the first step
-                           "launched_at": launched_at, "driver_ready_at": time.time()},
+                           "launched_at": launched_at, "driver_entered_at": driver_entered_at,
+                           "driver_ready_at": time.time()},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": t.cpus_per_worker},
                                      placement_strategy=t.placement_strategy),
@@ -144,6 +145,21 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
         datasets={"train": datasets["train"], "val": datasets["val"]},
         dataset_config=DeterministicSplit(),
     )
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """The workers' entry point. The import happens on the workers: the driver (a sweep
+    trial's, every trial) need not load the model code, transformers and MLflow (~3 s here)
+    just to name the function."""
+    from raybench.train.worker import train_loop_per_worker as run
+
+    run(config)
+
+
+def _default_tracking_uri(cfg: RunConfig) -> str:
+    from raybench.track import tracking_uri
+
+    return tracking_uri(cfg.run_path.resolve())
 
 
 def fit(cfg: RunConfig, **trainer_kwargs):

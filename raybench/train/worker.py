@@ -87,11 +87,14 @@ def train_loop_per_worker(config: dict) -> None:
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     extra = dict(config.get("extra_metrics") or {})
     launched_at = config.get("launched_at", entered)
-    # Where the fixed cost goes (seconds since launch): the driver's own preparation (a
-    # trial's inference cost, data), the Train controller + worker group + process group,
-    # then model build/shard/resume/MLflow, then the first batch.
+    # Where the fixed cost goes (seconds since launch): a sweep trial's driver process and
+    # Tune set-up, the driver's own preparation (imports, a trial's inference cost, data),
+    # the Train controller + worker group + process group, then model build/shard/resume/
+    # MLflow, then the first batch.
     startup = {"startup_driver_s": config.get("driver_ready_at", launched_at) - launched_at,
                "startup_workers_s": entered - launched_at, "startup_model_s": time.time() - launched_at}
+    if config.get("driver_entered_at"):  # a sweep trial: its driver process, up to our code
+        startup["startup_trial_s"] = config["driver_entered_at"] - launched_at
     if rank == 0:
         print(f"[raybench] {'resuming at step ' + str(state.step) if resumed else 'starting'}: "
               f"{world} workers on {device.type} across {len(set(nodes))} node(s), pid {os.getpid()}", flush=True)
@@ -123,6 +126,12 @@ def train_loop_per_worker(config: dict) -> None:
             if tracker and state.step % t.log_every == 0:
                 tracker.log_metrics({"train_loss": loss, "lr": scheduler.get_last_lr()[0]}, step=state.step)
             if state.step % every == 0 or state.step == t.steps:
+                if config.get("cost_metric") and rank == 0 and config["cost_metric"] not in extra:
+                    # A sweep's inference cost, measured once, after the first step (not start-up):
+                    # a fresh model of this config (FLOPs don't depend on the weights; see
+                    # bench/fusion.inference_cost). Tune and MLflow read rank 0's report.
+                    from raybench.bench.fusion import inference_cost
+                    extra[config["cost_metric"]] = inference_cost(cfg.model, config["cost_metric"])
                 _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed,
                                        device, tracker, rank, window, t.steps, extra)
                 window = _Window()

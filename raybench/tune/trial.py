@@ -9,6 +9,7 @@ trial (Tune `FailureConfig`, or `raybench sweep --resume`) resumes from its chec
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,22 +31,35 @@ def trial_config(ctx: dict[str, Any], params: dict[str, Any], trial_id: str):
     return validate_config(raw)
 
 
+def process_started_at() -> float:
+    """Wall-clock time this process started. Tune starts a fresh driver process for every
+    trial, so this is the trial's launch: start-up counts the process, its imports and Tune's
+    set-up too. From /proc's uptime-relative start (10 ms ticks); elsewhere, now."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return time.time()
+    return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+
+
 def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    entered_at = time.time()  # before the imports below (torch, Ray Train): they are start-up too
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raybench.bench.fusion import inference_cost
     from raybench.train.trainer import fit
 
-    launched_at = time.time()
+    launched_at = min(process_started_at(), entered_at)
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, config, trial_id)
-    # Reported with every eval so the Pareto objective and the MLflow compare view have it.
-    cost = {ctx["cost_metric"]: inference_cost(cfg.model, ctx["cost_metric"])}
+    # The inference cost (Pareto objective, MLflow compare view) is measured by rank 0 and
+    # reported with every eval: the model code is loaded there anyway, not here.
     result = fit(cfg, callbacks=[TuneReportCallback()], tracking_uri=ctx["tracking_uri"],
                  parent_run_id=ctx["parent_run_id"], tokenizer=Path(ctx["tokenizer"]),
                  tags={"raybench.sweep": ctx["name"], "raybench.trial_id": trial_id},
-                 extra_metrics=cost, reserved_cpus=ctx["driver_cpus"], launched_at=launched_at,
+                 cost_metric=ctx["cost_metric"], reserved_cpus=ctx["driver_cpus"], launched_at=launched_at,
+                 driver_entered_at=entered_at,
                  datasets=ctx.get("datasets"))
     if result.error:
         raise result.error

@@ -27,6 +27,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from raybench.bench.fusion import inference_cost
 from raybench.model.vlm import HybridVLM
 from raybench.track import RUN_NAME_TAG
 from raybench.tune.sweep import load_sweep, run_sweep
@@ -114,6 +115,10 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
     assert all(torch.equal(downloaded[k], original[k]) for k in original)
     model = HybridVLM.from_pretrained(local)
     assert model.config.fusion.vet.vocab_size == champion["params"]["model.fusion.vet.vocab_size"]
+    # The inference cost its rank 0 measured and reported is this config's (FLOPs: deterministic).
+    (champion_run,) = [c for c in children if c.info.run_id == champion["run_id"]]
+    assert champion_run.data.metrics["gflops_per_sample"] == pytest.approx(
+        inference_cost(model.config, "gflops_per_sample"), rel=1e-9)
     answer = subprocess.run(
         [sys.executable, "-m", "raybench.cli", "ask", "--model", str(local), "--question", "what color is the shape?",
          "--image", str(_an_image(tmp_path, data_dir))], capture_output=True, text=True, check=True)

@@ -31,6 +31,9 @@ from raybench.train.trainer import fit, storage_path
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 STEPS, EVERY = 20, 10
+# Long enough after the first checkpoint (step EVERY) that a driver SIGINT lands mid-run: at
+# 20 steps the workers finished and exported the model before the driver's abort.
+RESUME_STEPS = 6 * EVERY
 
 
 def write_config(tmp: Path, name: str, data_dir: Path, run_dir: str | None = None, **train) -> Path:
@@ -71,23 +74,36 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
     return {m.step: m.value for m in client.get_metric_history(run_id, key)}
 
 
-def test_fsdp_training_logs_to_mlflow_server_and_exports_a_reproducible_model(
-        tmp_path, data_dir, mlflow_server, local_ray, monkeypatch):
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, data_dir, mlflow_server):
+    """One uninterrupted 2-worker FSDP run logging to the real `mlflow server`. The FSDP test
+    checks it; the driver-stop test compares its resumed loss with this run's (same config
+    but the name, so the same seeds, data order and LR schedule): one Ray run less."""
     uri, _ = mlflow_server
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    cfg_path = write_config(tmp_path, "fsdp", data_dir)
-    cfg = load_config(cfg_path)
-    result = fit(cfg)
-    assert result.error is None
-    assert result.metrics["step"] == STEPS
-
+    tmp = tmp_path_factory.mktemp("straight")
+    cfg_path = write_config(tmp, "fsdp", data_dir, steps=RESUME_STEPS)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        try:
+            result = fit(load_config(cfg_path))
+        finally:
+            ray.shutdown()
     client = MlflowClient(uri)
     (run,) = _runs_named(client, "fsdp")
+    return {"cfg_path": cfg_path, "result": result, "client": client, "run": run}
+
+
+def test_fsdp_training_logs_to_mlflow_server_and_exports_a_reproducible_model(straight):
+    cfg_path, result, client, run = straight["cfg_path"], straight["result"], straight["client"], straight["run"]
+    cfg = load_config(cfg_path)
+    assert result.error is None
+    assert result.metrics["step"] == RESUME_STEPS
+
     assert run.info.status == "FINISHED"
     assert run.data.params["model.preset"] == "hybrid"
     loss = _history(client, run.info.run_id, "train_loss")
-    assert sorted(loss) == list(range(1, STEPS + 1))
-    assert sum(loss[s] for s in range(STEPS - 4, STEPS + 1)) < sum(loss[s] for s in range(1, 6))
+    assert sorted(loss) == list(range(1, RESUME_STEPS + 1))
+    assert sum(loss[s] for s in range(RESUME_STEPS - 4, RESUME_STEPS + 1)) < sum(loss[s] for s in range(1, 6))
     # Each of the 2 ranks holds about half of the parameters (FSDP2 pads uneven shards).
     local = _history(client, run.info.run_id, "params_local")[0]
     full = _history(client, run.info.run_id, "params_full")[0]
@@ -165,30 +181,24 @@ def _train_cli(cfg_path: Path, log: Path) -> subprocess.Popen:
                             stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
 
-def test_resume_after_driver_stops_matches_uninterrupted_loss(tmp_path, data_dir):
+def test_resume_after_driver_stops_matches_uninterrupted_loss(tmp_path, data_dir, straight):
     ray.shutdown()  # each driver below starts (and stops) its own local Ray
-    # Long enough after the first checkpoint (step EVERY) that SIGINT lands mid-run: at
-    # 20 steps the workers finished and exported the model before the driver's abort.
-    total = 6 * EVERY
-    steps = {}
-    for name, interrupt in (("straight", False), ("interrupted", True)):
-        cfg_path = write_config(tmp_path, name, data_dir, steps=total)
-        cfg = load_config(cfg_path)
-        storage = Path(storage_path(cfg)) / name
-        proc = _train_cli(cfg_path, tmp_path / f"{name}.log")
-        if interrupt:
-            deadline = time.monotonic() + 300
-            while not _registered_checkpoint(storage) and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.2)
-            assert proc.poll() is None, "finished before it could be interrupted"
-            proc.send_signal(signal.SIGINT)
-            proc.wait(timeout=120)
-            assert not (cfg.run_path / "model").exists(), "the interrupted run should not have finished"
-            proc = _train_cli(cfg_path, tmp_path / f"{name}-resumed.log")
-        assert proc.wait(timeout=400) == 0, (tmp_path / f"{name}.log").read_text()[-3000:]
-        client = MlflowClient(f"sqlite:///{cfg.run_path.resolve() / 'mlflow.db'}")
-        (run,) = _runs_named(client, name)
-        steps[name] = _history(client, run.info.run_id, "train_loss")
-        if interrupt:
-            assert _history(client, run.info.run_id, "resumed_from_step")
-    assert steps["interrupted"][total] == pytest.approx(steps["straight"][total], rel=1e-5)
+    cfg_path = write_config(tmp_path, "interrupted", data_dir, steps=RESUME_STEPS)
+    cfg = load_config(cfg_path)
+    storage = Path(storage_path(cfg)) / "interrupted"
+    proc = _train_cli(cfg_path, tmp_path / "interrupted.log")
+    deadline = time.monotonic() + 300
+    while not _registered_checkpoint(storage) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "finished before it could be interrupted"
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    assert not (cfg.run_path / "model").exists(), "the interrupted run should not have finished"
+    proc = _train_cli(cfg_path, tmp_path / "interrupted-resumed.log")
+    assert proc.wait(timeout=400) == 0, (tmp_path / "interrupted-resumed.log").read_text()[-3000:]
+    client = MlflowClient(f"sqlite:///{cfg.run_path.resolve() / 'mlflow.db'}")
+    (run,) = _runs_named(client, "interrupted")
+    assert _history(client, run.info.run_id, "resumed_from_step")
+    resumed = _history(client, run.info.run_id, "train_loss")
+    baseline = _history(straight["client"], straight["run"].info.run_id, "train_loss")
+    assert resumed[RESUME_STEPS] == pytest.approx(baseline[RESUME_STEPS], rel=1e-5)

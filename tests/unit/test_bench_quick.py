@@ -1,8 +1,8 @@
 """The Ray-free benchmarks in their --quick form, in-process: every output keeps the schema
 `bench report` and `bench all` rely on (keys, not numbers: timing goals live in the benches).
 
-train / sweep / serve start Ray and take minutes, so they are not run here; `bench all`
-checks their JSON with the same `validate_result` before it renders BENCHMARKS.md.
+train / sweep / serve start Ray, so their --quick runs are integration tests
+(tests/integration/test_bench_quick_ray.py), checked with the same `check_written`.
 """
 
 import copy
@@ -13,7 +13,7 @@ import pytest
 
 from raybench.bench import compile as compile_bench
 from raybench.bench.fusion import write_result
-from raybench.bench.report import normalize, validate_result, write_report
+from raybench.bench.report import check_written, normalize, validate_result, write_report
 from raybench.cli import main
 
 QUICK = ("fusion", "compile", "seeds")
@@ -36,12 +36,7 @@ def _load(out: Path, name: str) -> dict:
 
 @pytest.mark.parametrize("name", QUICK)
 def test_quick_results_keep_the_schema(quick_out, name):
-    result = _load(quick_out, name)
-    assert validate_result(name, result) == []
-    assert result["quick"] is True and result.get("error") is None
-    assert {"platform", "python", "torch", "cpus"} <= set(result["machine"])
-    assert (quick_out / f"{name}.png").stat().st_size > 0
-    assert f"| {name} (" in (quick_out / "results.md").read_text()
+    assert check_written(quick_out, name, quick=True) == []  # schema, no error, plot, results.md row
 
 
 def test_seeds_scores_every_preset_and_qtype_on_one_data_set(quick_out):

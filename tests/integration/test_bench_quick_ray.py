@@ -1,0 +1,91 @@
+"""The benches that start Ray, in their --quick form, through the real CLI: `bench train`
+(Ray Train vs torchrun), `bench sweep` (a real Tune sweep) and `bench serve` (real Serve over
+real HTTP). The Ray-free ones (fusion, seeds, compile) are in tests/unit/test_bench_quick.py.
+
+What is checked is the JSON `bench report` renders and that each figure was really measured
+(every trial timed, every load point answered), never the numbers against their goals:
+those live in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from raybench.bench.report import check_written
+from raybench.bench.serve import CONCURRENCY, n_requests
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+RAY_BENCHES = ("train", "sweep", "serve")
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench-ray")
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    for name in RAY_BENCHES:  # one at a time: each starts (and stops) its own local Ray
+        done = subprocess.run([sys.executable, "-m", "raybench.cli", "bench", name, "--quick", "--out", str(out)],
+                              capture_output=True, text=True, env=env, timeout=400)
+        assert done.returncode == 0, f"bench {name} --quick: {(done.stdout + done.stderr)[-3000:]}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def results(out) -> dict[str, dict]:
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in RAY_BENCHES}
+
+
+@pytest.mark.parametrize("name", RAY_BENCHES)
+def test_quick_results_keep_the_schema(out, name):
+    assert check_written(out, name, quick=True) == []  # schema, no error, plot, results.md row
+
+
+def test_train_measures_ray_and_torchrun_on_the_same_run(results):
+    r = results["train"]
+    assert r["machine"]["ray"] and r["machine"]["cpus"] > 0
+    t = r["config"]["train"]
+    # one throughput window per eval; the first (warm-up) is reported but not in the median
+    assert len(r["ray_windows_samples_per_s"]) == t["steps"] // t["eval_every"]
+    assert r["ray_samples_per_s_stats"]["min"] <= r["ray_samples_per_s"] <= r["ray_samples_per_s_stats"]["max"]
+    assert r["ray_over_torchrun"] == pytest.approx(r["ray_samples_per_s"] / r["torchrun_samples_per_s"])
+    assert r["torchrun"]["samples_per_s"] == r["torchrun_samples_per_s"] > 0
+    assert 0 < r["mfu_ray"] < 1 and 0 < r["mfu_torchrun"] < 1
+
+
+def test_sweep_times_every_trial_and_its_start_up_phases(results):
+    r = results["sweep"]
+    trials = r["trials"]
+    assert len(trials) == r["config"]["sweep"]["num_samples"]
+    assert len({t["trial_id"] for t in trials}) == len(trials)
+    for t in trials:
+        p = t["phases"]  # seconds since launch at which each phase was done: in order
+        order = [p[k] for k in ("startup_trial_s", "startup_driver_s", "startup_workers_s", "startup_model_s",
+                                "startup_s")]
+        assert 0 <= order[0] and order == sorted(order), p
+        assert t["startup_s"] == p["startup_s"] and t["training_s"] > 0
+        assert t["total_s"] == pytest.approx(t["startup_s"] + t["training_s"])
+    # Trials run one after another (max_concurrent_trials 1): the wall holds all of them.
+    assert r["sweep_wall_s"] >= sum(t["total_s"] for t in trials)
+    assert r["wall_over_training"] == pytest.approx(r["sweep_wall_s"] / r["sum_training_s"])
+
+
+def test_serve_answers_every_load_point_without_errors(results):
+    r = results["serve"]
+    points = {(x["config"], x["concurrency"]): x for x in r["rows"]}
+    for config in ("in-process, unbatched", "in-process, batched", "serve no-op, 3 hops",
+                   "single deployment, batched", "3-stage, batched", "3-stage, unbatched"):
+        for c in CONCURRENCY:
+            row = points[(config, c)]
+            assert row["errors"] == 0, (config, c)
+            assert row["requests"] == n_requests(c, True, r["repeats"])
+            assert 0 < row["p50_ms"] <= row["p99_ms"]
+    g = r["goals"]
+    assert g["pipeline_added_ms_at_c1"] == pytest.approx(
+        g["pipeline_p50_ms"] - g["in_process_p50_ms"] - g["noop_3hop_p50_ms"])
+    assert g["batched_over_unbatched_req_s_at_c32"] > 0
