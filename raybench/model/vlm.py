@@ -103,6 +103,22 @@ class HybridVLM(nn.Module):
     def decoder_layers(self) -> nn.ModuleList:
         return self.llm.model.layers
 
+    def units(self, parts: tuple[str, ...] = ("vision", "llm", "projector", "deepstack")) -> list[nn.Module]:
+        """The blocks each called once per forward, of the given parts: what FSDP shards and
+        `torch.compile` compiles one by one. Per block, because the LLM's layers are run by
+        `run_decoder` one at a time, never through `self.llm.forward`. A part a serving stage
+        dropped (None) has no units."""
+        units: list[nn.Module] = []
+        if "vision" in parts and self.vision is not None:
+            units += list(self.vision.blocks)
+        if "llm" in parts and self.llm is not None:
+            units += list(self.decoder_layers)
+        if "projector" in parts and self.projector is not None:
+            units.append(self.projector)
+        if "deepstack" in parts and self.deepstack is not None:
+            units.append(self.deepstack)
+        return units
+
     def encode_images(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage 1 (ViT): pixels [B,3,H,W] -> (patches [B,P,Hv], DeepStack taps)."""
         return self.vision(pixel_values, self.deepstack_visual_indexes)

@@ -99,11 +99,11 @@ class _Stage:
                  time.perf_counter() - t0, self.model_dir, torch.get_num_threads(), compile)
 
     def _compile(self) -> None:
-        for name in self.keep:
-            module = getattr(self.model, name, None)
-            if module is not None:
-                # dynamic=True: batch sizes vary from call to call; avoid a recompile per size.
-                setattr(self.model, name, torch.compile(module, dynamic=True))
+        # In place and per block, as training does: wrapping `model.llm` in torch.compile
+        # would never run compiled (the decoder calls its layers one by one).
+        # dynamic=True: batch sizes vary from call to call; avoid a recompile per size.
+        for unit in self.model.units(self.keep):
+            unit.compile(dynamic=True)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve calls this with the deployment's `user_config` (batch knobs), also live."""

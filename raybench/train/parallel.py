@@ -29,10 +29,7 @@ def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
 def parallelize(model: HybridVLM, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
                 compile: bool = False) -> HybridVLM:
     kw = {"mesh": mesh, "mp_policy": mp_policy}
-    units = [*model.vision.blocks, *model.decoder_layers, model.projector]
-    if model.deepstack is not None:
-        units.append(model.deepstack)
-    for unit in units:
+    for unit in model.units():
         if compile:
             # Per block, after sharding decisions: FSDP's hooks stay outside the graph.
             unit.compile()

@@ -292,3 +292,39 @@ def test_from_pretrained_local_transformers_checkpoints(tmp_path):
     for name, p in model.vision.siglip.state_dict().items():
         assert torch.equal(p, loaded.vision.siglip.state_dict()[name])
     assert torch.equal(model.llm.lm_head.weight, loaded.llm.lm_head.weight)
+
+
+def _compiled_frames(model: HybridVLM, compile_with) -> int:
+    """Frames dynamo compiled while `model` generates, after `compile_with(backend)`."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()  # a backend that counts what reaches it and runs it eagerly
+    compile_with(counter)
+    ids, mask, pixels, _ = batch(model)
+    with torch.no_grad():
+        model.generate(ids, mask, pixels, max_new_tokens=2)
+    torch._dynamo.reset()
+    return counter.frame_count
+
+
+@pytest.mark.parametrize("parts", [("vision",), ("projector", "deepstack"), ("llm",)])  # the serving stages
+def test_each_stage_units_run_compiled(parts):
+    model = make_model("hybrid").eval()
+
+    def compile_units(backend):
+        for unit in model.units(parts):
+            unit.compile(backend=backend, dynamic=True)
+
+    assert model.units(parts) and _compiled_frames(model, compile_units) > 0
+
+
+def test_wrapping_the_llm_in_torch_compile_never_runs_it_compiled():
+    # Why serving compiles per unit: the decoder calls the LLM's layers one by one, so a
+    # torch.compile wrapper around `model.llm` (what serving used to set) is never called.
+    model = make_model("hybrid").eval()
+
+    def wrap_llm(backend):
+        model.llm = torch.compile(model.llm, backend=backend)
+
+    assert _compiled_frames(model, wrap_llm) == 0
