@@ -78,8 +78,7 @@ def run_sweep_bench(out: Path, quick: bool) -> dict:
 
 PHASES = ("startup_trial_s", "startup_driver_s", "startup_workers_s", "startup_model_s", "startup_s")
 PHASE_NAMES = {"startup_trial_s": "trial driver process started, Ray imported, Tune set up",
-               "startup_driver_s": "trial driver ready (torch + Ray Train imports, inference cost; "
-                                   "data come from the sweep)",
+               "startup_driver_s": "trial driver ready (torch + Ray Train imported; data come from the sweep)",
                "startup_workers_s": "Train controller + worker group + gloo group up",
                "startup_model_s": "model built, FSDP-sharded, MLflow run open",
                "startup_s": "first batch through (Ray Data split + iterator) = first step"}

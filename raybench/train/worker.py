@@ -85,10 +85,10 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = _open_tracker(cfg, rank, config)
     nodes = [None] * world  # where the workers landed (placement_strategy), for the record
     dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    extra = dict(config.get("extra_metrics") or {})
+    extra: dict[str, float] = {}  # reported with every eval: start-up phases, a sweep's cost
     launched_at = config.get("launched_at", entered)
     # Where the fixed cost goes (seconds since launch): a sweep trial's driver process and
-    # Tune set-up, the driver's own preparation (imports, a trial's inference cost, data),
+    # Tune set-up, the driver's own preparation (imports, data),
     # the Train controller + worker group + process group, then model build/shard/resume/
     # MLflow, then the first batch.
     startup = {"startup_driver_s": config.get("driver_ready_at", launched_at) - launched_at,

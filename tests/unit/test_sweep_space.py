@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+
 import pytest
 import yaml
 
@@ -10,7 +14,7 @@ from raybench.config import ConfigError, validate_config
 from raybench.tune.report import TrialRow, pareto_front
 from raybench.tune.space import optuna_space, trial_raw, validate_space
 from raybench.tune.sweep import load_sweep
-from raybench.tune.trial import trial_config
+from raybench.tune.trial import process_started_at, trial_config
 
 BASE = {"name": "sw", "model": {"preset": "hybrid", "size": "tiny"}}
 
@@ -175,3 +179,16 @@ def test_grid_trials_land_in_the_optuna_study_once(tmp_path):
     assert trials["t2"].value == 0.75 and trials["t2"].params == {key_i: 1, key_s: "step"}
     assert trials["t3"].state == optuna.trial.TrialState.FAIL
     assert study.best_trial.user_attrs["trial_id"] == "t2"
+
+
+def test_trial_launch_is_the_process_start_not_the_call():
+    # A sweep trial's start-up is timed from its driver process's start, so the imports
+    # before our code count too: a child process must report roughly when it was spawned,
+    # not when (after its imports) it asked.
+    spawned = time.time()
+    out = subprocess.run([sys.executable, "-c", "import time; from raybench.tune.trial import process_started_at; "
+                          "print(process_started_at(), time.time())"], capture_output=True, text=True, check=True)
+    started, asked = map(float, out.stdout.split())
+    assert spawned - 0.05 <= started < asked
+    assert started - spawned < 0.5 * (asked - spawned)  # nearer the spawn than the call
+    assert process_started_at() <= time.time()
