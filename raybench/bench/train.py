@@ -109,19 +109,16 @@ def run_train_bench(out: Path, size: str, quick: bool) -> dict:
         extra = {"ray_nodash_windows_samples_per_s": w, "ray_nodash_samples_per_s": sps,
                  "ray_nodash_over_torchrun": sps / torchrun["samples_per_s"]}
 
-    def mfu(samples_per_s: float) -> float:
-        return flops * samples_per_s / cfg.train.batch_size / peak
-
     kept = windows[1:] or windows
-    return {
+    result = {
         "bench": "train", "quick": quick, "config": raw, "matmul_peak_gflops": peak,
         "command": "raybench bench train " + ("--quick" if quick else f"--size {size}"),  # --quick: tiny
         "step_gflops": flops, "torchrun": torchrun, "ray_windows_samples_per_s": windows,
         "ray_samples_per_s_stats": {"median": ray_sps, "min": min(kept), "max": max(kept), "samples": windows},
         "ray_samples_per_s": ray_sps, "torchrun_samples_per_s": torchrun["samples_per_s"],
-        "ray_over_torchrun": ray_sps / torchrun["samples_per_s"],
-        "mfu_ray": mfu(ray_sps), "mfu_torchrun": mfu(torchrun["samples_per_s"]), **extra,
+        "ray_over_torchrun": ray_sps / torchrun["samples_per_s"], **extra,
     }
+    return {**result, "mfu_ray": mfu_of(result, ray_sps), "mfu_torchrun": mfu_of(result, torchrun["samples_per_s"])}
 
 
 def _ray_windows(cfg, dashboard: bool) -> list[float]:
@@ -133,11 +130,7 @@ def _ray_windows(cfg, dashboard: bool) -> list[float]:
     from raybench.train.trainer import fit, init_ray
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    if dashboard:
-        init_ray()
-    else:
-        ray.init(address="local", include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
+    init_ray(include_dashboard=dashboard)
     try:
         result = fit(cfg)
     finally:

@@ -26,8 +26,9 @@ def check_distributed(cfg: RunConfig) -> None:
                           f"{t.num_workers} (each worker takes batch_size / num_workers)")
 
 
-def init_ray() -> None:
-    """Join `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else start Ray locally.
+def init_ray(include_dashboard: bool = True) -> None:
+    """Join `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else start Ray locally
+    (`include_dashboard=False`: without the dashboard's processes; a local start only).
 
     "local", not Ray's default: without an address `ray.init()` would silently join any
     cluster a `ray start` left running on this machine (/tmp/ray/ray_current_cluster).
@@ -42,7 +43,7 @@ def init_ray() -> None:
         # with another one; the cluster's image/env keeps the hub offline there.
         ray.init(address=address, log_to_driver=True)
     else:
-        ray.init(address="local", log_to_driver=True,
+        ray.init(address="local", log_to_driver=True, include_dashboard=include_dashboard,
                  runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
 
 
