@@ -53,6 +53,15 @@ def _raw_config(out: Path, size: str, quick: bool, steps: int | None) -> dict:
         train.update(batch_size=32, warmup_steps=3)
     if steps:
         train["steps"] = steps
+    cur = data.get("curriculum")
+    if cur:
+        # The same share of the run on easy scenes as default.yaml's, made once for every preset.
+        base_steps = base.get("train", {}).get("steps", 600)
+        cur = {**cur, "path": str(out / "seeds-curriculum"),
+               "steps": max(1, cur.get("steps", 500) * train.get("steps", base_steps) // base_steps)}
+        if quick:
+            cur["num_examples"] = min(cur.get("num_examples", 6000), 320)
+        data["curriculum"] = cur
     # Three eval windows for the throughput median; every val row scored at the end.
     train.update(eval_every=max(1, train.get("steps", 600) // 3), eval_samples=data.get("num_val", 1000))
     return {"name": "bench-seeds", "run_dir": str(out / "seeds-runs"),
@@ -95,7 +104,7 @@ def train_and_measure(cfg, batch: int, repeats: int) -> dict:
 def run_seeds_bench(out: Path, size: str = "small", quick: bool = False, steps: int | None = None,
                     repeats: int = 7, presets: tuple[str, ...] = PRESETS) -> dict:
     from raybench.data.prepare import ensure_tokenizer, tokenizer_dir
-    from raybench.data.synthetic import QTYPES, chance_accuracy, write_synthetic
+    from raybench.data.synthetic import QTYPES, chance_accuracy, write_curriculum, write_synthetic
 
     batch = 8
     if quick:
@@ -109,6 +118,10 @@ def run_seeds_bench(out: Path, size: str = "small", quick: bool = False, steps: 
     # One data set and one tokenizer for every preset: only the fusion differs.
     write_synthetic(first.data_path, num_train=d.num_train, num_val=d.num_val,
                     image_size=first.image_size, seed=d.seed, qtypes=d.qtypes)
+    if d.curriculum:
+        shutil.rmtree(first.curriculum_path, ignore_errors=True)
+        write_curriculum(first.curriculum_path, d.curriculum.num_examples, image_size=first.image_size,
+                         seed=d.seed, qtypes=d.qtypes, max_objects=d.curriculum.max_objects)
     ensure_tokenizer(first)
     rows = []
     for preset in presets:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from raybench.config import RunConfig
 from raybench.data.loader import DataError, read_split, validate_dataset
-from raybench.data.synthetic import write_synthetic
+from raybench.data.synthetic import write_curriculum, write_synthetic
 from raybench.data.tokenizer import build_tokenizer, load_tokenizer, save_tokenizer, tokenizer_corpus
 
 
@@ -21,6 +21,13 @@ def ensure_data(cfg: RunConfig) -> dict[str, int]:
     for split in ("train", "val"):
         if counts.get(split, 0) == 0:
             raise DataError(f"{path}: no rows with split == {split!r}")
+    cur = cfg.data.curriculum
+    if cur is not None:
+        where = cfg.curriculum_path
+        if cur.path is None and not where.exists():
+            write_curriculum(where, cur.num_examples, image_size=cfg.image_size, seed=cfg.data.seed,
+                             qtypes=cfg.data.qtypes, max_objects=cur.max_objects)
+        counts["curriculum"] = validate_dataset(where, splits=("curriculum",))["curriculum"]
     return counts
 
 

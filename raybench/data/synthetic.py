@@ -129,13 +129,19 @@ def _place(rng: random.Random, cell: int, lo: float, hi: float) -> tuple[float, 
     return (x0, y0, x0 + side, y0 + side)
 
 
-def sample_scene(rng: random.Random, qtype: str) -> tuple[Scene, str, str]:
-    """A scene for one question type and its (question, answer)."""
+def sample_scene(rng: random.Random, qtype: str, max_objects: int = 4) -> tuple[Scene, str, str]:
+    """A scene for one question type and its (question, answer).
+
+    `max_objects` (1..4) caps the things drawn (shapes, and the letter with its distractors):
+    1-object scenes are a curriculum's easy start, where no question needs binding.
+    """
+    if not 1 <= max_objects <= 4:
+        raise ValueError(f"max_objects = {max_objects}: must be 1..4 (one object per grid cell)")
     names = list(COLORS)
     if qtype == "glyph":
         # One letter in one cell, up to two shapes elsewhere as distractors.
         background = rng.choice(names)
-        cells = rng.sample(range(4), 1 + rng.randint(0, 2))
+        cells = rng.sample(range(4), 1 + rng.randint(0, min(2, max_objects - 1)))
         colors = rng.sample([c for c in names if c != background], len(cells) - 1)
         objs = tuple(SceneObject(rng.choice(SHAPES), col, cell, _place(rng, cell, 0.35, 0.8))
                      for cell, col in zip(cells[1:], colors))
@@ -145,7 +151,7 @@ def sample_scene(rng: random.Random, qtype: str) -> tuple[Scene, str, str]:
         scene = Scene(background, objs, letter, gcell, center)
         return scene, "what letter is shown?", letter.lower()
 
-    n = rng.randint(1, 4)
+    n = rng.randint(1, max_objects)
     background = rng.choice(names)
     colors = rng.sample([c for c in names if c != background], n)
     cells = rng.sample(range(4), n)
@@ -227,14 +233,15 @@ def _example_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"raybench-synthetic:{seed}:{index}")
 
 
-def make_example(seed: int, index: int, image_size: int, qtype: str) -> tuple[bytes, str, str, Scene]:
+def make_example(seed: int, index: int, image_size: int, qtype: str,
+                 max_objects: int = 4) -> tuple[bytes, str, str, Scene]:
     """Example `index` of `seed`: (png, question, answer, scene)."""
-    scene, question, answer = sample_scene(_example_rng(seed, index), qtype)
+    scene, question, answer = sample_scene(_example_rng(seed, index), qtype, max_objects)
     return _png(render_scene(scene, image_size)), question, answer, scene
 
 
 def generate(num_examples: int, image_size: int, seed: int, split: str,
-             qtypes: Sequence[str] | None = None) -> pa.Table:
+             qtypes: Sequence[str] | None = None, max_objects: int = 4) -> pa.Table:
     """`num_examples` rows (image, question, answer, qtype, split); qtypes cycle in order."""
     kinds = _check_qtypes(QTYPES if qtypes is None else qtypes)
     if num_examples < 0:
@@ -244,7 +251,7 @@ def generate(num_examples: int, image_size: int, seed: int, split: str,
     images, questions, answers, types = [], [], [], []
     for i in range(num_examples):
         qtype = kinds[i % len(kinds)]
-        png, q, a, _ = make_example(seed, i, image_size, qtype)
+        png, q, a, _ = make_example(seed, i, image_size, qtype, max_objects)
         images.append(png)
         questions.append(q)
         answers.append(a)
@@ -261,11 +268,22 @@ def derived_seed(seed: int, split: str) -> int:
 def write_synthetic(out_dir: str | os.PathLike, num_train: int, num_val: int, image_size: int,
                     seed: int, qtypes: Sequence[str] | None = None) -> Path:
     """Write out_dir/train.parquet (seed) and out_dir/val.parquet (a derived seed)."""
-    out = Path(out_dir).expanduser()
-    tables = {
+    return _write_tables(out_dir, {
         "train": generate(num_train, image_size, seed, "train", qtypes),
         "val": generate(num_val, image_size, derived_seed(seed, "val"), "val", qtypes),
-    }
+    })
+
+
+def write_curriculum(out_dir: str | os.PathLike, num_examples: int, image_size: int, seed: int,
+                     qtypes: Sequence[str] | None = None, max_objects: int = 1) -> Path:
+    """Write out_dir/curriculum.parquet: easy scenes (at most `max_objects` things) with split
+    "curriculum", from a seed derived from the data seed (so none is a training image)."""
+    return _write_tables(out_dir, {"curriculum": generate(
+        num_examples, image_size, derived_seed(seed, "curriculum"), "curriculum", qtypes, max_objects)})
+
+
+def _write_tables(out_dir: str | os.PathLike, tables: dict[str, pa.Table]) -> Path:
+    out = Path(out_dir).expanduser()
     # Build in a hidden sibling and rename, so an interrupted run never leaves a directory
     # that looks complete (callers synthesise only when the directory is missing).
     fresh = not out.exists()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from typing import Callable, Iterator
@@ -28,6 +29,15 @@ def shuffled_batches(table: pa.Table, batch_size: int, seed: int) -> Iterator[di
         perm = torch.randperm(n, generator=gen)
         for start in range(0, n - batch_size + 1, batch_size):
             yield table.take(pa.array(perm[start:start + batch_size].numpy())).to_pydict()
+
+
+def training_batches(train: pa.Table, batch_size: int, seed: int, curriculum: pa.Table | None = None,
+                     curriculum_steps: int = 0) -> Iterator[dict]:
+    """`curriculum_steps` batches of the curriculum's easy scenes (when given), then the
+    training set's; each its own seeded shuffle."""
+    if curriculum is not None:
+        yield from itertools.islice(shuffled_batches(curriculum, batch_size, seed), curriculum_steps)
+    yield from shuffled_batches(train, batch_size, seed)
 
 
 def val_batches(table: pa.Table, proc: VQAProcessor, batch_size: int) -> list[dict]:
@@ -61,7 +71,12 @@ def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str,
     history = (logs / "train_local.jsonl").open("w")
 
     metrics: dict[str, float] = {}
-    batches = shuffled_batches(train, t.batch_size, t.seed)
+    cur = cfg.data.curriculum
+    curriculum = read_split(cfg.curriculum_path, "curriculum", columns=COLUMNS) if cur else None
+    if cur:
+        log(f"[raybench] curriculum: the first {cur.steps} steps on {curriculum.num_rows} scenes of "
+            f"<= {cur.max_objects} object(s) from {cfg.curriculum_path}")
+    batches = training_batches(train, t.batch_size, t.seed, curriculum, cur.steps if cur else 0)
     window_start, window_samples, losses = time.perf_counter(), 0, []
     for step in range(1, t.steps + 1):
         loss = train_step(model, proc.collate(next(batches)), optimizer, scheduler, t.grad_clip)

@@ -79,23 +79,28 @@ def storage_path(cfg: RunConfig) -> str:
 def dataset_key(cfg: RunConfig, tokenizer: Path | None = None) -> tuple:
     """What the materialised train/val data depend on (not the model: see train/data.py)."""
     tok_dir = Path(tokenizer or tokenizer_dir(cfg)).resolve()
+    curriculum = cfg.curriculum_path
     return (str(cfg.data_path.resolve()), str(tok_dir), cfg.model.vision.image_size, cfg.data.max_length,
-            cfg.train.eval_samples)
+            cfg.train.eval_samples, str(curriculum.resolve()) if curriculum else None)
 
 
 def build_datasets(cfg: RunConfig, tokenizer: Path | None = None) -> dict:
-    """Materialised train/val Ray Datasets, keyed by `dataset_key` (a sweep shares them)."""
+    """Materialised train/val (and curriculum) Ray Datasets, keyed by `dataset_key` (a sweep
+    shares them)."""
     import ray.data
 
     from raybench.train.data import build_dataset
 
     # Ray Data's per-dataset progress bars drown Tune's table and the per-eval lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    path, tok_dir, image_size, max_length, eval_samples = dataset_key(cfg, tokenizer)
+    path, tok_dir, image_size, max_length, eval_samples, curriculum = dataset_key(cfg, tokenizer)
     common = dict(tokenizer_dir=Path(tok_dir), image_size=image_size, max_length=max_length)
-    return {"key": dataset_key(cfg, tokenizer),
-            "train": build_dataset(Path(path), "train", **common),
-            "val": build_dataset(Path(path), "val", limit=eval_samples, **common)}
+    out = {"key": dataset_key(cfg, tokenizer),
+           "train": build_dataset(Path(path), "train", **common),
+           "val": build_dataset(Path(path), "val", limit=eval_samples, **common)}
+    if curriculum:
+        out["curriculum"] = build_dataset(Path(curriculum), "curriculum", **common)
+    return out
 
 
 def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri: str | None = None,
@@ -143,7 +148,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
                                                checkpoint_score_attribute="accuracy",
                                                checkpoint_score_order="max"),
         ),
-        datasets={"train": datasets["train"], "val": datasets["val"]},
+        datasets={k: v for k, v in datasets.items() if k != "key"},
         dataset_config=DeterministicSplit(),
     )
 

@@ -107,10 +107,15 @@ def train_loop_per_worker(config: dict) -> None:
 
     per_worker = t.batch_size // world
     suppressed = [model.image_token_id, model.pad_token_id]
-    shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    val_shard = ray.train.get_dataset_shard("val")
+    # A curriculum's easy scenes for its first K steps, then the training set. The phase
+    # follows from the step, and each phase counts its own epochs and batches, so a run
+    # resumed in either phase lands on the exact batch it stopped before.
+    curriculum_steps = cfg.data.curriculum.steps if cfg.data.curriculum else 0
     every = t.checkpoint_every or t.eval_every
     window = _Window()
     while state.step < t.steps:
+        shard = ray.train.get_dataset_shard("curriculum" if state.step < curriculum_steps else "train")
         for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device,
                                     cfg.model.num_image_tokens):
             if not resumed and "startup_s" not in extra:  # launch -> first step: the fixed cost
@@ -121,6 +126,12 @@ def train_loop_per_worker(config: dict) -> None:
             loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
             state.step += 1
             state.batch_in_epoch += 1
+            phase_done = state.step == curriculum_steps
+            if phase_done:  # the training set starts at its own epoch 0, batch 0
+                state.epoch, state.batch_in_epoch = 0, 0
+                if tracker:
+                    print(f"[raybench] step {state.step}: curriculum done, the training set from here", flush=True)
+                    tracker.log_metrics({"curriculum_end": state.step}, step=state.step)
             # Throughput counts every rank's samples and real (unpadded) tokens.
             window.add(loss, per_worker * world, int(batch["attention_mask"].sum()) * world)
             if tracker and state.step % t.log_every == 0:
@@ -135,7 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
                 _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed,
                                        device, tracker, rank, window, t.steps, extra)
                 window = _Window()
-            if state.step >= t.steps:
+            if state.step >= t.steps or phase_done:
                 break
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0

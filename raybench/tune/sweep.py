@@ -166,6 +166,9 @@ def run_sweep(sweep: Sweep, resume: bool = False):
            "data_path": str(cfg.data_path.resolve()), "tokenizer": str(tokenizer_dir(cfg).resolve()),
            "tracking_uri": uri, "parent_run_id": parent.run_id, "cost_metric": cfg.sweep.cost_metric,
            "driver_cpus": cfg.sweep.driver_cpus,
+           "curriculum": cfg.data.curriculum and {
+               "path": str(cfg.curriculum_path.resolve()),
+               "key": [cfg.data.curriculum.max_objects, cfg.data.curriculum.num_examples]},
            # Read, decode and tokenise once for every trial (the data don't depend on the
            # model); a trial whose data settings differ builds its own.
            "datasets": build_datasets(cfg, tokenizer_dir(cfg).resolve())}

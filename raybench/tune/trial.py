@@ -28,7 +28,13 @@ def trial_config(ctx: dict[str, Any], params: dict[str, Any], trial_id: str):
     raw["name"] = trial_name(ctx["name"], trial_id)
     raw["run_dir"] = str(Path(ctx["run_dir"]) / "trials" / trial_id)
     raw = set_path(raw, "data.path", ctx["data_path"])  # one data set for every trial
-    return validate_config(raw)
+    cfg = validate_config(raw)
+    # The sweep's curriculum scenes too, unless this trial's curriculum asks for other ones
+    # (a space over data.curriculum.max_objects): those it generates in its own run_dir.
+    cur, shared = cfg.data.curriculum, ctx.get("curriculum")
+    if cur and cur.path is None and shared and [cur.max_objects, cur.num_examples] == list(shared["key"]):
+        cfg = validate_config(set_path(raw, "data.curriculum.path", shared["path"]))
+    return cfg
 
 
 def process_started_at() -> float:

@@ -93,6 +93,15 @@ def test_unknown_qtype():
     assert "data.qtypes" in _error({"data": {"qtypes": ["color", "smell"]}})
 
 
+def test_curriculum_must_end_before_training_and_fill_a_batch():
+    msg = _error({"train": {"steps": 100, "batch_size": 32},
+                  "data": {"curriculum": {"steps": 100, "num_examples": 16}}})
+    assert "data.curriculum.steps = 100" in msg and "data.curriculum.num_examples = 16" in msg
+    assert "data.curriculum.max_objects" in _error({"data": {"curriculum": {"max_objects": 5}}})
+    cfg = validate_config({"run_dir": "r", "data": {"curriculum": {}}})
+    assert cfg.curriculum_path == Path("r/curriculum-1obj-6000") and validate_config({}).curriculum_path is None
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -135,6 +135,34 @@ def test_answers_match_the_scene(qtype):
                 assert (y0 >= 0.5) == row and (y1 <= 0.5) != row
 
 
+@pytest.mark.parametrize("max_objects", [1, 2])
+def test_max_objects_caps_every_scene(max_objects):
+    seen = Counter()
+    for qtype in QTYPES:
+        for i in range(30):
+            _, question, answer, scene = make_example(7, i, SIZE, qtype, max_objects=max_objects)
+            things = len(scene.objects) + (scene.glyph is not None)
+            assert 1 <= things <= max_objects
+            seen[things] += 1
+    assert set(seen) == set(range(1, max_objects + 1))  # a cap, not a fixed count
+    with pytest.raises(ValueError, match="max_objects"):
+        sample_scene(random.Random(0), "color", max_objects=5)
+
+
+def test_curriculum_split_is_easy_and_not_training_images(tmp_path):
+    from raybench.data.synthetic import write_curriculum
+
+    write_synthetic(tmp_path / "d", num_train=60, num_val=12, image_size=SIZE, seed=0)
+    out = write_curriculum(tmp_path / "c", num_examples=60, image_size=SIZE, seed=0, max_objects=1)
+    assert validate_dataset(out, splits=("curriculum",)) == {"curriculum": 60}
+    cur = read_split(out, "curriculum")
+    # Every count question of a 1-object scene has the answer "one".
+    counts = [a for a, q in zip(cur["answer"].to_pylist(), cur["qtype"].to_pylist()) if q == "count"]
+    assert counts and set(counts) == {"one"}
+    train = set(read_split(tmp_path / "d", "train")["image"].to_pylist())
+    assert not train & set(cur["image"].to_pylist())
+
+
 def test_rendering_shows_the_scene():
     """Each object's centre has its colour, the corner has the background's, letters have ink."""
     size = 64
