@@ -235,6 +235,11 @@ class SweepConfig(_Strict):
     registered_model: str = Field("raybench-vlm", min_length=1)
     alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
     space: dict[str, Dimension] = Field(default_factory=dict)
+    # Configs Optuna tries first, before TPE proposes (Tune's `points_to_evaluate`): each
+    # maps space dimensions to values; a dimension a point leaves out takes this config's
+    # own value, so `[{}]` makes trial 1 the config as written - a known-good start that
+    # the champion can only improve on. Optuna search only.
+    points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class RunConfig(_Strict):

@@ -106,8 +106,62 @@ def _grid_errors(cfg: RunConfig) -> list[str]:
     return errs
 
 
+def _outside(dim: Dimension, value: Any) -> str | None:
+    """Why `value` is not a point of `dim`, or None when it is."""
+    if dim.type == "choice":
+        return None if value in (dim.values or []) else f"not one of {dim.values}"
+    if dim.type in ("int", "logint") and (isinstance(value, bool) or not isinstance(value, int)):
+        return "not an integer"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "not a number"
+    return None if dim.low <= value <= dim.high else f"outside [{dim.low}, {dim.high}]"
+
+
+def resolve_points(cfg: RunConfig) -> list[dict[str, Any]]:
+    """`sweep.points_to_evaluate` as full Optuna params (canonical keys, every dimension):
+    what a point leaves out is the config's own value."""
+    fields = flatten(dump_config(cfg))
+    out = []
+    for point in cfg.sweep.points_to_evaluate:
+        given = {canonical(k): v for k, v in point.items()}
+        full = {}
+        for path, dim in cfg.sweep.space.items():
+            key = canonical(path)
+            value = given.get(key, fields.get(key))
+            full[key] = float(value) if dim.type in ("uniform", "loguniform") and isinstance(value, int) else value
+        out.append(full)
+    return out
+
+
+def _point_errors(raw: dict[str, Any], cfg: RunConfig) -> list[str]:
+    s = cfg.sweep
+    if s.points_to_evaluate and s.search == "grid":
+        return ["sweep.points_to_evaluate: a grid search already runs every point; drop it or use "
+                "sweep.search = optuna"]
+    errs = []
+    dims = {canonical(p): d for p, d in s.space.items()}
+    for i, (point, full) in enumerate(zip(s.points_to_evaluate, resolve_points(cfg))):
+        where = f"sweep.points_to_evaluate[{i}]"
+        unknown = [k for k in point if canonical(k) not in dims]
+        if unknown:
+            errs.append(f"{where}: {unknown} not in sweep.space (a point sets space dimensions only)")
+            continue
+        given = {canonical(k) for k in point}
+        bad = [(k, v, _outside(dims[k], v)) for k, v in full.items() if _outside(dims[k], v)]
+        for key, value, why in bad:
+            source = "" if key in given else " (this config's own value; give one in the point)"
+            errs.append(f"{where}[{key!r}] = {value!r}: {why}{source}")
+        if not bad:
+            try:
+                validate_config(trial_raw(raw, full))
+            except ConfigError as err:
+                reason = str(err).removeprefix("invalid config:").strip().splitlines()[0].strip()
+                errs.append(f"{where}: gives an invalid config: {reason}")
+    return errs
+
+
 def validate_space(raw: dict[str, Any], cfg: RunConfig) -> None:
-    """Raise `ConfigError` naming every bad dimension (see the module docstring)."""
+    """Raise `ConfigError` naming every bad dimension and point (see the module docstring)."""
     fields = flatten(dump_config(cfg))
     errs: list[str] = _grid_errors(cfg) if cfg.sweep.search == "grid" else []
     for path, dim in cfg.sweep.space.items():
@@ -129,6 +183,8 @@ def validate_space(raw: dict[str, Any], cfg: RunConfig) -> None:
                 errs.append(f"{where}.{edge} = {value!r}: gives an invalid config: {reason}")
     if len({canonical(p) for p in cfg.sweep.space}) != len(cfg.sweep.space):
         errs.append("sweep.space: a field is listed twice (under its path and an alias)")
+    if not errs:  # points are checked against a sound space
+        errs = _point_errors(raw, cfg)
     if errs:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errs))
 

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from raybench.config import ConfigError, RunConfig, dump_config, flatten, load_raw, validate_config
-from raybench.tune.space import grid_space, grid_values, optuna_space, validate_space
+from raybench.tune.space import grid_space, grid_values, optuna_space, resolve_points, validate_space
 
 SWEEP_FILE = "sweep.yaml"
 
@@ -130,6 +130,7 @@ def _tuner(sweep: Sweep, trainable, resume: bool):
         s, space=optuna_space(s.space), metric=metrics[0] if single else metrics,
         mode=modes[0] if single else modes, study_name=sweep.cfg.name,
         storage=optuna.storages.RDBStorage(sweep.study_storage),
+        points_to_evaluate=resolve_points(sweep.cfg) or None,  # enqueued: Optuna's first trials
     )
     return tune.Tuner(
         trainable, run_config=run_config,

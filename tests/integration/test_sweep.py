@@ -51,14 +51,16 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
-def write_config(tmp: Path, name: str, data_dir: Path, num_samples: int, curriculum=None) -> Path:
+def write_config(tmp: Path, name: str, data_dir: Path, num_samples: int, curriculum=None,
+                 points_to_evaluate=()) -> Path:
     cfg = {
         "name": name, "run_dir": str(tmp / name),
         "model": {"preset": "hybrid", "size": "tiny"},
         "data": {"path": str(data_dir), "curriculum": curriculum},
         "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "eval_every": 6, "eval_samples": 32,
                   "log_every": 1, "num_workers": 2},
-        "sweep": {"num_samples": num_samples, "seed": 0, "space": SPACE},
+        "sweep": {"num_samples": num_samples, "seed": 0, "space": SPACE,
+                  "points_to_evaluate": list(points_to_evaluate)},
     }
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -77,7 +79,9 @@ def _children(client: MlflowClient, parent_id: str):
 def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path, data_dir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     curriculum = {"steps": 4, "num_examples": 64}
-    sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=3, curriculum=curriculum), [])
+    # Trial 1 is the config as written (its own model/train values), then TPE proposes.
+    sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=3, curriculum=curriculum,
+                                    points_to_evaluate=[{}]), [])
     try:
         summary = run_sweep(sweep)
     finally:
@@ -133,6 +137,8 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
     study = optuna.load_study(study_name="sw", storage=f"sqlite:///{run_dir / 'optuna.db'}")
     assert len(study.trials) == 3
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value is not None for t in study.trials)
+    assert study.trials[0].params == {"model.fusion.vet.vocab_size": 64, "model.fusion.deepstack.num_injections": 2,
+                                      "model.fusion.sparsity.schedule": "exponential", "train.lr": 0.003}
     assert study.best_value == pytest.approx(champion["accuracy"])
 
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "summary")}
@@ -176,7 +182,7 @@ def _session_processes(session: str) -> list[int]:
 
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path, data_dir):
     ray.shutdown()
-    cfg_path = write_config(tmp_path, "kill", data_dir, num_samples=2)
+    cfg_path = write_config(tmp_path, "kill", data_dir, num_samples=2, points_to_evaluate=[{"train.lr": 0.002}])
     run_dir = tmp_path / "kill"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     log = (tmp_path / "first.log").open("w")
@@ -203,8 +209,9 @@ def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path,
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
     study = optuna.load_study(study_name="kill", storage=f"sqlite:///{run_dir / 'optuna.db'}")
-    assert len(study.trials) == 2
+    assert len(study.trials) == 2  # the point was enqueued once, not again on resume
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert study.trials[0].params["train.lr"] == 0.002
     client = _client(run_dir)
     parent_id = (run_dir / "mlflow_run_id").read_text().strip()
     children = {c.data.tags["raybench.trial_id"]: c for c in _children(client, parent_id)}

@@ -12,7 +12,7 @@ import yaml
 from raybench.cli import main
 from raybench.config import ConfigError, validate_config
 from raybench.tune.report import TrialRow, pareto_front
-from raybench.tune.space import optuna_space, trial_raw, validate_space
+from raybench.tune.space import optuna_space, resolve_points, trial_raw, validate_space
 from raybench.tune.sweep import load_sweep
 from raybench.tune.trial import process_started_at, trial_config
 
@@ -192,3 +192,65 @@ def test_trial_launch_is_the_process_start_not_the_call():
     assert spawned - 0.05 <= started < asked
     assert started - spawned < 0.5 * (asked - spawned)  # nearer the spawn than the call
     assert process_started_at() <= time.time()
+
+
+POINT_SPACE = {
+    "vet_vocab_size": {"type": "logint", "low": 32, "high": 256},
+    "model.fusion.sparsity.schedule": {"type": "choice", "values": ["constant", "linear", "exponential", "step"]},
+    "train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2},
+}
+
+
+def test_points_to_evaluate_fill_what_they_leave_out_from_the_config():
+    raw = {**_raw(POINT_SPACE, points_to_evaluate=[{}, {"vet_vocab_size": 200, "train.lr": 0.003}]),
+           "train": {"lr": 0.0005}}
+    raw["model"]["fusion"] = {"vet": {"vocab_size": 48}, "sparsity": {"schedule": "linear"}}
+    cfg = validate_config(raw)
+    validate_space(raw, cfg)
+    assert resolve_points(cfg) == [
+        {"model.fusion.vet.vocab_size": 48, "model.fusion.sparsity.schedule": "linear", "train.lr": 0.0005},
+        {"model.fusion.vet.vocab_size": 200, "model.fusion.sparsity.schedule": "linear", "train.lr": 0.003},
+    ]
+
+
+def test_the_points_reach_optuna_first():
+    import optuna
+    from optuna.trial import TrialState
+
+    from raybench.tune.searcher import ask_distinct
+
+    raw = _raw(POINT_SPACE, points_to_evaluate=[{"vet_vocab_size": 200}])
+    cfg = validate_config(raw)
+    study = optuna.create_study(direction="maximize")
+    for point in resolve_points(cfg):  # what Tune's OptunaSearch does with points_to_evaluate
+        study.enqueue_trial(point)
+    first = ask_distinct(study, optuna_space(cfg.sweep.space), None, __import__("random").Random(0))
+    assert first.params == resolve_points(cfg)[0]
+    assert study.get_trials(states=(TrialState.WAITING,)) == []
+
+
+@pytest.mark.parametrize("points, expected", [
+    ([{"train.lr": 0.5}], "points_to_evaluate[0]['train.lr'] = 0.5: outside [0.0001, 0.01]"),
+    ([{"model.fusion.sparsity.schedule": "cosine"}], "= 'cosine': not one of"),
+    ([{"vet_vocab_size": 64.5}], "vocab_size'] = 64.5: not an integer"),
+    ([{"model.llm.num_layers": 2}], "['model.llm.num_layers'] not in sweep.space"),
+    ([{}, {"train.lr": "fast"}], "points_to_evaluate[1]['train.lr'] = 'fast': not a number"),
+])
+def test_bad_points_fail_before_ray_with_the_point_and_the_rule(points, expected):
+    raw = _raw(POINT_SPACE, points_to_evaluate=points)
+    with pytest.raises(ConfigError) as err:
+        validate_space(raw, validate_config(raw))
+    assert expected in str(err.value)
+
+
+def test_a_config_value_outside_the_space_says_to_give_it_in_the_point():
+    raw = {**_raw(POINT_SPACE, points_to_evaluate=[{}]), "train": {"lr": 0.05}}
+    with pytest.raises(ConfigError, match=r"'train.lr'\] = 0.05: outside .*this config's own value"):
+        validate_space(raw, validate_config(raw))
+
+
+def test_a_grid_search_refuses_points():
+    space = {"model.fusion.sparsity.schedule": {"type": "choice", "values": ["linear", "step"]}}
+    raw = _raw(space, search="grid", points_to_evaluate=[{}])
+    with pytest.raises(ConfigError, match="a grid search already runs every point"):
+        validate_space(raw, validate_config(raw))
