@@ -106,6 +106,10 @@ def _grid_errors(cfg: RunConfig) -> list[str]:
     return errs
 
 
+def _first_reason(err: ConfigError) -> str:
+    return str(err).removeprefix("invalid config:").strip().splitlines()[0].strip()
+
+
 def _outside(dim: Dimension, value: Any) -> str | None:
     """Why `value` is not a point of `dim`, or None when it is."""
     if dim.type == "choice":
@@ -155,8 +159,7 @@ def _point_errors(raw: dict[str, Any], cfg: RunConfig) -> list[str]:
             try:
                 validate_config(trial_raw(raw, full))
             except ConfigError as err:
-                reason = str(err).removeprefix("invalid config:").strip().splitlines()[0].strip()
-                errs.append(f"{where}: gives an invalid config: {reason}")
+                errs.append(f"{where}: gives an invalid config: {_first_reason(err)}")
     return errs
 
 
@@ -179,8 +182,7 @@ def validate_space(raw: dict[str, Any], cfg: RunConfig) -> None:
             try:
                 validate_config(set_path(raw, field, value))
             except ConfigError as err:
-                reason = str(err).removeprefix("invalid config:").strip().splitlines()[0].strip()
-                errs.append(f"{where}.{edge} = {value!r}: gives an invalid config: {reason}")
+                errs.append(f"{where}.{edge} = {value!r}: gives an invalid config: {_first_reason(err)}")
     if len({canonical(p) for p in cfg.sweep.space}) != len(cfg.sweep.space):
         errs.append("sweep.space: a field is listed twice (under its path and an alias)")
     if not errs:  # points are checked against a sound space
