@@ -151,7 +151,7 @@ def _point_errors(raw: dict[str, Any], cfg: RunConfig) -> list[str]:
             errs.append(f"{where}: {unknown} not in sweep.space (a point sets space dimensions only)")
             continue
         given = {canonical(k) for k in point}
-        bad = [(k, v, _outside(dims[k], v)) for k, v in full.items() if _outside(dims[k], v)]
+        bad = [(k, v, why) for k, v in full.items() if (why := _outside(dims[k], v))]
         for key, value, why in bad:
             source = "" if key in given else " (this config's own value; give one in the point)"
             errs.append(f"{where}[{key!r}] = {value!r}: {why}{source}")
