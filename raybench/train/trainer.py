@@ -93,9 +93,10 @@ def build_datasets(cfg: RunConfig, tokenizer: Path | None = None) -> dict:
 
     # Ray Data's per-dataset progress bars drown Tune's table and the per-eval lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
-    path, tok_dir, image_size, max_length, eval_samples, curriculum = dataset_key(cfg, tokenizer)
+    key = dataset_key(cfg, tokenizer)
+    path, tok_dir, image_size, max_length, eval_samples, curriculum = key
     common = dict(tokenizer_dir=Path(tok_dir), image_size=image_size, max_length=max_length)
-    out = {"key": dataset_key(cfg, tokenizer),
+    out = {"key": key,
            "train": build_dataset(Path(path), "train", **common),
            "val": build_dataset(Path(path), "val", limit=eval_samples, **common)}
     if curriculum:
