@@ -68,8 +68,30 @@ def _cmd_eval(args) -> int:
                         model.config.vision.image_size)
     val = read_split(cfg.data_path, "val", columns=COLUMNS).slice(0, cfg.train.eval_samples)
     metrics = evaluate(model, val_batches(val, proc, cfg.train.batch_size), [proc.image_token_id, proc.pad_id])
+    if args.by_objects:
+        metrics["scenes"] = _scene_report(model, proc, val.to_pydict(), cfg)
     print(json.dumps(metrics, indent=2))
     return 0
+
+
+def _scene_report(model, proc, rows: dict, cfg) -> dict:
+    """Greedy answers (as served) to the validation rows, split by what the scene holds."""
+    import torch
+
+    from raybench.data.scene_eval import format_report, scene_report, val_scenes
+
+    predictions = []
+    for start in range(0, len(rows["question"]), cfg.train.batch_size):
+        end = start + cfg.train.batch_size
+        prompt = proc.encode_prompts(rows["question"][start:end])
+        with torch.no_grad():
+            out = model.generate(prompt["input_ids"], prompt["attention_mask"],
+                                 proc.pixel_values(rows["image"][start:end]), max_new_tokens=8)
+        predictions += [proc.decode_answer(ids.tolist()) for ids in out]
+    scenes = val_scenes(rows, cfg.data.seed, cfg.image_size)
+    report = scene_report(rows["qtype"], scenes, rows["answer"], predictions)
+    print(format_report(report), file=sys.stderr)  # stdout stays one JSON document
+    return report
 
 
 def _cmd_ask(args) -> int:
@@ -142,6 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and accuracy per qtype of a saved model")
     _add_config_args(p)
     p.add_argument("--model", required=True, help="model directory (safetensors + config.json)")
+    p.add_argument("--by-objects", action="store_true",
+                   help="synthetic data: right / another object's attribute / neither, and accuracy "
+                        "by object count, per question type (greedy answers)")
     p.set_defaults(fn=_cmd_eval)
 
     p = sub.add_parser("ask", help="answer a question about an image with a saved model")
