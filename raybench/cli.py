@@ -30,7 +30,8 @@ def _cmd_data_synth(args) -> int:
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else cfg.data_path
     write_synthetic(out, num_train=cfg.data.num_train, num_val=cfg.data.num_val,
-                    image_size=cfg.image_size, seed=cfg.data.seed, qtypes=cfg.data.qtypes)
+                    image_size=cfg.image_size, seed=cfg.data.seed, qtypes=cfg.data.qtypes,
+                    questions_per_image=cfg.data.questions_per_image)
     print(f"wrote {validate_dataset(out)} rows to {out}")
     return 0
 

@@ -164,6 +164,10 @@ class DataConfig(_Strict):
     image_size: int | None = Field(None, ge=8)  # None: model.vision.image_size
     tokenizer_vocab_size: int = Field(512, ge=300)
     max_length: int = Field(96, ge=8)  # text tokens per row (+1 <image> placeholder), padded to this in Ray Data
+    # Synthetic training (and curriculum) scenes asked up to this many questions each, in
+    # consecutive rows sharing the image: the trainers run the vision tower once per image,
+    # so each tower pass teaches several question types (validation stays one per image).
+    questions_per_image: int = Field(1, ge=1, le=6)  # at most one per question type
     curriculum: CurriculumConfig | None = None  # None: the training set from step 1
 
 
@@ -267,7 +271,10 @@ class RunConfig(_Strict):
         c = self.data.curriculum
         if c is None:
             return None
-        return Path(c.path) if c.path else self.run_path / f"curriculum-{c.max_objects}obj-{c.num_examples}"
+        if c.path:
+            return Path(c.path)
+        k = self.data.questions_per_image
+        return self.run_path / (f"curriculum-{c.max_objects}obj-{c.num_examples}" + (f"-{k}q" if k > 1 else ""))
 
 
 # ---------------------------------------------------------------------------- loading

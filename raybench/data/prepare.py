@@ -16,17 +16,27 @@ def ensure_data(cfg: RunConfig) -> dict[str, int]:
     path = cfg.data_path
     if cfg.data.path is None and not path.exists():
         write_synthetic(path, num_train=cfg.data.num_train, num_val=cfg.data.num_val,
-                        image_size=cfg.image_size, seed=cfg.data.seed, qtypes=cfg.data.qtypes)
+                        image_size=cfg.image_size, seed=cfg.data.seed, qtypes=cfg.data.qtypes,
+                        questions_per_image=cfg.data.questions_per_image)
     counts = validate_dataset(path)
     for split in ("train", "val"):
         if counts.get(split, 0) == 0:
             raise DataError(f"{path}: no rows with split == {split!r}")
+    if cfg.data.path is None:
+        # A run directory rendered for another data config (an older default.yaml, say)
+        # would otherwise be trained on silently.
+        want = {"train": cfg.data.num_train, "val": cfg.data.num_val}
+        got = {split: counts.get(split, 0) for split in want}
+        if got != want:
+            raise DataError(f"{path} holds {got} rows but data asks for {want}: it was rendered for "
+                            f"another data config; delete it to render it again, or set data.path to it")
     cur = cfg.data.curriculum
     if cur is not None:
         where = cfg.curriculum_path
         if cur.path is None and not where.exists():
             write_curriculum(where, cur.num_examples, image_size=cfg.image_size, seed=cfg.data.seed,
-                             qtypes=cfg.data.qtypes, max_objects=cur.max_objects)
+                             qtypes=cfg.data.qtypes, max_objects=cur.max_objects,
+                             questions_per_image=cfg.data.questions_per_image)
         counts["curriculum"] = validate_dataset(where, splits=("curriculum",))["curriculum"]
     return counts
 

@@ -20,6 +20,14 @@ from raybench.data.tokenizer import image_token_id
 IGNORE_INDEX = -100
 
 
+def shared_images(same_as_previous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows that ask about the image of the row before them ([N-1] bools) -> (the first row
+    of each distinct image [M], each row's image among those M [N]). Only consecutive rows
+    share: a batch cut through a group merely encodes that image twice."""
+    first = torch.cat([torch.ones(1, dtype=torch.bool), ~same_as_previous.bool()])
+    return first.nonzero().flatten(), first.long().cumsum(0) - 1
+
+
 class VQAProcessor:
     def __init__(self, tokenizer, num_image_tokens: int, image_size: int):
         self.tokenizer = tokenizer
@@ -69,9 +77,16 @@ class VQAProcessor:
         return decode_images(list(images), self.image_size)
 
     def collate(self, rows: dict[str, Sequence]) -> dict[str, torch.Tensor]:
-        """A columnar batch (image bytes, question, answer) -> training tensors."""
+        """A columnar batch (image bytes, question, answer) -> training tensors. Consecutive
+        rows about the same image (`data.questions_per_image`) decode it once and carry
+        `image_index`, so the model runs the vision tower once per image."""
         batch = self.encode_train(rows["question"], rows["answer"])
-        batch["pixel_values"] = self.pixel_values(rows["image"])
+        images = list(rows["image"])
+        first, image_index = shared_images(torch.tensor([a == b for a, b in zip(images[1:], images)],
+                                                        dtype=torch.bool))
+        batch["pixel_values"] = self.pixel_values([images[i] for i in first.tolist()])
+        if len(first) < len(images):
+            batch["image_index"] = image_index
         return batch
 
     def decode_answer(self, token_ids: Sequence[int]) -> str:

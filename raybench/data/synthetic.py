@@ -240,22 +240,80 @@ def make_example(seed: int, index: int, image_size: int, qtype: str,
     return _png(render_scene(scene, image_size)), question, answer, scene
 
 
+def _question_about(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, str] | None:
+    """A (question, answer) of `qtype` about `scene`, or None when the scene cannot be asked
+    one: a glyph scene is never asked to count (no validation count scene holds a letter), and
+    a colour question names a shape that only one of the objects has, as in `sample_scene`."""
+    objs = scene.objects
+    if qtype == "background":
+        return "what color is the background?", scene.background
+    if qtype == "count":
+        return ("how many shapes are there?", COUNT_WORDS[len(objs) - 1]) if objs and scene.glyph is None else None
+    if qtype == "color":
+        unique = [o for o in objs if sum(p.shape == o.shape for p in objs) == 1]
+        return (f"what color is the {(o := rng.choice(unique)).shape}?", o.color) if unique else None
+    if not objs:  # shape / position need an object; glyph only its own scene
+        return None
+    o = rng.choice(objs)
+    if qtype == "shape":
+        return f"what shape is {o.color}?", o.shape
+    if qtype == "position":
+        return f"where is the {o.color} {o.shape}?", POSITIONS[o.cell]
+    return None
+
+
+def scene_questions(rng: random.Random, scene: Scene, kinds: Sequence[str], k: int
+                    ) -> list[tuple[str, str, str]]:
+    """Up to `k` (qtype, question, answer) about `scene`, of distinct types from `kinds`,
+    chosen with `rng`."""
+    out = []
+    for qtype in rng.sample(list(kinds), len(kinds)):
+        if len(out) == k:
+            break
+        if (qa := _question_about(rng, scene, qtype)) is not None:
+            out.append((qtype, *qa))
+    return out
+
+
+def make_group(seed: int, index: int, image_size: int, qtype: str, k: int, max_objects: int = 4,
+               kinds: Sequence[str] = QTYPES) -> tuple[bytes, list[tuple[str, str, str]]]:
+    """Example `index` asked up to `k` questions: (png, [(qtype, question, answer), ...]).
+    The first is `make_example`'s own question; the rest come from the same random stream."""
+    rng = _example_rng(seed, index)
+    scene, question, answer = sample_scene(rng, qtype, max_objects)
+    others = [q for q in kinds if q != qtype]
+    return (_png(render_scene(scene, image_size)),
+            [(qtype, question, answer)] + scene_questions(rng, scene, others, k - 1))
+
+
 def generate(num_examples: int, image_size: int, seed: int, split: str,
-             qtypes: Sequence[str] | None = None, max_objects: int = 4) -> pa.Table:
-    """`num_examples` rows (image, question, answer, qtype, split); qtypes cycle in order."""
+             qtypes: Sequence[str] | None = None, max_objects: int = 4,
+             questions_per_image: int = 1) -> pa.Table:
+    """`num_examples` rows (image, question, answer, qtype, split); the images' qtypes cycle
+    in order. With `questions_per_image` k > 1 each image is asked up to k questions about
+    the same scene, in consecutive rows that share its PNG bytes (trainers encode it once)."""
     kinds = _check_qtypes(QTYPES if qtypes is None else qtypes)
     if num_examples < 0:
         raise ValueError(f"num_examples = {num_examples}: must be >= 0")
     if image_size < _MIN_IMAGE_SIZE:
         raise ValueError(f"image_size = {image_size}: must be >= {_MIN_IMAGE_SIZE}")
+    if questions_per_image < 1:
+        raise ValueError(f"questions_per_image = {questions_per_image}: must be >= 1")
     images, questions, answers, types = [], [], [], []
-    for i in range(num_examples):
+    i = 0
+    while len(questions) < num_examples:
         qtype = kinds[i % len(kinds)]
-        png, q, a, _ = make_example(seed, i, image_size, qtype, max_objects)
-        images.append(png)
-        questions.append(q)
-        answers.append(a)
-        types.append(qtype)
+        if questions_per_image == 1:  # the original stream, byte for byte
+            png, q, a, _ = make_example(seed, i, image_size, qtype, max_objects)
+            group = [(qtype, q, a)]
+        else:
+            png, group = make_group(seed, i, image_size, qtype, questions_per_image, max_objects, kinds)
+        for qt, q, a in group[: num_examples - len(questions)]:
+            images.append(png)
+            questions.append(q)
+            answers.append(a)
+            types.append(qt)
+        i += 1
     return pa.table([images, questions, answers, types, [split] * num_examples], schema=SCHEMA)
 
 
@@ -266,20 +324,24 @@ def derived_seed(seed: int, split: str) -> int:
 
 
 def write_synthetic(out_dir: str | os.PathLike, num_train: int, num_val: int, image_size: int,
-                    seed: int, qtypes: Sequence[str] | None = None) -> Path:
-    """Write out_dir/train.parquet (seed) and out_dir/val.parquet (a derived seed)."""
+                    seed: int, qtypes: Sequence[str] | None = None, questions_per_image: int = 1) -> Path:
+    """Write out_dir/train.parquet (seed) and out_dir/val.parquet (a derived seed; one
+    question per image, whatever `questions_per_image` the training rows have)."""
     return _write_tables(out_dir, {
-        "train": generate(num_train, image_size, seed, "train", qtypes),
+        "train": generate(num_train, image_size, seed, "train", qtypes,
+                          questions_per_image=questions_per_image),
         "val": generate(num_val, image_size, derived_seed(seed, "val"), "val", qtypes),
     })
 
 
 def write_curriculum(out_dir: str | os.PathLike, num_examples: int, image_size: int, seed: int,
-                     qtypes: Sequence[str] | None = None, max_objects: int = 1) -> Path:
+                     qtypes: Sequence[str] | None = None, max_objects: int = 1,
+                     questions_per_image: int = 1) -> Path:
     """Write out_dir/curriculum.parquet: easy scenes (at most `max_objects` things) with split
     "curriculum", from a seed derived from the data seed (so none is a training image)."""
     return _write_tables(out_dir, {"curriculum": generate(
-        num_examples, image_size, derived_seed(seed, "curriculum"), "curriculum", qtypes, max_objects)})
+        num_examples, image_size, derived_seed(seed, "curriculum"), "curriculum", qtypes, max_objects,
+        questions_per_image)})
 
 
 def _write_tables(out_dir: str | os.PathLike, tables: dict[str, pa.Table]) -> Path:

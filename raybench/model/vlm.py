@@ -202,11 +202,15 @@ class HybridVLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_logits: bool = False) -> VLMOutput:
-        """Right-padded batch -> loss on answer tokens (labels != -100) only."""
+                return_logits: bool = False, image_index: torch.Tensor | None = None) -> VLMOutput:
+        """Right-padded batch -> loss on answer tokens (labels != -100) only. `image_index[i]`
+        names row i's image in `pixel_values` (several questions about one image share its
+        vision tower pass); None: one image per row."""
         visual, deepstack = None, []
         if pixel_values is not None:
             visual, deepstack = self.project(*self.encode_images(pixel_values))
+            if image_index is not None:
+                visual, deepstack = visual[image_index], [d[image_index] for d in deepstack]
         if labels is not None:
             # The query for pruning is the token before the answer (PyramidDrop's training rule).
             query_index = ((labels != IGNORE_INDEX).float().argmax(1) - 1).clamp(min=0)

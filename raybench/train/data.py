@@ -23,7 +23,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
 from raybench.data.loader import decode_rgb_uint8, normalize_pixels
-from raybench.data.processor import IGNORE_INDEX, VQAProcessor
+from raybench.data.processor import IGNORE_INDEX, VQAProcessor, shared_images
 from raybench.data.tokenizer import load_tokenizer
 
 COLUMNS = ["image", "question", "answer", "qtype"]
@@ -103,10 +103,16 @@ def to_model_batch(batch: dict, device: torch.device, num_image_tokens: int) -> 
     width = int(batch["attention_mask"].sum(1).max())
     ids, mask, labels = expand_image_tokens(batch["input_ids"][:, :width], batch["attention_mask"][:, :width],
                                             batch["labels"][:, :width], num_image_tokens)
-    return {
-        "pixel_values": normalize_pixels(batch["pixels"]).to(device),
+    pixels = batch["pixels"]
+    # Consecutive rows about one image (data.questions_per_image): normalise and encode it once.
+    first, image_index = shared_images((pixels[1:] == pixels[:-1]).flatten(1).all(1))
+    out = {
+        "pixel_values": normalize_pixels(pixels[first] if len(first) < len(pixels) else pixels).to(device),
         "input_ids": ids.to(device),
         "attention_mask": mask.to(device),
         "labels": labels.to(device),
         "qtype": list(batch["qtype"]),
     }
+    if len(first) < len(pixels):
+        out["image_index"] = image_index.to(device)
+    return out

@@ -7,7 +7,9 @@ import json
 import time
 from typing import Callable, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from raybench.config import RunConfig, dump_config
@@ -22,13 +24,21 @@ COLUMNS = ["image", "question", "answer", "qtype"]
 
 
 def shuffled_batches(table: pa.Table, batch_size: int, seed: int) -> Iterator[dict]:
-    """Endless epochs of seeded permutations, `batch_size` rows at a time (drop the tail)."""
+    """Endless epochs of seeded permutations, `batch_size` rows at a time (drop the tail).
+    Consecutive rows about one image (`data.questions_per_image`) move together, so a batch
+    holds whole groups (but for the one it is cut through) and encodes each image once."""
     gen = torch.Generator().manual_seed(seed)
+    images = table.column("image")
+    same = pc.equal(images.slice(1), images.slice(0, len(images) - 1)).to_numpy(zero_copy_only=False)
+    starts = np.flatnonzero(np.concatenate([[True], ~same]))
+    ends = np.append(starts[1:], table.num_rows)
     n = table.num_rows
     while True:
-        perm = torch.randperm(n, generator=gen)
+        perm = torch.randperm(len(starts), generator=gen).numpy()
+        rows = (perm if len(starts) == n else  # one question per image: the row permutation itself
+                np.concatenate([np.arange(starts[g], ends[g]) for g in perm]))
         for start in range(0, n - batch_size + 1, batch_size):
-            yield table.take(pa.array(perm[start:start + batch_size].numpy())).to_pydict()
+            yield table.take(pa.array(rows[start:start + batch_size])).to_pydict()
 
 
 def training_batches(train: pa.Table, batch_size: int, seed: int, curriculum: pa.Table | None = None,

@@ -44,7 +44,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, scheduler,
                grad_clip: float) -> float:
     model.train()
-    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"])
+    out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
+                image_index=batch.get("image_index"))
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -73,7 +74,7 @@ def evaluate_counts(model: nn.Module, batches: Iterable[dict], suppressed: list[
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for batch in batches:
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                    return_logits=True)
+                    return_logits=True, image_index=batch.get("image_index"))
         n = batch["input_ids"].shape[0]
         loss_sum += out.loss.item() * n
         n_total += n

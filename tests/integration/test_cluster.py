@@ -92,6 +92,7 @@ def test_pipeline_job_on_a_two_node_cluster(cluster, mlflow_server, tmp_path):
         "--set", "data.num_train=256", "--set", "data.num_val=32", "--set", "train.eval_samples=32",
         "--set", "train.steps=10", "--set", "train.eval_every=5", "--set", "train.batch_size=16",
         "--set", "train.placement_strategy=SPREAD", "--set", "sweep.num_samples=1",
+        "--set", "data.questions_per_image=3",  # rows sharing an image, across two nodes
         "--serve-set", f"port={serve_port}",
         runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": uri, "HF_HUB_OFFLINE": "1"}},
     )

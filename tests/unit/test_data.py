@@ -15,7 +15,7 @@ from PIL import Image
 
 from raybench.data.loader import (REQUIRED_COLUMNS, DataError, decode_image, decode_images,
                                   parquet_files, read_split, validate_dataset)
-from raybench.data.synthetic import (COLORS, COUNT_WORDS, GLYPHS, POSITIONS, QTYPES, SHAPES,
+from raybench.data.synthetic import (COLORS, COUNT_WORDS, GLYPHS, POSITIONS, QTYPES, SCHEMA, SHAPES,
                                      answer_vocabulary, chance_accuracy, generate, make_example,
                                      render_scene, sample_scene, write_synthetic)
 
@@ -133,6 +133,48 @@ def test_answers_match_the_scene(qtype):
                 x0, y0, x1, y1 = obj.box
                 assert (x0 >= 0.5) == col and (x1 <= 0.5) != col
                 assert (y0 >= 0.5) == row and (y1 <= 0.5) != row
+
+
+def test_questions_per_image_ask_about_the_same_scene():
+    """Each image's first row is `make_example`'s own; the others are distinct question types
+    about that scene, answered from it."""
+    k = 4
+    table = generate(300, SIZE, seed=5, split="train", questions_per_image=k)
+    rows = table.to_pylist()
+    assert len(rows) == 300 and table.schema == SCHEMA
+    i, image = 0, 0
+    seen = Counter()
+    while i < len(rows):
+        qtype = QTYPES[image % len(QTYPES)]
+        png, question, answer, scene = make_example(5, image, SIZE, qtype)
+        group = [rows[i]]
+        while i + len(group) < len(rows) and rows[i + len(group)]["image"] == png:
+            group.append(rows[i + len(group)])
+        assert (group[0]["question"], group[0]["answer"], group[0]["image"]) == (question, answer, png)
+        assert len(group) <= k and len({r["qtype"] for r in group}) == len(group)
+        for r in group[1:]:
+            seen[r["qtype"]] += 1
+            objs = scene.objects
+            if r["qtype"] == "background":
+                assert r["answer"] == scene.background
+            elif r["qtype"] == "count":
+                assert scene.glyph is None and r["answer"] == COUNT_WORDS[len(objs) - 1]
+            elif r["qtype"] == "color":
+                shape = r["question"].removeprefix("what color is the ").removesuffix("?")
+                (obj,) = [o for o in objs if o.shape == shape]
+                assert r["answer"] == obj.color
+            elif r["qtype"] == "shape":
+                (obj,) = [o for o in objs if o.color == r["question"].split()[-1].rstrip("?")]
+                assert r["answer"] == obj.shape
+            else:
+                assert r["qtype"] == "position"
+                (obj,) = [o for o in objs if f"{o.color} {o.shape}" in r["question"]]
+                assert r["answer"] == POSITIONS[obj.cell]
+        i, image = i + len(group), image + 1
+    assert set(seen) == set(QTYPES) - {"glyph"}  # a letter is only asked about its own scene
+    # One question per image is the original stream, byte for byte.
+    assert generate(30, SIZE, seed=5, split="train", questions_per_image=1).equals(
+        generate(30, SIZE, seed=5, split="train"))
 
 
 @pytest.mark.parametrize("max_objects", [1, 2])

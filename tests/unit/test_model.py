@@ -269,6 +269,26 @@ def test_loss_is_only_on_answer_tokens():
     torch.testing.assert_close(out.loss, manual)
 
 
+@pytest.mark.parametrize("preset", ["hybrid", "blip2"])
+def test_questions_sharing_an_image_equal_repeating_it(preset):
+    """`image_index`: one vision pass per image gives the loss and the gradients of feeding
+    each row its own copy of that image."""
+    model = make_model(preset)
+    ids, mask, px, labels = batch(model, b=5)
+    image_index = torch.tensor([0, 0, 0, 1, 1])
+    shared = model(ids, mask, px[:2], labels, image_index=image_index)
+    shared.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    repeated = model(ids, mask, px[:2][image_index], labels)
+    repeated.loss.backward()
+    torch.testing.assert_close(shared.loss, repeated.loss)
+    assert any("vision" in n for n in grads)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, msg=n)
+
+
 # ---------------------------------------------------------------- save / load
 
 def test_save_and_load_round_trip(tmp_path):

@@ -42,6 +42,29 @@ def test_worker_batch_equals_the_processor_layout(rows_and_tok, num_image_tokens
     assert batch["qtype"] == list(rows["qtype"])
 
 
+def test_rows_about_one_image_encode_it_once(tmp_path):
+    """questions_per_image > 1: the worker batch carries each image once and `image_index`,
+    and the local collate builds the same batch from the Parquet rows."""
+    table = generate(20, SIZE, seed=5, split="train", questions_per_image=4)
+    tok = build_tokenizer(tokenizer_corpus(table))
+    tok_dir = save_tokenizer(tok, tmp_path / "tokenizer")
+    rows = {k: np.array(v, dtype=object) for k, v in table.select(["image", "question", "answer", "qtype"])
+            .to_pydict().items()}
+    images = list(rows["image"])
+    distinct = [png for i, png in enumerate(images) if i == 0 or png != images[i - 1]]
+    assert len(distinct) < len(images) == 20
+    batch = to_model_batch(CollateNumpy()(preprocess(rows, str(tok_dir), image_size=SIZE, max_length=40)),
+                           torch.device("cpu"), 4)
+    proc = VQAProcessor(tok, 4, SIZE)
+    assert torch.equal(batch["pixel_values"], proc.pixel_values(distinct))
+    assert [distinct[i] for i in batch["image_index"].tolist()] == images
+    local = proc.collate({k: list(v) for k, v in rows.items()})
+    assert torch.equal(local["image_index"], batch["image_index"])
+    assert torch.equal(local["pixel_values"], batch["pixel_values"])
+    # One question per image: no image_index, the original layout.
+    assert "image_index" not in proc.collate({k: list(v)[::4] for k, v in rows.items()})
+
+
 def test_text_longer_than_max_length_is_refused(rows_and_tok):
     rows, _, tok_dir = rows_and_tok
     with pytest.raises(ValueError, match="max_length=8"):

@@ -90,3 +90,15 @@ def test_distributed_input_errors_fail_before_ray_starts(tmp_path):
     with pytest.raises(ConfigError, match="train.batch_size = 1: smaller than train.num_workers = 2"):
         fit(tiny(tmp_path, train={"batch_size": 1, "num_workers": 2}))
     assert not ray.is_initialized()
+
+
+def test_a_run_dir_rendered_for_other_data_is_refused(tmp_path):
+    """An older config's synthetic data in the run dir is not trained on silently."""
+    from raybench.data.prepare import ensure_data
+
+    assert ensure_data(tiny(tmp_path)) == {"train": 96, "val": 32}
+    with pytest.raises(DataError, match=r"holds \{'train': 96, 'val': 32\} rows but data asks for "
+                                        r"\{'train': 200, 'val': 32\}"):
+        ensure_data(tiny(tmp_path, data={"num_train": 200}))
+    # Pointing data.path at it is a deliberate choice: accepted as it is.
+    assert ensure_data(tiny(tmp_path, data={"num_train": 200, "path": str(tmp_path / "run" / "data")}))["train"] == 96
