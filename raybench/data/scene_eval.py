@@ -19,8 +19,6 @@ from typing import Sequence
 
 from raybench.data.synthetic import POSITIONS, Scene, derived_seed, make_example
 
-# Question types whose answer is an attribute of one of the scene's objects.
-OBJECT_QTYPES = ("color", "shape", "position")
 OUTCOMES = ("right", "another_object", "neither")
 
 

@@ -302,12 +302,8 @@ def generate(num_examples: int, image_size: int, seed: int, split: str,
     images, questions, answers, types = [], [], [], []
     i = 0
     while len(questions) < num_examples:
-        qtype = kinds[i % len(kinds)]
-        if questions_per_image == 1:  # the original stream, byte for byte
-            png, q, a, _ = make_example(seed, i, image_size, qtype, max_objects)
-            group = [(qtype, q, a)]
-        else:
-            png, group = make_group(seed, i, image_size, qtype, questions_per_image, max_objects, kinds)
+        png, group = make_group(seed, i, image_size, kinds[i % len(kinds)], questions_per_image,
+                                max_objects, kinds)
         for qt, q, a in group[: num_examples - len(questions)]:
             images.append(png)
             questions.append(q)
