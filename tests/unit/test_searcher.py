@@ -68,3 +68,33 @@ def test_a_running_trial_counts_as_taken():
     second = ask_distinct(study, dists, points, random.Random(0))
     assert {first.params["train.lr"], second.params["train.lr"]} == {0.001, 0.003}
     assert ask_distinct(study, dists, points, random.Random(0)) is None
+
+
+def test_resume_fails_a_trial_the_dead_driver_asked_for_but_tune_never_recorded(tmp_path):
+    """The race behind a flaky sweep-kill test: SIGKILL after Optuna handed out a trial and
+    before Tune saved the searcher. Tune's searcher API with a real sqlite study, no Ray."""
+    from raybench.tune.distinct_search import ORPHANED, DistinctOptunaSearch
+
+    only_lr = {"train.lr": SPACE["train.lr"]}
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+
+    def searcher():
+        return DistinctOptunaSearch(SweepConfig(num_samples=2, seed=0, space=only_lr), space=optuna_space(only_lr),
+                                    metric="accuracy", mode="max", study_name="s",
+                                    storage=optuna.storages.RDBStorage(storage))
+
+    before_kill = searcher()
+    recorded = before_kill.suggest("trial_a")  # Tune saved the experiment state with this one
+    before_kill.save(str(tmp_path / "searcher.pkl"))
+    before_kill.suggest("trial_b")  # asked, then the driver died before the next save
+
+    resumed = searcher()
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    trials = optuna.load_study(study_name="s", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.RUNNING, TrialState.FAIL]
+    assert trials[1].user_attrs["orphaned"] == ORPHANED and "orphaned" not in trials[0].user_attrs
+    # The orphan's config is free again: the resumed sweep's next trial takes it.
+    nxt = resumed.suggest("trial_c")
+    assert {recorded["train.lr"], nxt["train.lr"]} == {0.001, 0.003}
+    resumed.on_trial_complete("trial_a", {"accuracy": 0.5})  # the recorded trial still finishes
+    assert optuna.load_study(study_name="s", storage=storage).trials[0].state == TrialState.COMPLETE
