@@ -89,9 +89,11 @@ def train_loop_per_worker(config: dict) -> None:
     launched_at = config.get("launched_at", entered)
     # Where the fixed cost goes (seconds since launch): a sweep trial's driver process and
     # Tune set-up, the driver's own preparation (imports, data),
-    # the Train controller + worker group + process group, then model build/shard/resume/
-    # MLflow, then the first batch.
+    # the Train controller + worker group + process group (up to our train function), the
+    # workers' import of the model code, then model build/shard/resume/MLflow, then the
+    # first batch.
     startup = {"startup_driver_s": config.get("driver_ready_at", launched_at) - launched_at,
+               "startup_train_fn_s": config.get("train_fn_entered_at", entered) - launched_at,
                "startup_workers_s": entered - launched_at, "startup_model_s": time.time() - launched_at}
     if config.get("driver_entered_at"):  # a sweep trial: its driver process, up to our code
         startup["startup_trial_s"] = config["driver_entered_at"] - launched_at

@@ -65,14 +65,18 @@ def test_sweep_times_every_trial_and_its_start_up_phases(results):
     assert len({t["trial_id"] for t in trials}) == len(trials)
     for t in trials:
         p = t["phases"]  # seconds since launch at which each phase was done: in order
-        order = [p[k] for k in ("startup_trial_s", "startup_driver_s", "startup_workers_s", "startup_model_s",
-                                "startup_s")]
+        order = [p[k] for k in ("startup_trial_s", "startup_driver_s", "startup_train_fn_s", "startup_workers_s",
+                                "startup_model_s", "startup_s")]
         assert 0 <= order[0] and order == sorted(order), p
         assert t["startup_s"] == p["startup_s"] and t["training_s"] > 0
         assert t["total_s"] == pytest.approx(t["startup_s"] + t["training_s"])
     # Trials run one after another (max_concurrent_trials 1): the wall holds all of them.
     assert r["sweep_wall_s"] >= sum(t["total_s"] for t in trials)
     assert r["wall_over_training"] == pytest.approx(r["sweep_wall_s"] / r["sum_training_s"])
+    # The baseline: an empty TorchTrainer on the same Ray reached its train function, then returned.
+    floor = r["empty_trainer"]
+    assert floor["repeats"] == len(floor["samples"]["fit_s"]) == len(floor["samples"]["train_fn_entry_s"]) == 1
+    assert 0 < floor["train_fn_entry_s"] < floor["fit_s"]
 
 
 def test_serve_answers_every_load_point_without_errors(results):
