@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import ray
@@ -84,6 +85,24 @@ class CollateNumpy(NumpyBatchCollateFn):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
         return {k: (list(v) if k == "qtype" else torch.from_numpy(np.ascontiguousarray(v)))
                 for k, v in batch.items()}
+
+
+def group_shuffled(chunks: Iterable[dict], batch_size: int, seed: int) -> Iterator[dict]:
+    """A seeded local shuffle that moves whole groups of consecutive rows about one image
+    (`data.questions_per_image`), so the groups reach `to_model_batch` intact and the vision
+    tower still runs once per image. Ray Data's `local_shuffle_buffer_size` shuffles rows and
+    would scatter them. Each chunk (a whole number of batches) is permuted by group and cut
+    into `batch_size` batches; a group cut by a batch boundary is merely encoded twice."""
+    rng = np.random.default_rng(seed)
+    for chunk in chunks:
+        pixels = chunk["pixels"]
+        first, _ = shared_images((pixels[1:] == pixels[:-1]).flatten(1).all(1))
+        bounds = first.tolist() + [len(pixels)]
+        groups = [range(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+        order = torch.tensor([r for g in rng.permutation(len(groups)) for r in groups[g]])
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            rows = order[start:start + batch_size]
+            yield {k: ([v[i] for i in rows.tolist()] if k == "qtype" else v[rows]) for k, v in chunk.items()}
 
 
 def expand_image_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,

@@ -21,7 +21,7 @@ from raybench.config import RunConfig, dump_config, flatten
 from raybench.data.tokenizer import load_tokenizer
 from raybench.model.vlm import HybridVLM
 from raybench.train import checkpoint as ckpt
-from raybench.train.data import CollateNumpy, to_model_batch
+from raybench.train.data import CollateNumpy, group_shuffled, to_model_batch
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_counts, format_eval,
                                  merge_counts, train_step)
 from raybench.train.parallel import build_mesh, mixed_precision, parallelize
@@ -34,12 +34,21 @@ def build_sharded_model(cfg: RunConfig, tokenizer, world_size: int, device: torc
                        compile=cfg.train.compile)
 
 
-def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, device, num_image_tokens: int):
+SHUFFLE_CHUNK_BATCHES = 8  # group shuffle: a buffer of 8 batches (Ray's row shuffle: >= 256 rows)
+
+
+def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, device, num_image_tokens: int,
+                   questions_per_image: int = 1):
     # Deterministic: an ordered shard and a seeded local shuffle, so `skip` lands on the
     # exact batch a resumed run stopped before.
-    batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
-                                       local_shuffle_buffer_size=max(4 * per_worker, 256),
-                                       local_shuffle_seed=seed * 1000 + epoch, collate_fn=CollateNumpy())
+    if questions_per_image > 1:  # keep each image's questions together (one ViT pass per image)
+        # The last, partial chunk still gives its whole batches: as many as the row shuffle would.
+        chunks = shard.iter_torch_batches(batch_size=per_worker * SHUFFLE_CHUNK_BATCHES, collate_fn=CollateNumpy())
+        batches = group_shuffled(chunks, per_worker, seed * 1000 + epoch)
+    else:
+        batches = shard.iter_torch_batches(batch_size=per_worker, drop_last=True,
+                                           local_shuffle_buffer_size=max(4 * per_worker, 256),
+                                           local_shuffle_seed=seed * 1000 + epoch, collate_fn=CollateNumpy())
     for i, batch in enumerate(batches):
         if i >= skip:
             yield to_model_batch(batch, device, num_image_tokens)
@@ -119,7 +128,7 @@ def train_loop_per_worker(config: dict) -> None:
     while state.step < t.steps:
         shard = ray.train.get_dataset_shard("curriculum" if state.step < curriculum_steps else "train")
         for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device,
-                                    cfg.model.num_image_tokens):
+                                    cfg.model.num_image_tokens, cfg.data.questions_per_image):
             if not resumed and "startup_s" not in extra:  # launch -> first step: the fixed cost
                 extra.update(startup, startup_s=time.time() - launched_at)
                 if tracker:

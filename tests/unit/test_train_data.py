@@ -69,3 +69,40 @@ def test_text_longer_than_max_length_is_refused(rows_and_tok):
     rows, _, tok_dir = rows_and_tok
     with pytest.raises(ValueError, match="max_length=8"):
         preprocess(rows, str(tok_dir), image_size=SIZE, max_length=8)
+
+
+def test_group_shuffle_moves_whole_images_and_is_seeded(tmp_path):
+    """The Ray workers' shuffle for questions_per_image > 1: every row once, each image's
+    rows still consecutive (so `to_model_batch` encodes it once), the same order for the
+    same seed (exact resume) and another one for the next epoch's seed."""
+    from raybench.train.data import group_shuffled
+
+    table = generate(60, SIZE, seed=5, split="train", questions_per_image=3)
+    tok = build_tokenizer(tokenizer_corpus(table))
+    tok_dir = save_tokenizer(tok, tmp_path / "tokenizer")
+    rows = {k: np.array(v, dtype=object) for k, v in table.select(["image", "question", "answer", "qtype"])
+            .to_pydict().items()}
+    data = CollateNumpy()(preprocess(rows, str(tok_dir), image_size=SIZE, max_length=40))
+    data["row"] = torch.arange(60)  # to follow the rows through the shuffle
+    chunks = [{k: v[i:i + 24] for k, v in data.items()} for i in range(0, 60, 24)]  # 24 + 24 + 12 rows
+
+    def order(seed):
+        batches = list(group_shuffled(chunks, batch_size=8, seed=seed))
+        assert all(len(b["row"]) == 8 and len(b["qtype"]) == 8 for b in batches)
+        return batches, torch.cat([b["row"] for b in batches]).tolist()
+
+    batches, rows0 = order(0)
+    assert len(batches) == 3 + 3 + 1  # the 12-row chunk gives one whole batch; 4 rows dropped
+    assert len(set(rows0)) == len(rows0) and rows0 != sorted(rows0)
+    assert order(0)[1] == rows0 and order(1)[1] != rows0
+    images = list(rows["image"])
+    for a, b in zip(rows0, rows0[1:]):  # consecutive rows of one image stay consecutive
+        if images[b] == images[a]:
+            assert b == a + 1
+    for b in batches:
+        assert b["qtype"] == [rows["qtype"][i] for i in b["row"].tolist()]
+        assert torch.equal(b["pixels"], data["pixels"][b["row"]])
+    # Within each batch, each image appears once (no image split into two runs).
+    first = batches[0]
+    model_batch = to_model_batch({k: v for k, v in first.items() if k != "row"}, torch.device("cpu"), 4)
+    assert len(model_batch["pixel_values"]) == len({images[i] for i in first["row"].tolist()}) < 8
