@@ -28,6 +28,13 @@ def shared_images(same_as_previous: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return first.nonzero().flatten(), first.long().cumsum(0) - 1
 
 
+def group_rows(first: torch.Tensor, num_rows: int, order: Sequence[int]) -> torch.Tensor:
+    """Row indices of whole groups (those starting at rows `first`, as `shared_images` gives
+    them), taken in `order` (group numbers): a shuffle that keeps each image's rows together."""
+    ends = torch.cat([first[1:], torch.tensor([num_rows])])
+    return torch.cat([torch.arange(int(first[g]), int(ends[g])) for g in order])
+
+
 class VQAProcessor:
     def __init__(self, tokenizer, num_image_tokens: int, image_size: int):
         self.tokenizer = tokenizer

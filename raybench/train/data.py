@@ -24,7 +24,7 @@ from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
 from raybench.data.loader import decode_rgb_uint8, normalize_pixels
-from raybench.data.processor import IGNORE_INDEX, VQAProcessor, shared_images
+from raybench.data.processor import IGNORE_INDEX, VQAProcessor, group_rows, shared_images
 from raybench.data.tokenizer import load_tokenizer
 
 COLUMNS = ["image", "question", "answer", "qtype"]
@@ -97,9 +97,7 @@ def group_shuffled(chunks: Iterable[dict], batch_size: int, seed: int) -> Iterat
     for chunk in chunks:
         pixels = chunk["pixels"]
         first, _ = shared_images((pixels[1:] == pixels[:-1]).flatten(1).all(1))
-        bounds = first.tolist() + [len(pixels)]
-        groups = [range(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
-        order = torch.tensor([r for g in rng.permutation(len(groups)) for r in groups[g]])
+        order = group_rows(first, len(pixels), rng.permutation(len(first)).tolist())
         for start in range(0, len(order) - batch_size + 1, batch_size):
             rows = order[start:start + batch_size]
             yield {k: ([v[i] for i in rows.tolist()] if k == "qtype" else v[rows]) for k, v in chunk.items()}

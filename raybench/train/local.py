@@ -7,7 +7,6 @@ import json
 import time
 from typing import Callable, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
@@ -15,7 +14,7 @@ import torch
 from raybench.config import RunConfig, dump_config
 from raybench.data.loader import read_split
 from raybench.data.prepare import ensure_data, ensure_tokenizer
-from raybench.data.processor import VQAProcessor
+from raybench.data.processor import VQAProcessor, group_rows, shared_images
 from raybench.model.vlm import HybridVLM
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate, format_eval,
                                  train_step)
@@ -30,13 +29,12 @@ def shuffled_batches(table: pa.Table, batch_size: int, seed: int) -> Iterator[di
     gen = torch.Generator().manual_seed(seed)
     images = table.column("image")
     same = pc.equal(images.slice(1), images.slice(0, len(images) - 1)).to_numpy(zero_copy_only=False)
-    starts = np.flatnonzero(np.concatenate([[True], ~same]))
-    ends = np.append(starts[1:], table.num_rows)
+    first, _ = shared_images(torch.from_numpy(same))
     n = table.num_rows
     while True:
-        perm = torch.randperm(len(starts), generator=gen).numpy()
-        rows = (perm if len(starts) == n else  # one question per image: the row permutation itself
-                np.concatenate([np.arange(starts[g], ends[g]) for g in perm]))
+        perm = torch.randperm(len(first), generator=gen)
+        # One question per image: the row permutation itself (no per-group work).
+        rows = (perm if len(first) == n else group_rows(first, n, perm.tolist())).numpy()
         for start in range(0, n - batch_size + 1, batch_size):
             yield table.take(pa.array(rows[start:start + batch_size])).to_pydict()
 
