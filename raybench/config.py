@@ -38,6 +38,11 @@ class VisionConfig(_Strict):
     num_layers: int = Field(4, ge=1)
     num_heads: int = Field(4, ge=1)
     intermediate_size: int = Field(256, ge=1)
+    # How pixels become patch tokens. patch: SigLIP's one strided conv (what real checkpoints
+    # have). conv: a stack of 3x3 stride-2 convs down to the same grid (Xiao et al. 2021, "Early
+    # convolutions help transformers see better"): locality a from-scratch tower cannot
+    # learn from a few thousand scenes.
+    stem: Literal["patch", "conv"] = "patch"
     pretrained_path: str | None = None  # a local transformers checkpoint directory
 
 
@@ -141,18 +146,34 @@ class ModelConfig(_Strict):
         return self.llm.head_dim or self.llm.hidden_size // self.llm.num_heads
 
 
-class CurriculumConfig(_Strict):
-    """Easy scenes first: the first `steps` optimizer steps train on synthetic scenes of at most
-    `max_objects` objects, then on the training set. In a 1-object scene "what shape is red?"
-    needs no binding (find the one object, read one attribute), so colour, shape and count
-    are learned there first and the multi-object binding starts from them (see DESIGN.md)."""
+MODULES = ("vision", "projector", "deepstack", "llm")
+Module = Literal["vision", "projector", "deepstack", "llm"]
 
-    steps: int = Field(500, ge=1)
-    max_objects: int = Field(1, ge=1, le=4)
+
+class StageData(_Strict):
+    """Synthetic scenes a stage trains on instead of the training set: e.g. 1-object scenes
+    first, where "what shape is red?" needs no binding (find the one object, read one
+    attribute), or dense captions (`qtypes: [describe]`) to teach the tower what is where."""
+
+    max_objects: int = Field(4, ge=1, le=4)
     num_examples: int = Field(6000, ge=1)
-    # None: generated into <run_dir>/curriculum-<max_objects>obj-<num_examples> on first use;
-    # a sweep pins every trial to its own (like data.path).
+    qtypes: list[str] | None = None  # None: data.qtypes
+    # None: generated into <run_dir>/<stage name>-<max_objects>obj-<num_examples>[...] on first
+    # use; a sweep pins every trial to the sweep's own set (like data.path).
     path: str | None = None
+
+
+class Stage(_Strict):
+    """One phase of training: which modules learn, at what learning rate, on which data.
+    LLaVA's "align, then tune" is two stages: `{train: [projector]}` then everything."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    steps: int | None = Field(None, ge=1)  # None (the last stage only): up to train.steps
+    train: list[Module] = Field(default_factory=lambda: list(MODULES))  # the rest are frozen
+    # Multiplies train.lr (and its schedule) per module, e.g. {vision: 0.3} for a tower that
+    # must not forget what an earlier stage taught it.
+    lr_scale: dict[Module, float] = Field(default_factory=dict)
+    data: StageData | None = None  # None: the training set
 
 
 class DataConfig(_Strict):
@@ -167,8 +188,7 @@ class DataConfig(_Strict):
     # Synthetic training (and curriculum) scenes asked up to this many questions each, in
     # consecutive rows sharing the image: the trainers run the vision tower once per image,
     # so each tower pass teaches several question types (validation stays one per image).
-    questions_per_image: int = Field(1, ge=1, le=6)  # at most one per question type
-    curriculum: CurriculumConfig | None = None  # None: the training set from step 1
+    questions_per_image: int = Field(1, ge=1, le=7)  # at most one per question type
 
 
 class TrainConfig(_Strict):
@@ -184,6 +204,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     seed: int = 0
     compile: bool = False
+    # None: one stage, every module learning on the training set. See `Stage`.
+    stages: list[Stage] | None = None
     # Ray Train (`raybench train` without --local)
     num_workers: int = Field(2, ge=1)
     # Fractional on small machines: Ray Data's tasks (read, decode, split) need one whole
@@ -266,15 +288,18 @@ class RunConfig(_Strict):
     def image_size(self) -> int:
         return self.data.image_size or self.model.vision.image_size
 
-    @property
-    def curriculum_path(self) -> Path | None:
-        c = self.data.curriculum
-        if c is None:
+    def stage_path(self, stage: "Stage") -> Path | None:
+        """Where a stage's own scenes are (None: it trains on the training set)."""
+        d = stage.data
+        if d is None:
             return None
-        if c.path:
-            return Path(c.path)
+        if d.path:
+            return Path(d.path)
         k = self.data.questions_per_image
-        return self.run_path / (f"curriculum-{c.max_objects}obj-{c.num_examples}" + (f"-{k}q" if k > 1 else ""))
+        name = f"{stage.name}-{d.max_objects}obj-{d.num_examples}" + (f"-{k}q" if k > 1 else "")
+        if d.qtypes is not None:  # a set of other question types is another set of scenes
+            name += "-" + "+".join(d.qtypes)
+        return self.run_path / name
 
 
 # ---------------------------------------------------------------------------- loading
@@ -295,15 +320,25 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def set_path(raw: dict[str, Any], path: list[str], value: Any) -> dict[str, Any]:
-    """A copy of `raw` with raw[path[0]]...[path[-1]] = value; the dicts on the path are
-    copied, so the input is never mutated."""
+    """A copy of `raw` with raw[path[0]]...[path[-1]] = value; the dicts and lists on the
+    path are copied, so the input is never mutated. A numeric part indexes a list that is
+    already there (`train.stages.0.steps`)."""
     raw = dict(raw)
-    node = raw
-    for part in path[:-1]:
-        child = node.get(part)
-        node[part] = child = dict(child) if isinstance(child, dict) else {}
+    node: Any = raw
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"{'.'.join(path)}: no item {part} in {'.'.join(path[:i])} "
+                                  f"(a list of {len(node)})")
+            part = int(part)
+        if last:
+            node[part] = value
+            break
+        child = node[part] if isinstance(node, list) else node.get(part)
+        child = dict(child) if isinstance(child, dict) else list(child) if isinstance(child, list) else {}
+        node[part] = child
         node = child
-    node[path[-1]] = value
     return raw
 
 
@@ -340,6 +375,12 @@ def _cross_field_errors(cfg: RunConfig) -> list[str]:
     if v.image_size % (v.patch_size * f.spatial_merge_size):
         errs.append(f"model.vision.image_size = {v.image_size}: must be a multiple of patch_size x "
                     f"spatial_merge_size = {v.patch_size * f.spatial_merge_size}")
+    if v.stem == "conv" and (v.patch_size < 2 or v.patch_size & (v.patch_size - 1)):
+        errs.append(f"model.vision.patch_size = {v.patch_size}: the conv stem halves the grid per "
+                    "layer, so it needs a power of two >= 2")
+    if v.stem == "conv" and v.pretrained_path:
+        errs.append(f"model.vision.stem = 'conv': a pretrained tower ({v.pretrained_path}) has SigLIP's "
+                    "patch embedding; use stem 'patch'")
     if v.hidden_size % v.num_heads:
         errs.append(f"model.vision.num_heads = {v.num_heads}: must divide hidden_size {v.hidden_size}")
     if llm.num_heads % llm.num_kv_heads:
@@ -381,24 +422,62 @@ def _cross_field_errors(cfg: RunConfig) -> list[str]:
         if bad:
             errs.append(f"model.fusion.sparsity.stage_layers = {st}: layers {bad} out of range; "
                         f"allowed 0..{llm.num_layers - 2} (scoring uses the next layer)")
-    cur = cfg.data.curriculum
-    if cur is not None:
-        if cur.steps >= cfg.train.steps:
-            errs.append(f"data.curriculum.steps = {cur.steps}: must be below train.steps = {cfg.train.steps} "
-                        "(the curriculum is a warm-up; the training set must follow)")
-        if cur.num_examples < cfg.train.batch_size:
-            errs.append(f"data.curriculum.num_examples = {cur.num_examples}: fewer than one batch "
-                        f"(train.batch_size = {cfg.train.batch_size})")
-    if cfg.data.qtypes is not None:
-        from raybench.data.synthetic import QTYPES  # light: only PIL/pyarrow at import
-        bad = [q for q in cfg.data.qtypes if q not in QTYPES]
-        if bad:
-            errs.append(f"data.qtypes = {cfg.data.qtypes}: unknown {bad}; allowed: {', '.join(QTYPES)}")
+    errs += _stage_errors(cfg)
+    errs += _qtype_errors("data.qtypes", cfg.data.qtypes)
     return errs
+
+
+def _stage_errors(cfg: RunConfig) -> list[str]:
+    t, errs = cfg.train, []
+    stages = t.stages or []
+    names = [st.name for st in stages]
+    if len(set(names)) != len(names):
+        errs.append(f"train.stages = {names}: stage names must be unique (they name checkpoints and data)")
+    for i, st in enumerate(stages):
+        where = f"train.stages.{i}"
+        if st.steps is None and i != len(stages) - 1:
+            errs.append(f"{where}.steps = None: only the last stage may leave its steps open "
+                        "(it runs up to train.steps)")
+        if not st.train:
+            errs.append(f"{where}.train = []: a stage must train at least one module of {', '.join(MODULES)}")
+        if st.data is not None:
+            if st.data.num_examples < t.batch_size:
+                errs.append(f"{where}.data.num_examples = {st.data.num_examples}: fewer than one batch "
+                            f"(train.batch_size = {t.batch_size})")
+            errs += _qtype_errors(f"{where}.data.qtypes", st.data.qtypes)
+        bad = [m for m, v in st.lr_scale.items() if v < 0]
+        if bad:
+            errs.append(f"{where}.lr_scale = {st.lr_scale}: {bad} negative; 0 freezes the weights but "
+                        "keeps their optimizer state, leave a module out of `train` to freeze it")
+    fixed = sum(st.steps or 0 for st in stages)
+    if stages and stages[-1].steps is None and fixed >= t.steps:
+        errs.append(f"train.stages: the stages before the last take {fixed} steps, not below "
+                    f"train.steps = {t.steps}; the last stage would get none")
+    if stages and stages[-1].steps is not None and fixed != t.steps:
+        errs.append(f"train.stages: the stages' steps add up to {fixed}, train.steps = {t.steps}; make them "
+                    "equal, or leave the last stage's steps out (it then runs up to train.steps)")
+    return errs
+
+
+def _qtype_errors(where: str, qtypes: list[str] | None) -> list[str]:
+    if qtypes is None:
+        return []
+    from raybench.data.synthetic import ALL_QTYPES  # light: only PIL/pyarrow at import
+    bad = [q for q in qtypes if q not in ALL_QTYPES]
+    return [f"{where} = {qtypes}: unknown {bad}; allowed: {', '.join(ALL_QTYPES)}"] if bad else []
+
+
+# A field that moved: say where to, rather than pydantic's "extra inputs are not permitted".
+_MOVED = {("data", "curriculum"): (
+    "data.curriculum: moved to train.stages; a curriculum is a first stage on its own scenes, e.g. "
+    "train.stages: [{name: curriculum, steps: 500, data: {max_objects: 1, num_examples: 6000}}, {name: main}]")}
 
 
 def validate_config(raw: dict[str, Any]) -> RunConfig:
     raw = dict(raw)
+    for (section, key), msg in _MOVED.items():
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"invalid config:\n  {msg}")
     raw["model"] = expand_model(raw.get("model"))
     try:
         cfg = RunConfig.model_validate(raw)
@@ -432,12 +511,16 @@ def dump_config(cfg: RunConfig) -> dict[str, Any]:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: for MLflow params and sweep spaces."""
+    """{'a': {'b': 1}} -> {'a.b': 1}: for MLflow params and sweep spaces. A list of sections
+    (`train.stages`) flattens by index, `train.stages.0.steps`, as `--set` and sweeps name it;
+    a list of values (`stage_layers`) stays one value."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}{k}"
         if isinstance(v, dict):
             out.update(flatten(v, key + "."))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            out.update(flatten({str(i): x for i, x in enumerate(v)}, key + "."))
         else:
             out[key] = v
     return out

@@ -53,15 +53,21 @@ def _raw_config(out: Path, size: str, quick: bool, steps: int | None) -> dict:
         train.update(batch_size=32, warmup_steps=3)
     if steps:
         train["steps"] = steps
-    cur = data.get("curriculum")
-    if cur:
-        # The same share of the run on easy scenes as default.yaml's, made once for every preset.
+    if train.get("stages"):
+        # The same share of the run in each stage as default.yaml's; each stage's own scenes
+        # made once for every preset. The last stage runs to the end (no rounding gap).
         base_steps = base.get("train", {}).get("steps", 600)
-        cur = {**cur, "path": str(out / "seeds-curriculum"),
-               "steps": max(1, cur.get("steps", 500) * train.get("steps", base_steps) // base_steps)}
-        if quick:
-            cur["num_examples"] = min(cur.get("num_examples", 6000), 320)
-        data["curriculum"] = cur
+        stages = []
+        for i, st in enumerate(train["stages"]):
+            st = dict(st)
+            last = i == len(train["stages"]) - 1
+            st["steps"] = None if last else max(1, st["steps"] * train.get("steps", base_steps) // base_steps)
+            if st.get("data"):
+                st["data"] = {**st["data"], "path": str(out / f"seeds-stage-{st['name']}")}
+                if quick:
+                    st["data"]["num_examples"] = min(st["data"].get("num_examples", 6000), 320)
+            stages.append(st)
+        train["stages"] = stages
     # Three eval windows for the throughput median; every val row scored at the end.
     train.update(eval_every=max(1, train.get("steps", 600) // 3), eval_samples=data.get("num_val", 1000))
     return {"name": "bench-seeds", "run_dir": str(out / "seeds-runs"),
@@ -118,10 +124,12 @@ def run_seeds_bench(out: Path, size: str = "small", quick: bool = False, steps: 
     # One data set and one tokenizer for every preset: only the fusion differs.
     write_synthetic(first.data_path, num_train=d.num_train, num_val=d.num_val,
                     image_size=first.image_size, seed=d.seed, qtypes=d.qtypes)
-    if d.curriculum:
-        shutil.rmtree(first.curriculum_path, ignore_errors=True)
-        write_curriculum(first.curriculum_path, d.curriculum.num_examples, image_size=first.image_size,
-                         seed=d.seed, qtypes=d.qtypes, max_objects=d.curriculum.max_objects)
+    for st in first.train.stages or []:
+        if st.data is not None:
+            where = first.stage_path(st)
+            shutil.rmtree(where, ignore_errors=True)
+            write_curriculum(where, st.data.num_examples, image_size=first.image_size, seed=d.seed,
+                             qtypes=st.data.qtypes or d.qtypes, max_objects=st.data.max_objects, name=st.name)
     ensure_tokenizer(first)
     rows = []
     for preset in presets:

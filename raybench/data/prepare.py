@@ -30,14 +30,15 @@ def ensure_data(cfg: RunConfig) -> dict[str, int]:
         if got != want:
             raise DataError(f"{path} holds {got} rows but data asks for {want}: it was rendered for "
                             f"another data config; delete it to render it again, or set data.path to it")
-    cur = cfg.data.curriculum
-    if cur is not None:
-        where = cfg.curriculum_path
-        if cur.path is None and not where.exists():
-            write_curriculum(where, cur.num_examples, image_size=cfg.image_size, seed=cfg.data.seed,
-                             qtypes=cfg.data.qtypes, max_objects=cur.max_objects,
-                             questions_per_image=cfg.data.questions_per_image)
-        counts["curriculum"] = validate_dataset(where, splits=("curriculum",))["curriculum"]
+    for st in cfg.train.stages or []:
+        if st.data is None:
+            continue
+        where = cfg.stage_path(st)
+        if st.data.path is None and not where.exists():
+            write_curriculum(where, st.data.num_examples, image_size=cfg.image_size, seed=cfg.data.seed,
+                             qtypes=st.data.qtypes or cfg.data.qtypes, max_objects=st.data.max_objects,
+                             questions_per_image=cfg.data.questions_per_image, name=st.name)
+        counts[f"stage-{st.name}"] = validate_dataset(where, splits=("curriculum",))["curriculum"]
     return counts
 
 

@@ -37,6 +37,12 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 QTYPES: tuple[str, ...] = ("color", "shape", "position", "count", "glyph", "background")
+# A dense caption of the whole scene ("green background, red circle top-left, ..."): a
+# training task, not a question type of the default sets. One such answer names every
+# object's colour, shape and position in order, so it teaches the tower and the LLM what
+# one-word answers teach a word at a time, and binds each attribute to its object.
+DESCRIBE = "describe"
+ALL_QTYPES: tuple[str, ...] = QTYPES + (DESCRIBE,)
 
 # Saturated and far apart in RGB so that antialiased edges never read as another colour.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -62,6 +68,7 @@ SCHEMA = pa.schema([
     ("split", pa.string()),
 ])
 
+DESCRIBE_QUESTION = "describe the image."
 _SUPERSAMPLE = 2  # draw at 2x and box-filter down: cheap antialiasing for small shapes
 _MIN_IMAGE_SIZE = 8
 
@@ -99,20 +106,30 @@ def answer_vocabulary() -> dict[str, list[str]]:
 
 
 def chance_accuracy(qtype: str) -> float:
-    """Accuracy of a uniform guess over the question type's answer set."""
+    """Accuracy of a uniform guess over the question type's answer set (0 for a caption)."""
     _check_qtypes([qtype])
-    return 1.0 / len(answer_vocabulary()[qtype])
+    return 0.0 if qtype == DESCRIBE else 1.0 / len(answer_vocabulary()[qtype])
+
+
+def describe_scene(scene: Scene) -> str:
+    """The scene as one caption, objects in reading order (cells row-major), e.g.
+    "green background, red circle top-left, letter k bottom-right"."""
+    parts = [f"{scene.background} background"]
+    things = [(o.cell, f"{o.color} {o.shape} {POSITIONS[o.cell]}") for o in scene.objects]
+    if scene.glyph is not None and scene.glyph_cell is not None:
+        things.append((scene.glyph_cell, f"letter {scene.glyph.lower()} {POSITIONS[scene.glyph_cell]}"))
+    return ", ".join(parts + [text for _, text in sorted(things)])
 
 
 def _check_qtypes(qtypes: Sequence[str]) -> list[str]:
     if isinstance(qtypes, str):  # a bare string would iterate as letters
         qtypes = [qtypes]
-    bad = [q for q in qtypes if q not in QTYPES]
+    bad = [q for q in qtypes if q not in ALL_QTYPES]
     if bad:
-        raise ValueError(f"unknown question type(s) {bad}; allowed: {', '.join(QTYPES)}")
+        raise ValueError(f"unknown question type(s) {bad}; allowed: {', '.join(ALL_QTYPES)}")
     out = list(dict.fromkeys(qtypes))
     if not out:
-        raise ValueError(f"no question types requested; allowed: {', '.join(QTYPES)}")
+        raise ValueError(f"no question types requested; allowed: {', '.join(ALL_QTYPES)}")
     return out
 
 
@@ -170,6 +187,8 @@ def sample_scene(rng: random.Random, qtype: str, max_objects: int = 4) -> tuple[
         return scene, "what color is the background?", background
     if qtype == "count":
         return scene, "how many shapes are there?", COUNT_WORDS[n - 1]
+    if qtype == DESCRIBE:
+        return scene, DESCRIBE_QUESTION, describe_scene(scene)
     obj = objs[target]
     if qtype == "color":
         return scene, f"what color is the {obj.shape}?", obj.color
@@ -245,6 +264,8 @@ def _question_about(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, 
     one: a glyph scene is never asked to count (no validation count scene holds a letter), and
     a colour question names a shape that only one of the objects has, as in `sample_scene`."""
     objs = scene.objects
+    if qtype == DESCRIBE:
+        return DESCRIBE_QUESTION, describe_scene(scene)
     if qtype == "background":
         return "what color is the background?", scene.background
     if qtype == "count":
@@ -332,11 +353,13 @@ def write_synthetic(out_dir: str | os.PathLike, num_train: int, num_val: int, im
 
 def write_curriculum(out_dir: str | os.PathLike, num_examples: int, image_size: int, seed: int,
                      qtypes: Sequence[str] | None = None, max_objects: int = 1,
-                     questions_per_image: int = 1) -> Path:
-    """Write out_dir/curriculum.parquet: easy scenes (at most `max_objects` things) with split
-    "curriculum", from a seed derived from the data seed (so none is a training image)."""
+                     questions_per_image: int = 1, name: str = "curriculum") -> Path:
+    """Write out_dir/curriculum.parquet: a training stage's own scenes (at most `max_objects`
+    things) with split "curriculum", from a seed derived from the data seed and the stage's
+    `name` (so none is a training image, and two stages draw different scenes)."""
+    salt = "curriculum" if name == "curriculum" else f"curriculum:{name}"
     return _write_tables(out_dir, {"curriculum": generate(
-        num_examples, image_size, derived_seed(seed, "curriculum"), "curriculum", qtypes, max_objects,
+        num_examples, image_size, derived_seed(seed, salt), "curriculum", qtypes, max_objects,
         questions_per_image)})
 
 

@@ -14,6 +14,34 @@ from transformers import SiglipVisionConfig, SiglipVisionModel
 from raybench.config import VisionConfig
 
 
+class ConvStem(nn.Module):
+    """3x3 stride-2 convs (GroupNorm, GELU) from pixels to the patch grid, then a 1x1 conv to
+    the width: Xiao et al.'s early-convolution stem in place of SigLIP's single patchify conv.
+    It gives a tower trained from scratch the locality (edges, corners) that shapes are made
+    of. GroupNorm, not BatchNorm: serving batches of one and training batches then agree."""
+
+    def __init__(self, patch_size: int, hidden_size: int, num_channels: int = 3):
+        super().__init__()
+        depth = patch_size.bit_length() - 1  # one halving per layer: 8 px patches -> 3 convs
+        widths = [max(hidden_size >> (depth - 1 - i), 8) for i in range(depth)]
+        layers: list[nn.Module] = []
+        c_in = num_channels
+        for c in widths:
+            layers += [nn.Conv2d(c_in, c, 3, stride=2, padding=1, bias=False),
+                       nn.GroupNorm(8 if c % 8 == 0 else 1, c), nn.GELU()]
+            c_in = c
+        layers.append(nn.Conv2d(c_in, hidden_size, 1))
+        self.layers = nn.Sequential(*layers)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        # SiglipVisionEmbeddings casts pixels to `patch_embedding.weight.dtype`.
+        return self.layers[0].weight
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.layers(pixel_values)  # [B, hidden, grid, grid], as the patchify conv
+
+
 def build_siglip(cfg: VisionConfig) -> SiglipVisionModel:
     if cfg.pretrained_path:
         # Local directory only: nothing is fetched at run time.
@@ -26,7 +54,10 @@ def build_siglip(cfg: VisionConfig) -> SiglipVisionModel:
         vision_use_head=False,  # the MAP pooling head would be unused parameters
     )
     config._attn_implementation = "sdpa"
-    return SiglipVisionModel(config)
+    siglip = SiglipVisionModel(config)
+    if cfg.stem == "conv":
+        siglip.embeddings.patch_embedding = ConvStem(cfg.patch_size, cfg.hidden_size)
+    return siglip
 
 
 class VisionTower(nn.Module):

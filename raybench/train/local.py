@@ -18,6 +18,7 @@ from raybench.data.processor import VQAProcessor, group_rows, shared_images
 from raybench.model.vlm import HybridVLM
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate, format_eval,
                                  train_step)
+from raybench.train.stages import PlannedStage, plan, set_trainable, stage_at
 
 COLUMNS = ["image", "question", "answer", "qtype"]
 
@@ -39,13 +40,12 @@ def shuffled_batches(table: pa.Table, batch_size: int, seed: int) -> Iterator[di
             yield table.take(pa.array(rows[start:start + batch_size])).to_pydict()
 
 
-def training_batches(train: pa.Table, batch_size: int, seed: int, curriculum: pa.Table | None = None,
-                     curriculum_steps: int = 0) -> Iterator[dict]:
-    """`curriculum_steps` batches of the curriculum's easy scenes (when given), then the
-    training set's; each its own seeded shuffle."""
-    if curriculum is not None:
-        yield from itertools.islice(shuffled_batches(curriculum, batch_size, seed), curriculum_steps)
-    yield from shuffled_batches(train, batch_size, seed)
+def training_batches(stages: list[PlannedStage], tables: dict[str, pa.Table], batch_size: int,
+                     seed: int) -> Iterator[dict]:
+    """Each stage's batches in turn, from its own table (`tables[stage.dataset]`), each stage
+    its own seeded shuffle starting at its first epoch."""
+    for i, st in enumerate(stages):
+        yield from itertools.islice(shuffled_batches(tables[st.dataset], batch_size, seed + i), st.end - st.start)
 
 
 def val_batches(table: pa.Table, proc: VQAProcessor, batch_size: int) -> list[dict]:
@@ -72,21 +72,27 @@ def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str,
     val = read_split(cfg.data_path, "val", columns=COLUMNS).slice(0, cfg.train.eval_samples)
     evals = val_batches(val, proc, cfg.train.batch_size)
     suppressed = [proc.image_token_id, proc.pad_id]
-    optimizer, t = build_optimizer(model, cfg.train), cfg.train
-    scheduler = build_scheduler(optimizer, t)
+    optimizer, t, stages = build_optimizer(model, cfg.train), cfg.train, plan(cfg)
+    scheduler = build_scheduler(optimizer, t, stages)
     logs = cfg.run_path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     history = (logs / "train_local.jsonl").open("w")
 
     metrics: dict[str, float] = {}
-    cur = cfg.data.curriculum
-    curriculum = read_split(cfg.curriculum_path, "curriculum", columns=COLUMNS) if cur else None
-    if cur:
-        log(f"[raybench] curriculum: the first {cur.steps} steps on {curriculum.num_rows} scenes of "
-            f"<= {cur.max_objects} object(s) from {cfg.curriculum_path}")
-    batches = training_batches(train, t.batch_size, t.seed, curriculum, cur.steps if cur else 0)
+    tables = {"train": train}
+    for st in stages:
+        if st.data is not None:
+            tables[st.dataset] = read_split(st.data_path, "curriculum", columns=COLUMNS)
+    if len(stages) > 1:
+        log("[raybench] stages: " + ", ".join(_describe(st, tables) for st in stages))
+    batches = training_batches(stages, tables, t.batch_size, t.seed)
     window_start, window_samples, losses = time.perf_counter(), 0, []
+    stage = None
     for step in range(1, t.steps + 1):
+        current = stage_at(stages, step - 1)
+        if current is not stage:  # a new stage: its modules learn, the others freeze
+            stage = current
+            set_trainable(model, stage)
         loss = train_step(model, proc.collate(next(batches)), optimizer, scheduler, t.grad_clip)
         losses.append(loss)
         window_samples += t.batch_size
@@ -94,9 +100,9 @@ def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str,
             rate = window_samples / (time.perf_counter() - window_start)
             metrics = evaluate(model, evals, suppressed)
             train_loss = sum(losses) / len(losses)
-            log(format_eval(step, t.steps, train_loss, metrics, rate))
-            history.write(json.dumps({"step": step, "train_loss": train_loss, "samples_per_s": rate,
-                                      **metrics}) + "\n")
+            log(format_eval(step, t.steps, train_loss, metrics, rate) + (f" | {stage.name}" if len(stages) > 1 else ""))
+            history.write(json.dumps({"step": step, "stage": stage.name, "train_loss": train_loss,
+                                      "samples_per_s": rate, **metrics}) + "\n")
             history.flush()
             window_start, window_samples, losses = time.perf_counter(), 0, []
     history.close()
@@ -107,3 +113,9 @@ def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str,
     (cfg.run_path / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
     log(f"[raybench] model saved to {out} (safetensors + config.json + tokenizer)")
     return metrics
+
+
+def _describe(st: PlannedStage, tables: dict[str, pa.Table]) -> str:
+    scale = ",".join(f"{m}x{v:g}" for m, v in st.lr_scale.items() if v != 1)
+    return (f"{st.name} (steps {st.start + 1}-{st.end}, training {'+'.join(sorted(st.train))}"
+            + (f", lr {scale}" if scale else "") + f", {tables[st.dataset].num_rows} rows)")

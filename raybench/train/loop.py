@@ -6,6 +6,7 @@ and `torchrun` run literally the same step (and benchmarks compare like with lik
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from typing import Iterable
@@ -14,18 +15,20 @@ import torch
 from torch import nn
 
 from raybench.config import TrainConfig
+from raybench.train.stages import PlannedStage, lr_lambdas, module_of
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No decay on norms, biases, embeddings and tables: decay there only slows learning.
-    decay, no_decay = [], []
+    """AdamW with one param group per (stage module, decay), so a stage can scale each
+    module's learning rate. No decay on norms, biases, embeddings and tables: decay there
+    only slows learning. Frozen parameters are included: a later stage may unfreeze them."""
+    groups: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.dim() < 2 or "embed" in name or "vte" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+        no_decay = p.dim() < 2 or "embed" in name or "vte" in name
+        groups.setdefault((module_of(name), no_decay), []).append(p)
+    param_groups = [{"params": ps, "module": module, "weight_decay": 0.0 if no_decay else cfg.weight_decay}
+                    for (module, no_decay), ps in groups.items()]
+    return torch.optim.AdamW(param_groups, lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -37,8 +40,12 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg))
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stages: list[PlannedStage] | None = None):
+    """The schedule above, times each param group's module scale in the stage of the step."""
+    base = functools.partial(lr_factor, cfg=cfg)
+    if not stages:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, base)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambdas(optimizer, stages, base))
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, scheduler,

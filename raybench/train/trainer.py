@@ -76,17 +76,22 @@ def storage_path(cfg: RunConfig) -> str:
     return cfg.train.storage_path or str((cfg.run_path / "ray").resolve())
 
 
+def stage_data(cfg: RunConfig) -> tuple[tuple[str, str], ...]:
+    """(dataset name, path) of every stage that trains on its own scenes."""
+    return tuple((f"stage-{st.name}", str(cfg.stage_path(st).resolve()))
+                 for st in cfg.train.stages or [] if st.data is not None)
+
+
 def dataset_key(cfg: RunConfig, tokenizer: Path | None = None) -> tuple:
     """What the materialised train/val data depend on (not the model: see train/data.py)."""
     tok_dir = Path(tokenizer or tokenizer_dir(cfg)).resolve()
-    curriculum = cfg.curriculum_path
     return (str(cfg.data_path.resolve()), str(tok_dir), cfg.model.vision.image_size, cfg.data.max_length,
-            cfg.train.eval_samples, str(curriculum.resolve()) if curriculum else None)
+            cfg.train.eval_samples, stage_data(cfg))
 
 
 def build_datasets(cfg: RunConfig, tokenizer: Path | None = None) -> dict:
-    """Materialised train/val (and curriculum) Ray Datasets, keyed by `dataset_key` (a sweep
-    shares them)."""
+    """Materialised train/val (and each stage's own scenes) Ray Datasets, keyed by
+    `dataset_key` (a sweep shares them)."""
     import ray.data
 
     from raybench.train.data import build_dataset
@@ -94,13 +99,13 @@ def build_datasets(cfg: RunConfig, tokenizer: Path | None = None) -> dict:
     # Ray Data's per-dataset progress bars drown Tune's table and the per-eval lines.
     ray.data.DataContext.get_current().enable_progress_bars = False
     key = dataset_key(cfg, tokenizer)
-    path, tok_dir, image_size, max_length, eval_samples, curriculum = key
+    path, tok_dir, image_size, max_length, eval_samples, stages = key
     common = dict(tokenizer_dir=Path(tok_dir), image_size=image_size, max_length=max_length)
     out = {"key": key,
            "train": build_dataset(Path(path), "train", **common),
            "val": build_dataset(Path(path), "val", limit=eval_samples, **common)}
-    if curriculum:
-        out["curriculum"] = build_dataset(Path(curriculum), "curriculum", **common)
+    for name, stage_path in stages:
+        out[name] = build_dataset(Path(stage_path), "curriculum", **common)
     return out
 
 

@@ -25,6 +25,7 @@ from raybench.train.data import CollateNumpy, group_shuffled, to_model_batch
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_counts, format_eval,
                                  merge_counts, train_step)
 from raybench.train.parallel import build_mesh, mixed_precision, parallelize
+from raybench.train.stages import plan, set_trainable, stage_at
 
 
 def build_sharded_model(cfg: RunConfig, tokenizer, world_size: int, device: torch.device) -> HybridVLM:
@@ -84,10 +85,13 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
     tokenizer = load_tokenizer(config["tokenizer_dir"])
     model = build_sharded_model(cfg, tokenizer, world, device)
+    stages = plan(cfg)
     optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t)
+    scheduler = build_scheduler(optimizer, t, stages)
     state = ckpt.TrainerState()
     resumed = ray.train.get_checkpoint()
+    stage = stage_at(stages, state.step)
+    set_trainable(model, stage)  # before loading: frozen modules have no optimizer state to load
     if resumed:
         with resumed.as_directory() as d:
             state = ckpt.load(Path(d), model, optimizer, scheduler)
@@ -119,14 +123,15 @@ def train_loop_per_worker(config: dict) -> None:
     per_worker = t.batch_size // world
     suppressed = [model.image_token_id, model.pad_token_id]
     val_shard = ray.train.get_dataset_shard("val")
-    # A curriculum's easy scenes for its first K steps, then the training set. The phase
-    # follows from the step, and each phase counts its own epochs and batches, so a run
-    # resumed in either phase lands on the exact batch it stopped before.
-    curriculum_steps = cfg.data.curriculum.steps if cfg.data.curriculum else 0
+    # Each stage reads its own data (its scenes, or the training set) and counts its own
+    # epochs and batches; the stage follows from the step, so a run resumed inside any stage
+    # lands on the exact batch it stopped before, with that stage's modules learning.
     every = t.checkpoint_every or t.eval_every
     window = _Window()
     while state.step < t.steps:
-        shard = ray.train.get_dataset_shard("curriculum" if state.step < curriculum_steps else "train")
+        stage = stage_at(stages, state.step)
+        set_trainable(model, stage)
+        shard = ray.train.get_dataset_shard(stage.dataset)
         for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device,
                                     cfg.model.num_image_tokens, cfg.data.questions_per_image):
             if not resumed and "startup_s" not in extra:  # launch -> first step: the fixed cost
@@ -137,16 +142,17 @@ def train_loop_per_worker(config: dict) -> None:
             loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
             state.step += 1
             state.batch_in_epoch += 1
-            phase_done = state.step == curriculum_steps
-            if phase_done:  # the training set starts at its own epoch 0, batch 0
+            stage_done = state.step == stage.end and state.step < t.steps
+            if stage_done:  # the next stage starts at its own epoch 0, batch 0
                 state.epoch, state.batch_in_epoch = 0, 0
                 if tracker:
-                    print(f"[raybench] step {state.step}: curriculum done, the training set from here", flush=True)
-                    tracker.log_metrics({"curriculum_end": state.step}, step=state.step)
+                    print(f"[raybench] step {state.step}: stage {stage.name} done", flush=True)
+                    tracker.log_metrics({f"stage_end/{stage.name}": state.step}, step=state.step)
             # Throughput counts every rank's samples and real (unpadded) tokens.
             window.add(loss, per_worker * world, int(batch["attention_mask"].sum()) * world)
             if tracker and state.step % t.log_every == 0:
-                tracker.log_metrics({"train_loss": loss, "lr": scheduler.get_last_lr()[0]}, step=state.step)
+                tracker.log_metrics({"train_loss": loss, "lr": scheduler.get_last_lr()[0],
+                                     "stage": stages.index(stage)}, step=state.step)
             if state.step % every == 0 or state.step == t.steps:
                 if config.get("cost_metric") and rank == 0 and config["cost_metric"] not in extra:
                     # A sweep's inference cost, measured once, after the first step (not start-up):
@@ -157,7 +163,7 @@ def train_loop_per_worker(config: dict) -> None:
                 _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed,
                                        device, tracker, rank, window, t.steps, extra)
                 window = _Window()
-            if state.step >= t.steps or phase_done:
+            if state.step >= t.steps or stage_done:
                 break
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0

@@ -167,9 +167,11 @@ def run_sweep(sweep: Sweep, resume: bool = False):
            "data_path": str(cfg.data_path.resolve()), "tokenizer": str(tokenizer_dir(cfg).resolve()),
            "tracking_uri": uri, "parent_run_id": parent.run_id, "cost_metric": cfg.sweep.cost_metric,
            "driver_cpus": cfg.sweep.driver_cpus,
-           "curriculum": cfg.data.curriculum and {
-               "path": str(cfg.curriculum_path.resolve()),
-               "key": [cfg.data.curriculum.max_objects, cfg.data.curriculum.num_examples]},
+           # Each stage's own scenes, made once: a trial whose stage asks for the same scenes
+           # reads these instead of rendering its own.
+           "stage_scenes": {st.name: {"path": str(cfg.stage_path(st).resolve()),
+                                      "key": st.data.model_dump(exclude={"path"})}
+                            for st in cfg.train.stages or [] if st.data is not None and st.data.path is None},
            # Read, decode and tokenise once for every trial (the data don't depend on the
            # model); a trial whose data settings differ builds its own.
            "datasets": build_datasets(cfg, tokenizer_dir(cfg).resolve())}

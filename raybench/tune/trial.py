@@ -29,12 +29,15 @@ def trial_config(ctx: dict[str, Any], params: dict[str, Any], trial_id: str):
     raw["run_dir"] = str(Path(ctx["run_dir"]) / "trials" / trial_id)
     raw = set_path(raw, "data.path", ctx["data_path"])  # one data set for every trial
     cfg = validate_config(raw)
-    # The sweep's curriculum scenes too, unless this trial's curriculum asks for other ones
-    # (a space over data.curriculum.max_objects): those it generates in its own run_dir.
-    cur, shared = cfg.data.curriculum, ctx.get("curriculum")
-    if cur and cur.path is None and shared and [cur.max_objects, cur.num_examples] == list(shared["key"]):
-        cfg = validate_config(set_path(raw, "data.curriculum.path", shared["path"]))
-    return cfg
+    # The sweep's stage scenes too, unless this trial's stage asks for other ones (a space
+    # over train.stages.0.data.max_objects): those it renders in its own run_dir.
+    shared = ctx.get("stage_scenes") or {}
+    for i, st in enumerate(cfg.train.stages or []):
+        same = shared.get(st.name)
+        if st.data is not None and st.data.path is None and same \
+                and st.data.model_dump(exclude={"path"}) == same["key"]:
+            raw = set_path(raw, f"train.stages.{i}.data.path", same["path"])
+    return validate_config(raw)
 
 
 def process_started_at() -> float:

@@ -53,14 +53,14 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
-def write_config(tmp: Path, name: str, data_dir: Path, num_samples: int, curriculum=None,
+def write_config(tmp: Path, name: str, data_dir: Path, num_samples: int, stages=None,
                  points_to_evaluate=()) -> Path:
     cfg = {
         "name": name, "run_dir": str(tmp / name),
         "model": {"preset": "hybrid", "size": "tiny"},
-        "data": {"path": str(data_dir), "curriculum": curriculum},
+        "data": {"path": str(data_dir)},
         "train": {"steps": 12, "batch_size": 16, "warmup_steps": 2, "eval_every": 6, "eval_samples": 32,
-                  "log_every": 1, "num_workers": 2},
+                  "log_every": 1, "num_workers": 2, "stages": stages},
         "sweep": {"num_samples": num_samples, "seed": 0, "space": SPACE,
                   "points_to_evaluate": list(points_to_evaluate)},
     }
@@ -80,9 +80,9 @@ def _children(client: MlflowClient, parent_id: str):
 
 def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path, data_dir, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    curriculum = {"steps": 4, "num_examples": 64}
+    stages = [{"name": "easy", "steps": 4, "data": {"num_examples": 64}}, {"name": "main"}]
     # Trial 1 is the config as written (its own model/train values), then TPE proposes.
-    sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=3, curriculum=curriculum,
+    sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=3, stages=stages,
                                     points_to_evaluate=[{}]), [])
     try:
         summary = run_sweep(sweep)
@@ -106,10 +106,11 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
         for key, value in row["params"].items():  # the sampled values are what the trial trained
             assert child.data.params[key] == str(value)
         assert "gflops_per_sample" in child.data.metrics
-        # Every trial starts on the sweep's one set of curriculum scenes, made once.
-        assert child.data.params["data.curriculum.path"] == str(sweep.cfg.curriculum_path.resolve())
-        assert child.data.metrics["curriculum_end"] == 4
-    assert not list((run_dir / "trials").glob("*/curriculum-*"))
+        # Every trial starts on the sweep's one set of first-stage scenes, made once.
+        easy = sweep.cfg.train.stages[0]
+        assert child.data.params["train.stages.0.data.path"] == str(sweep.cfg.stage_path(easy).resolve())
+        assert child.data.metrics["stage_end/easy"] == 4
+    assert not list((run_dir / "trials").glob("*/easy-*"))
 
     # The champion alias points at the best completed trial's exported model.
     champion = summary["champion"]

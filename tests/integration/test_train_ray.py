@@ -34,17 +34,19 @@ STEPS, EVERY = 20, 10
 # Long enough after the first checkpoint (step EVERY) that a driver SIGINT lands mid-run: at
 # 20 steps the workers finished and exported the model before the driver's abort.
 RESUME_STEPS = 6 * EVERY
-# The long runs start on 1-object scenes; the switch lands between checkpoints, so a resumed
-# run crosses it after its restart and must still see the same batches.
-CURRICULUM = {"steps": 25, "num_examples": 128, "max_objects": 1}
+# The long runs start with a stage on 1-object scenes and a frozen vision tower; the switch
+# lands between checkpoints, so a resumed run crosses it after its restart and must still see
+# the same batches and unfreeze the same modules.
+STAGES = [{"name": "easy", "steps": 25, "train": ["projector", "deepstack", "llm"],
+           "lr_scale": {"llm": 0.5}, "data": {"num_examples": 128, "max_objects": 1}},
+          {"name": "main"}]
 
 
-def write_config(tmp: Path, name: str, data_dir: Path, run_dir: str | None = None, curriculum=None,
-                 **train) -> Path:
+def write_config(tmp: Path, name: str, data_dir: Path, run_dir: str | None = None, **train) -> Path:
     cfg = {
         "name": name, "run_dir": run_dir or str(tmp / name),
         "model": {"preset": "hybrid", "size": "tiny"},
-        "data": {"path": str(data_dir), "num_train": 512, "num_val": 64, "curriculum": curriculum},
+        "data": {"path": str(data_dir), "num_train": 512, "num_val": 64},
         "train": {"steps": STEPS, "batch_size": 16, "lr": 3e-3, "warmup_steps": 3, "eval_every": EVERY,
                   "eval_samples": 64, "log_every": 1, "num_workers": 2, "cpus_per_worker": 0.45,
                   "max_failures": 2, **train},
@@ -85,7 +87,7 @@ def straight(tmp_path_factory, data_dir, mlflow_server):
     but the name, so the same seeds, data order and LR schedule): one Ray run less."""
     uri, _ = mlflow_server
     tmp = tmp_path_factory.mktemp("straight")
-    cfg_path = write_config(tmp, "fsdp", data_dir, steps=RESUME_STEPS, curriculum=CURRICULUM)
+    cfg_path = write_config(tmp, "fsdp", data_dir, steps=RESUME_STEPS, stages=STAGES)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         try:
@@ -108,8 +110,10 @@ def test_fsdp_training_logs_to_mlflow_server_and_exports_a_reproducible_model(st
     loss = _history(client, run.info.run_id, "train_loss")
     assert sorted(loss) == list(range(1, RESUME_STEPS + 1))
     # Easy scenes for the first 25 steps (generated into the run dir), then the training set.
-    assert _history(client, run.info.run_id, "curriculum_end") == {25: 25.0}
-    assert (cfg.curriculum_path / "curriculum.parquet").exists()
+    assert _history(client, run.info.run_id, "stage_end/easy") == {25: 25.0}
+    assert (cfg.stage_path(cfg.train.stages[0]) / "curriculum.parquet").exists()
+    stage = _history(client, run.info.run_id, "stage")
+    assert {s for s, v in stage.items() if v == 0} == set(range(1, 26))
     assert sum(loss[s] for s in range(RESUME_STEPS - 4, RESUME_STEPS + 1)) < sum(loss[s] for s in range(1, 6))
     # Each of the 2 ranks holds about half of the parameters (FSDP2 pads uneven shards).
     local = _history(client, run.info.run_id, "params_local")[0]
@@ -190,7 +194,7 @@ def _train_cli(cfg_path: Path, log: Path) -> subprocess.Popen:
 
 def test_resume_after_driver_stops_matches_uninterrupted_loss(tmp_path, data_dir, straight):
     ray.shutdown()  # each driver below starts (and stops) its own local Ray
-    cfg_path = write_config(tmp_path, "interrupted", data_dir, steps=RESUME_STEPS, curriculum=CURRICULUM)
+    cfg_path = write_config(tmp_path, "interrupted", data_dir, steps=RESUME_STEPS, stages=STAGES)
     cfg = load_config(cfg_path)
     storage = Path(storage_path(cfg)) / "interrupted"
     proc = _train_cli(cfg_path, tmp_path / "interrupted.log")

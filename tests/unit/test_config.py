@@ -93,13 +93,32 @@ def test_unknown_qtype():
     assert "data.qtypes" in _error({"data": {"qtypes": ["color", "smell"]}})
 
 
-def test_curriculum_must_end_before_training_and_fill_a_batch():
-    msg = _error({"train": {"steps": 100, "batch_size": 32},
-                  "data": {"curriculum": {"steps": 100, "num_examples": 16}}})
-    assert "data.curriculum.steps = 100" in msg and "data.curriculum.num_examples = 16" in msg
-    assert "data.curriculum.max_objects" in _error({"data": {"curriculum": {"max_objects": 5}}})
-    cfg = validate_config({"run_dir": "r", "data": {"curriculum": {}}})
-    assert cfg.curriculum_path == Path("r/curriculum-1obj-6000") and validate_config({}).curriculum_path is None
+def test_bad_stages_are_refused_with_their_field_paths():
+    msg = _error({"train": {"steps": 100, "batch_size": 32, "stages": [
+        {"name": "a", "train": []}, {"name": "a", "steps": 3, "data": {"num_examples": 16, "qtypes": ["smell"]},
+                                     "lr_scale": {"vision": -1}}]}})
+    for expected in ["train.stages = ['a', 'a']: stage names must be unique",
+                     "train.stages.0.steps = None: only the last stage may leave its steps open",
+                     "train.stages.0.train = []", "train.stages.1.data.num_examples = 16: fewer than one batch",
+                     "train.stages.1.data.qtypes = ['smell']", "train.stages.1.lr_scale = {'vision': -1.0}",
+                     "the stages' steps add up to 3, train.steps = 100"]:
+        assert expected in msg, expected
+    assert "train.stages.0.data.max_objects" in _error(
+        {"train": {"stages": [{"name": "c", "steps": 5, "data": {"max_objects": 5}}, {"name": "m"}]}})
+    assert "train.stages.0.train.0" in _error({"train": {"stages": [{"name": "c", "train": ["eyes"]}]}})
+    assert "the last stage would get none" in _error(
+        {"train": {"steps": 10, "stages": [{"name": "c", "steps": 10}, {"name": "m"}]}})
+
+
+def test_stage_paths_and_the_moved_curriculum():
+    cfg = validate_config({"run_dir": "r", "data": {"questions_per_image": 5}, "train": {"steps": 50, "stages": [
+        {"name": "easy", "steps": 10, "data": {"max_objects": 1, "num_examples": 100}},
+        {"name": "see", "steps": 10, "data": {"num_examples": 100, "qtypes": ["describe"]}}, {"name": "main"}]}})
+    easy, see, main = cfg.train.stages
+    assert cfg.stage_path(easy) == Path("r/easy-1obj-100-5q")
+    assert cfg.stage_path(see) == Path("r/see-4obj-100-5q-describe") and cfg.stage_path(main) is None
+    msg = _error({"data": {"curriculum": {"steps": 3}}})
+    assert "data.curriculum: moved to train.stages" in msg
 
 
 def test_missing_config_file(tmp_path):

@@ -39,20 +39,24 @@ def test_local_training_writes_a_loadable_model_and_history(tmp_path):
     assert (cfg.run_path / "data" / "train.parquet").exists()
 
 
-def test_curriculum_batches_come_first_then_the_training_set(tmp_path):
+def test_each_stage_reads_its_own_data_and_trains_only_its_modules(tmp_path):
     from raybench.data.loader import read_split
     from raybench.train.local import training_batches
+    from raybench.train.stages import plan
 
-    cfg = tiny(tmp_path, data={"curriculum": {"steps": 3, "num_examples": 48, "max_objects": 1}})
+    stages = [{"name": "easy", "steps": 3, "train": ["projector", "llm"], "data": {"num_examples": 48, "max_objects": 1}},
+              {"name": "main"}]
+    cfg = tiny(tmp_path, train={"stages": stages})
     lines = []
     train_local(cfg, log=lines.append)
-    assert any("curriculum: the first 3 steps on 48 scenes" in line for line in lines)
-    cur = read_split(cfg.curriculum_path, "curriculum")
+    assert any("easy (steps 1-3, training llm+projector, 48 rows)" in line for line in lines), lines
+    planned = plan(cfg)
+    cur = read_split(planned[0].data_path, "curriculum")
     train = read_split(cfg.data_path, "train")
-    batches = training_batches(train, 16, 0, cur, curriculum_steps=3)
+    batches = training_batches(planned, {"train": train, "stage-easy": cur}, 16, 0)
     first = [next(batches) for _ in range(5)]
     cur_q, train_q = set(cur["question"].to_pylist()), set(train["question"].to_pylist())
-    for batch in first[:3]:  # 48 rows, 16 a batch: the curriculum, one full epoch
+    for batch in first[:3]:  # 48 rows, 16 a batch: the stage's scenes, one full epoch
         assert set(batch["question"]) <= cur_q and batch["split"] == ["curriculum"] * 16
     assert sorted(q for b in first[:3] for q in b["question"]) == sorted(cur["question"].to_pylist())
     for batch in first[3:]:

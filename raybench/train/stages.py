@@ -1,0 +1,80 @@
+"""Staged training: which modules learn, at what learning rate, on which data, step by step.
+
+`train.stages` (see `raybench.config.Stage`) is resolved once into a plan of step ranges.
+Everything a stage changes is a function of the step: the module freeze, the per-module
+learning-rate multiplier (folded into the LR schedule's lambdas) and the data. A run
+resumed at any step therefore lands in the same stage with the same settings, and the
+local and Ray trainers share this module so they cannot disagree.
+
+Frozen modules are `requires_grad=False`: no gradient, no clip, and AdamW creates no state
+for a parameter that never had a gradient (FSDP2 reads the flag at every all-gather, so
+this works on sharded models too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raybench.config import MODULES, RunConfig, Stage, StageData
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    start: int                      # first step (0-based optimizer steps) of this stage
+    end: int                        # one past its last step
+    train: frozenset[str]
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    data: StageData | None = None   # None: the training set
+    data_path: Path | None = None
+
+    @property
+    def dataset(self) -> str:
+        """The Ray Dataset / table this stage reads."""
+        return f"stage-{self.name}" if self.data is not None else "train"
+
+    def scale(self, module: str) -> float:
+        return self.lr_scale.get(module, 1.0) if module in self.train else 0.0
+
+
+def plan(cfg: RunConfig) -> list[PlannedStage]:
+    """`train.stages` as step ranges; no stages = one stage, everything learning, the training set."""
+    stages = cfg.train.stages or [Stage(name="main")]
+    out, start = [], 0
+    for st in stages:
+        end = start + st.steps if st.steps is not None else cfg.train.steps
+        out.append(PlannedStage(st.name, start, end, frozenset(st.train), dict(st.lr_scale), st.data,
+                                cfg.stage_path(st)))
+        start = end
+    return out
+
+
+def stage_at(stages: list[PlannedStage], step: int) -> PlannedStage:
+    for st in stages:
+        if step < st.end:
+            return st
+    return stages[-1]
+
+
+def module_of(param_name: str) -> str:
+    """HybridVLM's top-level parts are the stage modules (vision, projector, deepstack, llm)."""
+    head = param_name.split(".", 1)[0]
+    if head not in MODULES:
+        raise ValueError(f"parameter {param_name!r} is in no stage module ({', '.join(MODULES)})")
+    return head
+
+
+def set_trainable(model: nn.Module, stage: PlannedStage) -> None:
+    for name, p in model.named_parameters():
+        p.requires_grad_(module_of(name) in stage.train)
+
+
+def lr_lambdas(optimizer: torch.optim.Optimizer, stages: list[PlannedStage], base):
+    """One LambdaLR lambda per param group: the base schedule times the group's module scale
+    in the stage of that step."""
+    return [lambda step, m=group["module"]: base(step) * stage_at(stages, step).scale(m)
+            for group in optimizer.param_groups]

@@ -1,0 +1,78 @@
+"""Staged training (`train.stages`): which modules learn, at what learning rate, by step."""
+
+import torch
+from safetensors.torch import load_file
+
+from raybench.config import validate_config
+from raybench.data.loader import read_split
+from raybench.data.processor import VQAProcessor
+from raybench.data.tokenizer import load_tokenizer
+from raybench.model.vlm import HybridVLM
+from raybench.train.local import train_local
+from raybench.train.loop import build_optimizer, build_scheduler, lr_factor, train_step
+from raybench.train.stages import plan, set_trainable, stage_at
+
+
+def tiny(tmp_path, stages, steps=6):
+    return validate_config({
+        "name": "t", "run_dir": str(tmp_path / "run"), "model": {"preset": "hybrid", "size": "tiny"},
+        "data": {"num_train": 96, "num_val": 32},
+        "train": {"steps": steps, "batch_size": 16, "eval_every": steps, "eval_samples": 32, "warmup_steps": 1,
+                  "stages": stages}})
+
+
+def test_a_frozen_module_keeps_its_weights_and_gets_no_optimizer_state(tmp_path):
+    cfg = tiny(tmp_path, [{"name": "align", "train": ["projector", "deepstack"]}])
+    train_local(cfg, log=lambda _: None)
+    torch.manual_seed(cfg.train.seed)  # train_local's initial weights
+    initial = HybridVLM.for_tokenizer(cfg.model, load_tokenizer(cfg.run_path / "model")).state_dict()
+    trained = load_file(str(cfg.run_path / "model" / "model.safetensors"))
+    changed = {k.split(".")[0] for k, v in trained.items() if not torch.equal(v, initial[k])}
+    assert changed == {"projector", "deepstack"}
+
+    # AdamW keeps moments only for what learns: a frozen tower costs no optimizer memory.
+    tok = load_tokenizer(cfg.run_path / "model")
+    model = HybridVLM.for_tokenizer(cfg.model, tok)
+    proc = VQAProcessor(tok, cfg.model.num_image_tokens, cfg.model.vision.image_size)
+    batch = proc.collate(read_split(cfg.data_path, "train").slice(0, 8).to_pydict())
+    stages = plan(cfg)
+    optimizer = build_optimizer(model, cfg.train)
+    set_trainable(model, stages[0])
+    train_step(model, batch, optimizer, build_scheduler(optimizer, cfg.train, stages), grad_clip=1.0)
+    with_state = {g["module"] for g in optimizer.param_groups for p in g["params"] if optimizer.state.get(p)}
+    assert with_state == {"projector", "deepstack"}
+
+
+def test_each_module_learns_at_its_stage_scale_and_a_resumed_schedule_agrees(tmp_path):
+    cfg = tiny(tmp_path, [{"name": "align", "steps": 4, "train": ["projector", "llm"], "lr_scale": {"llm": 0.25}},
+                          {"name": "tune", "lr_scale": {"vision": 0.5}}], steps=10)
+    stages = plan(cfg)
+    assert [(s.name, s.start, s.end) for s in stages] == [("align", 0, 4), ("tune", 4, 10)]
+    assert stage_at(stages, 3).name == "align" and stage_at(stages, 4).name == "tune"
+    model = HybridVLM(cfg.model, vocab_size=64, image_token_id=3, pad_token_id=0, eos_token_id=2)
+
+    def lrs(scheduler):
+        return {g["module"]: g["lr"] for g in scheduler.optimizer.param_groups}
+
+    scheduler = build_scheduler(build_optimizer(model, cfg.train), cfg.train, stages)
+    seen = []
+    for step in range(10):
+        seen.append(lrs(scheduler))
+        scheduler.optimizer.step()
+        scheduler.step()
+    base = [cfg.train.lr * lr_factor(s, cfg.train) for s in range(10)]
+    assert seen[2] == {"vision": 0.0, "projector": base[2], "deepstack": 0.0, "llm": 0.25 * base[2]}
+    assert seen[6] == {"vision": 0.5 * base[6], "projector": base[6], "deepstack": base[6], "llm": base[6]}
+    # A run resumed at step 7 (a new optimizer and scheduler loading the saved states, as a
+    # checkpoint does) continues identically into the next steps.
+    scheduler = build_scheduler(build_optimizer(model, cfg.train), cfg.train, stages)
+    for _ in range(7):
+        scheduler.optimizer.step()
+        scheduler.step()
+    again = build_scheduler(build_optimizer(model, cfg.train), cfg.train, stages)
+    again.optimizer.load_state_dict(scheduler.optimizer.state_dict())
+    again.load_state_dict(scheduler.state_dict())
+    assert lrs(again) == seen[7]
+    again.optimizer.step()
+    again.step()
+    assert lrs(again) == seen[8]
