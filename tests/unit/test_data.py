@@ -334,3 +334,20 @@ def test_bad_image_bytes(data):
         decode_image(data, 8)
     with pytest.raises(DataError, match="image is not a decodable image"):
         decode_images([_png(np.zeros((2, 2, 3), np.uint8)), data], 8)
+
+
+def test_describe_captions_every_object_in_reading_order():
+    from raybench.data.synthetic import DESCRIBE, Scene, SceneObject, describe_scene, make_group
+
+    scene = Scene("green", (SceneObject("square", "blue", 3, (0.6, 0.6, 0.9, 0.9)),
+                            SceneObject("circle", "red", 0, (0.1, 0.1, 0.3, 0.3))), "K", 1, (0.75, 0.25))
+    assert describe_scene(scene) == ("green background, red circle top-left, letter k top-right, "
+                                     "blue square bottom-right")
+    for i in range(20):  # asked about any scene, alongside the one-word questions
+        _, group = make_group(3, i, SIZE, "color", k=7, kinds=(*QTYPES, DESCRIBE))
+        (caption,) = [a for t, _, a in group if t == DESCRIBE]
+        assert caption.split(", ")[0].endswith(" background")
+        count = [a for t, _, a in group if t == "count"]
+        if count:  # one clause per object after the background
+            assert len(caption.split(", ")) - 1 == COUNT_WORDS.index(count[0]) + 1
+    assert chance_accuracy(DESCRIBE) == 0.0

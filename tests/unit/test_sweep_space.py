@@ -254,3 +254,24 @@ def test_a_grid_search_refuses_points():
     raw = _raw(space, search="grid", points_to_evaluate=[{}])
     with pytest.raises(ConfigError, match="a grid search already runs every point"):
         validate_space(raw, validate_config(raw))
+
+
+def test_stage_fields_are_sweepable_and_trials_share_the_sweeps_stage_scenes(tmp_path):
+    stages = [{"name": "easy", "steps": 4, "data": {"num_examples": 64, "max_objects": 1}}, {"name": "main"}]
+    raw = {**_raw({"train.stages.0.steps": {"type": "int", "low": 2, "high": 20}}),
+           "train": {"steps": 12, "batch_size": 16, "stages": stages}}
+    with pytest.raises(ConfigError, match=r"sweep.space\['train.stages.0.steps'\].high = 20: gives an invalid "
+                                          r"config: train.stages: the stages before the last take 20 steps"):
+        validate_space(raw, validate_config(raw))
+    raw["sweep"]["space"]["train.stages.0.steps"]["high"] = 8
+    validate_space(raw, validate_config(raw))
+    shared = {"easy": {"path": str(tmp_path / "shared-easy"), "key": {"max_objects": 1, "num_examples": 64,
+                                                                     "qtypes": None}}}
+    ctx = {"raw": raw, "name": "sw", "run_dir": str(tmp_path), "data_path": str(tmp_path / "data"),
+           "stage_scenes": shared}
+    cfg = trial_config(ctx, {"train.stages.0.steps": 6}, "abc_00001")
+    assert cfg.train.stages[0].steps == 6 and cfg.train.stages[0].data.path == str(tmp_path / "shared-easy")
+    # A trial whose stage asks for other scenes renders its own.
+    other = trial_config(ctx, {"train.stages.0.data.max_objects": 2}, "abc_00002")
+    assert other.train.stages[0].data.path is None
+    assert raw["train"]["stages"][0]["steps"] == 4  # the base is never mutated
