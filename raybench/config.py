@@ -43,6 +43,9 @@ class VisionConfig(_Strict):
     # convolutions help transformers see better"): locality a from-scratch tower cannot
     # learn from a few thousand scenes.
     stem: Literal["patch", "conv"] = "patch"
+    # A dense scene head on the tower (raybench/model/scene_head.py), trained by a stage with
+    # `objective: scene`; set automatically when a stage has one, dropped from the exported model.
+    scene_head: bool = False
     pretrained_path: str | None = None  # a local transformers checkpoint directory
 
 
@@ -174,6 +177,11 @@ class Stage(_Strict):
     # must not forget what an earlier stage taught it.
     lr_scale: dict[Module, float] = Field(default_factory=dict)
     data: StageData | None = None  # None: the training set
+    # answer: the next-token loss on answers (every other stage). scene: the vision tower
+    # learns each quadrant's shape and colour and the background directly, from the stage's
+    # own `describe` scenes - a from-scratch tower's stand-in for pretraining (see
+    # raybench/model/scene_head.py); the LLM side does not take part.
+    objective: Literal["answer", "scene"] = "answer"
 
 
 class DataConfig(_Strict):
@@ -297,9 +305,16 @@ class RunConfig(_Strict):
             return Path(d.path)
         k = self.data.questions_per_image
         name = f"{stage.name}-{d.max_objects}obj-{d.num_examples}" + (f"-{k}q" if k > 1 else "")
-        if d.qtypes is not None:  # a set of other question types is another set of scenes
-            name += "-" + "+".join(d.qtypes)
+        qtypes = self.stage_qtypes(stage)
+        if qtypes != self.data.qtypes:  # a set of other question types is another set of scenes
+            name += "-" + "+".join(qtypes)
         return self.run_path / name
+
+    def stage_qtypes(self, stage: "Stage") -> list[str] | None:
+        """The question types of a stage's own scenes (None: every default type)."""
+        if stage.data is not None and stage.data.qtypes is not None:
+            return stage.data.qtypes
+        return ["describe"] if stage.objective == "scene" else self.data.qtypes
 
 
 # ---------------------------------------------------------------------------- loading
@@ -445,6 +460,14 @@ def _stage_errors(cfg: RunConfig) -> list[str]:
                 errs.append(f"{where}.data.num_examples = {st.data.num_examples}: fewer than one batch "
                             f"(train.batch_size = {t.batch_size})")
             errs += _qtype_errors(f"{where}.data.qtypes", st.data.qtypes)
+        if st.objective == "scene":
+            if st.data is None:
+                errs.append(f"{where}.data = None: a scene stage reads the targets from its own synthetic "
+                            "`describe` scenes; give it data: {num_examples: N}")
+            elif cfg.stage_qtypes(st) != ["describe"]:
+                errs.append(f"{where}.data.qtypes = {st.data.qtypes}: a scene stage needs [describe] (or leave it out)")
+            if "vision" not in st.train:
+                errs.append(f"{where}.train = {st.train}: a scene stage trains the vision tower; include vision")
         bad = [m for m, v in st.lr_scale.items() if v < 0]
         if bad:
             errs.append(f"{where}.lr_scale = {st.lr_scale}: {bad} negative; 0 freezes the weights but "
@@ -473,8 +496,15 @@ _MOVED = {("data", "curriculum"): (
     "train.stages: [{name: curriculum, steps: 500, data: {max_objects: 1, num_examples: 6000}}, {name: main}]")}
 
 
+def _wants_scene_head(raw: dict[str, Any]) -> bool:
+    stages = (raw.get("train") or {}).get("stages") or []
+    return any(isinstance(st, dict) and st.get("objective") == "scene" for st in stages)
+
+
 def validate_config(raw: dict[str, Any]) -> RunConfig:
     raw = dict(raw)
+    if _wants_scene_head(raw):
+        raw = set_path(raw, ["model", "vision", "scene_head"], True)
     for (section, key), msg in _MOVED.items():
         if isinstance(raw.get(section), dict) and key in raw[section]:
             raise ConfigError(f"invalid config:\n  {msg}")

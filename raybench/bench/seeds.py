@@ -129,7 +129,7 @@ def run_seeds_bench(out: Path, size: str = "small", quick: bool = False, steps: 
             where = first.stage_path(st)
             shutil.rmtree(where, ignore_errors=True)
             write_curriculum(where, st.data.num_examples, image_size=first.image_size, seed=d.seed,
-                             qtypes=st.data.qtypes or d.qtypes, max_objects=st.data.max_objects, name=st.name)
+                             qtypes=first.stage_qtypes(st), max_objects=st.data.max_objects, name=st.name)
     ensure_tokenizer(first)
     rows = []
     for preset in presets:

@@ -36,7 +36,7 @@ def ensure_data(cfg: RunConfig) -> dict[str, int]:
         where = cfg.stage_path(st)
         if st.data.path is None and not where.exists():
             write_curriculum(where, st.data.num_examples, image_size=cfg.image_size, seed=cfg.data.seed,
-                             qtypes=st.data.qtypes or cfg.data.qtypes, max_objects=st.data.max_objects,
+                             qtypes=cfg.stage_qtypes(st), max_objects=st.data.max_objects,
                              questions_per_image=cfg.data.questions_per_image, name=st.name)
         counts[f"stage-{st.name}"] = validate_dataset(where, splits=("curriculum",))["curriculum"]
     return counts

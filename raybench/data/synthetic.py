@@ -111,6 +111,28 @@ def chance_accuracy(qtype: str) -> float:
     return 0.0 if qtype == DESCRIBE else 1.0 / len(answer_vocabulary()[qtype])
 
 
+# The dense scene targets a caption holds: background colour; per quadrant a shape class
+# (none, the shapes, a letter) and a colour class (none, the colours).
+SCENE_CLASSES = (len(COLORS), 2 + len(SHAPES), 1 + len(COLORS))
+
+
+def scene_targets(caption: str) -> list[int]:
+    """A `describe` caption -> [background, shape x 4 quadrants, colour x 4] class ids; the
+    inverse of `describe_scene` (a letter's ink has no colour class: 0, like an empty cell)."""
+    names, targets = list(COLORS), [0] * 9
+    first, *things = caption.split(", ")
+    targets[0] = names.index(first.removesuffix(" background"))
+    for thing in things:
+        words = thing.split(" ")
+        cell = POSITIONS.index(words[-1])
+        if words[0] == "letter":
+            targets[1 + cell] = 1 + len(SHAPES)
+        else:
+            targets[1 + cell] = 1 + SHAPES.index(words[1])
+            targets[5 + cell] = 1 + names.index(words[0])
+    return targets
+
+
 def describe_scene(scene: Scene) -> str:
     """The scene as one caption, objects in reading order (cells row-major), e.g.
     "green background, red circle top-left, letter k bottom-right"."""

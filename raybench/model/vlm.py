@@ -29,6 +29,7 @@ from raybench.model.deepstack import DeepStackMergers, deepstack_process
 from raybench.model.llm import KVCache, attention_mask, build_causal_lm
 from raybench.model.merger import PatchMerger
 from raybench.model.qformer import QFormer
+from raybench.model.scene_head import SceneHead
 from raybench.model.sparsity import gather_seq, keep_counts, kept_indices, visual_relevance
 from raybench.model.vet import VETProjector
 from raybench.model.vision import VisionTower, build_siglip
@@ -71,6 +72,8 @@ class HybridVLM(nn.Module):
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         f = config.fusion
         self.vision = VisionTower(build_siglip(config.vision))
+        # Trained by a `scene` stage, never used for answers (see scene_head.py).
+        self.scene_head = SceneHead(self.vision.siglip.config.hidden_size) if config.vision.scene_head else None
         self.llm = build_causal_lm(config.llm, vocab_size, config.llm_head_dim)
         hv, d = self.vision.siglip.config.hidden_size, self.llm.config.hidden_size
         if f.projector == "mlp":
@@ -202,10 +205,20 @@ class HybridVLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                return_logits: bool = False, image_index: torch.Tensor | None = None) -> VLMOutput:
+                return_logits: bool = False, image_index: torch.Tensor | None = None,
+                scene_targets: torch.Tensor | None = None) -> VLMOutput:
         """Right-padded batch -> loss on answer tokens (labels != -100) only. `image_index[i]`
         names row i's image in `pixel_values` (several questions about one image share its
-        vision tower pass); None: one image per row."""
+        vision tower pass); None: one image per row. With `scene_targets` [rows, 9] (a `scene`
+        stage) the loss is the scene head's on the tower's patches instead; the LLM side is
+        not run. Both go through `forward` so that FSDP's root hooks gather its weights."""
+        if scene_targets is not None:
+            if self.scene_head is None:
+                raise ValueError("scene_targets given but the model has no scene head (model.vision.scene_head)")
+            patches, _ = self.vision(pixel_values)
+            if image_index is not None:
+                patches = patches[image_index]
+            return VLMOutput(loss=self.scene_head.loss(patches, scene_targets))
         visual, deepstack = None, []
         if pixel_values is not None:
             visual, deepstack = self.project(*self.encode_images(pixel_values))
@@ -297,15 +310,18 @@ class HybridVLM(nn.Module):
         # The saved weights are complete: loading must not need the original checkpoints.
         cfg.vision.pretrained_path = None
         cfg.llm.pretrained_path = None
+        cfg.vision.scene_head = False  # a training device: what serves the model never uses it
         cfg.llm.vocab_size = self.vocab_size
         meta = {"format": "raybench-hybrid-vlm", "model": cfg.model_dump(mode="json"),
                 "vocab_size": self.vocab_size, "image_token_id": self.image_token_id,
                 "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id}
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-        if state_dict is None:
-            save_model(self, str(directory / WEIGHTS_NAME))
+        if state_dict is None and self.scene_head is None:
+            save_model(self, str(directory / WEIGHTS_NAME))  # dedups tied embeddings
         else:
-            save_file({k: v.contiguous() for k, v in state_dict.items()}, str(directory / WEIGHTS_NAME))
+            state_dict = self.state_dict() if state_dict is None else state_dict
+            save_file({k: v.detach().clone().contiguous() for k, v in state_dict.items()
+                       if not k.startswith("scene_head.")}, str(directory / WEIGHTS_NAME))
         return directory
 
     @classmethod

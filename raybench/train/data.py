@@ -25,6 +25,7 @@ from ray.train import DataConfig
 
 from raybench.data.loader import decode_rgb_uint8, normalize_pixels
 from raybench.data.processor import IGNORE_INDEX, VQAProcessor, group_rows, shared_images
+from raybench.data.synthetic import DESCRIBE, scene_targets
 from raybench.data.tokenizer import load_tokenizer
 
 COLUMNS = ["image", "question", "answer", "qtype"]
@@ -45,12 +46,16 @@ def preprocess(batch: dict[str, np.ndarray], tokenizer_dir: str, image_size: int
     if width > max_length:
         raise ValueError(f"a question/answer needs {width} tokens, more than max_length={max_length}")
     pad = max_length - width
+    # A `scene` stage's targets, read from its `describe` captions (-100: not a caption row).
+    scene = np.array([scene_targets(a) if q == DESCRIBE else [IGNORE_INDEX] * 9
+                      for q, a in zip(batch["qtype"], batch["answer"])], dtype=np.int64)
     return {
         "pixels": np.stack([decode_rgb_uint8(b, image_size) for b in batch["image"]]),
         "input_ids": np.pad(enc["input_ids"].numpy(), ((0, 0), (0, pad)), constant_values=proc.pad_id),
         "attention_mask": np.pad(enc["attention_mask"].numpy(), ((0, 0), (0, pad))),
         "labels": np.pad(enc["labels"].numpy(), ((0, 0), (0, pad)), constant_values=IGNORE_INDEX),
         "qtype": batch["qtype"],
+        "scene_targets": scene,
     }
 
 
@@ -132,4 +137,6 @@ def to_model_batch(batch: dict, device: torch.device, num_image_tokens: int) -> 
     }
     if len(first) < len(pixels):
         out["image_index"] = image_index.to(device)
+    if "scene_targets" in batch:
+        out["scene_targets"] = batch["scene_targets"].to(device)
     return out

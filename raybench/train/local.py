@@ -15,6 +15,7 @@ from raybench.config import RunConfig, dump_config
 from raybench.data.loader import read_split
 from raybench.data.prepare import ensure_data, ensure_tokenizer
 from raybench.data.processor import VQAProcessor, group_rows, shared_images
+from raybench.data.synthetic import scene_targets
 from raybench.model.vlm import HybridVLM
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate, format_eval,
                                  train_step)
@@ -93,7 +94,11 @@ def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str,
         if current is not stage:  # a new stage: its modules learn, the others freeze
             stage = current
             set_trainable(model, stage)
-        loss = train_step(model, proc.collate(next(batches)), optimizer, scheduler, t.grad_clip)
+        rows = next(batches)
+        batch = proc.collate(rows)
+        if stage.objective == "scene":  # the tower learns the scene the caption spells out
+            batch["scene_targets"] = torch.tensor([scene_targets(a) for a in rows["answer"]])
+        loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
         losses.append(loss)
         window_samples += t.batch_size
         if step % t.eval_every == 0 or step == t.steps:

@@ -52,7 +52,7 @@ def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, sche
                grad_clip: float) -> float:
     model.train()
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                image_index=batch.get("image_index"))
+                image_index=batch.get("image_index"), scene_targets=batch.get("scene_targets"))
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
     nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -31,6 +31,7 @@ class PlannedStage:
     lr_scale: dict[str, float] = field(default_factory=dict)
     data: StageData | None = None   # None: the training set
     data_path: Path | None = None
+    objective: str = "answer"       # or "scene": the tower's dense scene loss (scene_head.py)
 
     @property
     def dataset(self) -> str:
@@ -48,7 +49,7 @@ def plan(cfg: RunConfig) -> list[PlannedStage]:
     for st in stages:
         end = start + st.steps if st.steps is not None else cfg.train.steps
         out.append(PlannedStage(st.name, start, end, frozenset(st.train), dict(st.lr_scale), st.data,
-                                cfg.stage_path(st)))
+                                cfg.stage_path(st), st.objective))
         start = end
     return out
 
@@ -61,8 +62,11 @@ def stage_at(stages: list[PlannedStage], step: int) -> PlannedStage:
 
 
 def module_of(param_name: str) -> str:
-    """HybridVLM's top-level parts are the stage modules (vision, projector, deepstack, llm)."""
+    """HybridVLM's top-level parts are the stage modules (vision, projector, deepstack, llm);
+    the scene head learns with the tower it reads."""
     head = param_name.split(".", 1)[0]
+    if head == "scene_head":
+        return "vision"
     if head not in MODULES:
         raise ValueError(f"parameter {param_name!r} is in no stage module ({', '.join(MODULES)})")
     return head

@@ -139,6 +139,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if tracker:
                     tracker.log_metrics({k: v for k, v in extra.items() if k.startswith("startup")},
                                         step=state.step)
+            if stage.objective != "scene":
+                batch.pop("scene_targets", None)
             loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
             state.step += 1
             state.batch_in_epoch += 1

@@ -351,3 +351,17 @@ def test_describe_captions_every_object_in_reading_order():
         if count:  # one clause per object after the background
             assert len(caption.split(", ")) - 1 == COUNT_WORDS.index(count[0]) + 1
     assert chance_accuracy(DESCRIBE) == 0.0
+
+
+def test_scene_targets_invert_the_caption():
+    from raybench.data.synthetic import COLORS, describe_scene, sample_scene, scene_targets
+
+    rng = random.Random(0)
+    for i in range(60):
+        scene, _, _ = sample_scene(rng, QTYPES[i % len(QTYPES)])
+        t = scene_targets(describe_scene(scene))
+        assert t[0] == list(COLORS).index(scene.background)
+        for o in scene.objects:
+            assert (t[1 + o.cell], t[5 + o.cell]) == (1 + SHAPES.index(o.shape), 1 + list(COLORS).index(o.color))
+        empty = {0, 1, 2, 3} - {o.cell for o in scene.objects} - {scene.glyph_cell}
+        assert all(t[1 + c] == 0 and t[5 + c] == 0 for c in empty)

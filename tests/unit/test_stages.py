@@ -1,11 +1,15 @@
 """Staged training (`train.stages`): which modules learn, at what learning rate, by step."""
 
+import re
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from raybench.config import validate_config
+from raybench.config import ConfigError, validate_config
 from raybench.data.loader import read_split
 from raybench.data.processor import VQAProcessor
+from raybench.data.synthetic import scene_targets
 from raybench.data.tokenizer import load_tokenizer
 from raybench.model.vlm import HybridVLM
 from raybench.train.local import train_local
@@ -76,3 +80,46 @@ def test_each_module_learns_at_its_stage_scale_and_a_resumed_schedule_agrees(tmp
     again.optimizer.step()
     again.step()
     assert lrs(again) == seen[8]
+
+
+def test_a_scene_stage_trains_the_tower_directly_and_the_export_drops_its_head(tmp_path):
+    cfg = tiny(tmp_path, [{"name": "see", "steps": 3, "objective": "scene", "data": {"num_examples": 48}},
+                          {"name": "main"}])
+    assert cfg.model.vision.scene_head and cfg.stage_qtypes(cfg.train.stages[0]) == ["describe"]
+    lines = []
+    train_local(cfg, log=lines.append)
+    torch.manual_seed(cfg.train.seed)
+    initial = HybridVLM.for_tokenizer(cfg.model, load_tokenizer(cfg.run_path / "model")).state_dict()
+    trained = load_file(str(cfg.run_path / "model" / "model.safetensors"))
+    assert not any(k.startswith("scene_head.") for k in trained)
+    exported = HybridVLM.from_pretrained(cfg.run_path / "model")
+    assert exported.scene_head is None and not exported.config.vision.scene_head
+    assert {k.split(".")[0] for k, v in trained.items() if not torch.equal(v, initial[k])} == {
+        "vision", "projector", "deepstack", "llm"}
+
+    # In the scene stage itself only the tower (and its head) get gradients.
+    tok = load_tokenizer(cfg.run_path / "model")
+    model = HybridVLM.for_tokenizer(cfg.model, tok)
+    proc = VQAProcessor(tok, cfg.model.num_image_tokens, cfg.model.vision.image_size)
+    rows = read_split(cfg.stage_path(cfg.train.stages[0]), "curriculum").slice(0, 8).to_pydict()
+    assert set(rows["qtype"]) == {"describe"}
+    batch = proc.collate(rows)
+    batch["scene_targets"] = torch.tensor([scene_targets(a) for a in rows["answer"]])
+    stages = plan(cfg)
+    optimizer = build_optimizer(model, cfg.train)
+    set_trainable(model, stages[0])
+    loss = train_step(model, batch, optimizer, build_scheduler(optimizer, cfg.train, stages), grad_clip=1.0)
+    assert loss > 0
+    with_state = {name.split(".")[0] for name, p in model.named_parameters() if optimizer.state.get(p)}
+    assert with_state == {"vision", "scene_head"}
+
+
+def test_scene_stage_config_errors():
+    base = {"model": {"size": "tiny"}, "train": {"steps": 10, "batch_size": 8}}
+    for stage, expected in [({"name": "s", "steps": 5, "objective": "scene"}, "train.stages.0.data = None"),
+                            ({"name": "s", "steps": 5, "objective": "scene", "train": ["llm"], "data": {}},
+                             "train.stages.0.train = ['llm']: a scene stage trains the vision tower"),
+                            ({"name": "s", "steps": 5, "objective": "scene", "data": {"qtypes": ["color"]}},
+                             "train.stages.0.data.qtypes = ['color']: a scene stage needs [describe]")]:
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            validate_config({**base, "train": {**base["train"], "stages": [stage, {"name": "main"}]}})
