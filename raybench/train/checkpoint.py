@@ -58,6 +58,11 @@ def load(directory: Path, model, optimizer, scheduler) -> TrainerState:
     return TrainerState(**meta)
 
 
+def saved_step(directory: Path) -> int:
+    """The step a checkpoint was saved at, without loading it."""
+    return json.loads((directory / TRAINER_STATE).read_text())["step"]
+
+
 def full_state_dict(model) -> dict[str, torch.Tensor]:
     """All-gather the full weights to CPU (a collective: every rank must call it)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

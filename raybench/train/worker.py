@@ -90,10 +90,10 @@ def train_loop_per_worker(config: dict) -> None:
     scheduler = build_scheduler(optimizer, t, stages)
     state = ckpt.TrainerState()
     resumed = ray.train.get_checkpoint()
-    stage = stage_at(stages, state.step)
-    set_trainable(model, stage)  # before loading: frozen modules have no optimizer state to load
     if resumed:
         with resumed.as_directory() as d:
+            # The resumed stage's modules first: DCP creates optimizer state only for what learns.
+            set_trainable(model, stage_at(stages, ckpt.saved_step(Path(d))))
             state = ckpt.load(Path(d), model, optimizer, scheduler)
     tracker = _open_tracker(cfg, rank, config)
     nodes = [None] * world  # where the workers landed (placement_strategy), for the record
