@@ -112,13 +112,14 @@ def chance_accuracy(qtype: str) -> float:
 
 
 # The dense scene targets a caption holds: background colour; per quadrant a shape class
-# (none, the shapes, a letter) and a colour class (none, the colours).
-SCENE_CLASSES = (len(COLORS), 2 + len(SHAPES), 1 + len(COLORS))
+# (none, the shapes, each letter) and a colour class (none, the colours).
+SCENE_CLASSES = (len(COLORS), 1 + len(SHAPES) + len(GLYPHS), 1 + len(COLORS))
 
 
 def scene_targets(caption: str) -> list[int]:
     """A `describe` caption -> [background, shape x 4 quadrants, colour x 4] class ids; the
-    inverse of `describe_scene` (a letter's ink has no colour class: 0, like an empty cell)."""
+    inverse of `describe_scene` (a letter is a shape class of its own; its ink has no colour
+    class: 0, like an empty cell)."""
     names, targets = list(COLORS), [0] * 9
     first, *things = caption.split(", ")
     targets[0] = names.index(first.removesuffix(" background"))
@@ -126,7 +127,7 @@ def scene_targets(caption: str) -> list[int]:
         words = thing.split(" ")
         cell = POSITIONS.index(words[-1])
         if words[0] == "letter":
-            targets[1 + cell] = 1 + len(SHAPES)
+            targets[1 + cell] = 1 + len(SHAPES) + GLYPHS.index(words[1].upper())
         else:
             targets[1 + cell] = 1 + SHAPES.index(words[1])
             targets[5 + cell] = 1 + names.index(words[0])
@@ -177,7 +178,8 @@ def sample_scene(rng: random.Random, qtype: str, max_objects: int = 4) -> tuple[
     if not 1 <= max_objects <= 4:
         raise ValueError(f"max_objects = {max_objects}: must be 1..4 (one object per grid cell)")
     names = list(COLORS)
-    if qtype == "glyph":
+    # A caption describes letter scenes too, as often as the question mix draws them.
+    if qtype == "glyph" or (qtype == DESCRIBE and rng.random() < 1 / len(QTYPES)):
         # One letter in one cell, up to two shapes elsewhere as distractors.
         background = rng.choice(names)
         cells = rng.sample(range(4), 1 + rng.randint(0, min(2, max_objects - 1)))
@@ -188,6 +190,8 @@ def sample_scene(rng: random.Random, qtype: str, max_objects: int = 4) -> tuple[
         gcell = cells[0]
         center = ((gcell % 2) * 0.5 + rng.uniform(0.2, 0.3), (gcell // 2) * 0.5 + rng.uniform(0.2, 0.3))
         scene = Scene(background, objs, letter, gcell, center)
+        if qtype == DESCRIBE:
+            return scene, DESCRIBE_QUESTION, describe_scene(scene)
         return scene, "what letter is shown?", letter.lower()
 
     n = rng.randint(1, max_objects)

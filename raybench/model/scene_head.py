@@ -7,7 +7,7 @@ reaches the tower only through an LLM that has not yet learned to look. It is th
 sizes' stand-in for starting from a pretrained SigLIP; the exported model drops the head.
 
 Targets (`raybench.data.synthetic.scene_targets`): the background colour, then per quadrant
-(row-major) a shape class (none / circle / square / triangle / letter) and a colour class
+(row-major) a shape class (none / circle / square / triangle / each letter) and a colour class
 (none / one of the colours). The quadrants pool the patch grid, so where each object is
 is in the targets; and every patch also names its own quadrant, so that each visual token
 the LLM reads carries where it is in its content (attention mixes tokens; only content

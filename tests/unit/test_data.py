@@ -363,5 +363,7 @@ def test_scene_targets_invert_the_caption():
         assert t[0] == list(COLORS).index(scene.background)
         for o in scene.objects:
             assert (t[1 + o.cell], t[5 + o.cell]) == (1 + SHAPES.index(o.shape), 1 + list(COLORS).index(o.color))
+        if scene.glyph is not None:
+            assert (t[1 + scene.glyph_cell], t[5 + scene.glyph_cell]) == (4 + GLYPHS.index(scene.glyph), 0)
         empty = {0, 1, 2, 3} - {o.cell for o in scene.objects} - {scene.glyph_cell}
         assert all(t[1 + c] == 0 and t[5 + c] == 0 for c in empty)
