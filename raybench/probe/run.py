@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from raybench.probe.features import ATTRIBUTES, CLASSES, Extracted, extract, one_object_scenes
-from raybench.probe.linear import prepare, probe_prepared
+from raybench.probe.linear import L2_GRID, prepare, probe_prepared
 
 COLUMNS = ("trained", "random_init")
 LABELS = {"shape": "shape", "position": "position", "color": "colour"}
@@ -34,7 +34,8 @@ def _random_twin(model, seed: int):
 
 
 def _probe_rows(train: dict[str, Extracted], test: dict[str, Extracted], y_train, y_test,
-                pixels: tuple[torch.Tensor, torch.Tensor], n_layers: int, log) -> list[dict]:
+                pixels: tuple[torch.Tensor, torch.Tensor], n_layers: int, log,
+                l2_grid: tuple[float, ...] = L2_GRID) -> list[dict]:
     """One row per feature set: {'features', 'dim', attribute: {column: accuracy}}."""
     def row(name, get, columns):
         out = {"features": name}
@@ -43,7 +44,7 @@ def _probe_rows(train: dict[str, Extracted], test: dict[str, Extracted], y_train
             prepared = prepare(*shared) if shared is not None else None
             for a in ATTRIBUTES:
                 xtr, xte = prepared if prepared is not None else prepare(*get(col, a))
-                res = probe_prepared(xtr, y_train[a], xte, y_test[a], len(CLASSES[a]))
+                res = probe_prepared(xtr, y_train[a], xte, y_test[a], len(CLASSES[a]), l2_grid=l2_grid)
                 out.setdefault(a, {})[col] = res["accuracy"]
                 out.setdefault("l2", {}).setdefault(a, {})[col] = res["l2"]
             out["dim"] = (shared or get(col, ATTRIBUTES[0]))[0].shape[1]
@@ -83,7 +84,10 @@ def _readings(ex: Extracted, answers: dict[str, list[str]]) -> dict:
 
 
 def run_probe(model_dir: str | Path, n_train: int = 1800, n_test: int = 600, seed: int = 0,
-              random_init: bool = True, batch_size: int = 200, log=print) -> dict:
+              random_init: bool = True, batch_size: int = 200, log=print,
+              l2_grid: tuple[float, ...] = L2_GRID) -> dict:
+    """The probe table's rows and the readings, as one JSON-able dict (see `format_report`).
+    `l2_grid`: the penalties tried per probe (tests pass one to stay fast)."""
     from raybench.data.processor import VQAProcessor
     from raybench.data.tokenizer import load_tokenizer
     from raybench.model.vlm import HybridVLM
@@ -103,7 +107,7 @@ def run_probe(model_dir: str | Path, n_train: int = 1800, n_test: int = 600, see
     log(f"[probe] features extracted in {time.perf_counter() - t0:.0f} s")
     rows = _probe_rows(train, test, scenes_train.labels, scenes_test.labels,
                        (scenes_train.pixels.flatten(1), scenes_test.pixels.flatten(1)),
-                       len(model.decoder_layers), log)
+                       len(model.decoder_layers), log, l2_grid)
     return {
         "model": str(model_dir), "n_train": n_train, "n_test": n_test, "seed": seed,
         "chance": {a: 1 / len(CLASSES[a]) for a in ATTRIBUTES},

@@ -22,9 +22,12 @@ def _labels(n, k, seed):
 
 @pytest.mark.parametrize("dim", [12, 400])  # 400 > 300 training rows: the row-space path
 def test_probe_decodes_a_one_hot_label_under_noise(dim):
+    g = torch.Generator().manual_seed(1)
     y = _labels(400, 4, 0)
-    x = torch.randn(400, dim, generator=torch.Generator().manual_seed(1))
-    x[:, :4] += 2.5 * torch.nn.functional.one_hot(y, 4)
+    # one-hot label along 4 random unit directions, plus unit noise in every dimension
+    directions = torch.randn(4, dim, generator=g)
+    directions /= directions.norm(dim=1, keepdim=True)
+    x = torch.randn(400, dim, generator=g) + 6.0 * torch.nn.functional.one_hot(y, 4).float() @ directions
     assert probe_accuracy(x[:300], y[:300], x[300:], y[300:], 4)["accuracy"] > 0.9
 
 
@@ -57,7 +60,8 @@ def tiny_model_dir(tmp_path_factory):
 
 
 def test_probe_runs_end_to_end_on_a_tiny_saved_model(tiny_model_dir):
-    report = run_probe(tiny_model_dir, n_train=60, n_test=30, batch_size=32, log=lambda _: None)
+    report = run_probe(tiny_model_dir, n_train=60, n_test=30, batch_size=32, log=lambda _: None,
+                       l2_grid=(0.1,))
     names = [r["features"] for r in report["rows"]]
     assert names[0] == "pixels (flat)" and "ViT out (mean-pooled)" in names
     assert sum(n.startswith("LLM layer") for n in names) == 4  # tiny: 4 decoder layers
