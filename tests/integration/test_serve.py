@@ -222,6 +222,9 @@ def _bad_cases():
     Image.new("RGB", (300, 300)).save(big, format="PNG")
     return [
         ("malformed json", b'{"messages": [', 400, "invalid_json", "not valid JSON"),
+        # Past Python's recursion limit the JSON parser itself raises RecursionError (was a 500).
+        ("deeply nested json", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json",
+         "nested too deeply"),
         ("missing image", with_parts(text), 400, "missing_image", "no image"),
         ("not an image", with_parts(text, {"type": "image_url", "image_url": {"url": data_uri(b"GIF? no, text")}}),
          400, "invalid_image", "not a decodable image"),
@@ -256,6 +259,27 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_lives_on(server, expected)
             ok = post(server, chat_body(image, question), s)  # the next good request still succeeds
             assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected[0][0]
     assert stage_pids(server) == pids, "a replica was restarted by bad input"
+
+
+def test_special_token_text_in_a_question_is_answered_as_text(server, model_dir):
+    """A question that spells "<image>" (or "</s>") is text: the LLM stage used to see one
+    placeholder too many and answer 500; now it answers exactly what generate() gives."""
+    from raybench.data.processor import VQAProcessor
+    from raybench.data.tokenizer import load_tokenizer
+    from raybench.model.vlm import HybridVLM
+
+    image, _ = CASES[1]
+    question = "what color is <image> the </s> square?"
+    model = HybridVLM.from_pretrained(model_dir)
+    proc = VQAProcessor(load_tokenizer(model_dir), model.config.num_image_tokens, model.config.vision.image_size)
+    p = proc.encode_prompts([question])
+    with torch.no_grad():
+        ids = model.generate(p["input_ids"], p["attention_mask"], proc.pixel_values([image]),
+                             max_new_tokens=MAX_TOKENS)[0].tolist()
+    r = post(server, chat_body(image, question))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == proc.decode_answer(ids)
+    assert r.json()["usage"]["prompt_tokens"] == p["input_ids"].shape[1]
 
 
 def _load(server, n_clients: int, n_requests: int, on_start=None) -> tuple[list, list]:

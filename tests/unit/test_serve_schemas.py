@@ -102,6 +102,15 @@ def test_malformed_bodies(raw, code):
     assert (err.status, err.code) == (400, code)
 
 
+@pytest.mark.parametrize("depth", [65, 900, 5000, 100_000])
+def test_deeply_nested_json_is_a_400_not_a_recursion_error(depth):
+    # Below Python's limit (900) it parses; past it (5000) the parser itself recurses out.
+    nested = "[" * depth + "]" * depth
+    raw = ('{"messages": [{"role": "user", "content": "hi"}], "user": %s}' % nested).encode()
+    err = refused(raw)
+    assert (err.status, err.code) == (400, "invalid_json") and "nested too deeply" in err.message
+
+
 def test_missing_image():
     err = refused(body("what color is the circle?"))
     assert (err.status, err.code) == (400, "missing_image")
