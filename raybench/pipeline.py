@@ -65,6 +65,9 @@ def run_pipeline(config: str | Path | None, overrides: list[str], serve_config: 
     serve_cfg = load_serve_config(serve_config, serve_overrides or [], model=model_uri, tracking_uri=uri,
                                   served_model_name=s.registered_model)
 
+    if serve_cfg.require_api_key:
+        from raybench.serve.config import api_key
+        api_key(serve_cfg)  # a required key that is missing fails now, not after an hour of sweep
     summary = run_sweep(sweep)  # starts (or joins) Ray, registers the champion
     if not summary.get("model_uri"):
         raise RuntimeError("the sweep produced no champion (every trial failed or was pruned); see "
@@ -94,8 +97,10 @@ def _deploy(cfg) -> str:
     from raybench.serve.app import build_application
     from raybench.serve.cli import _check_capacity
 
+    from raybench.serve.config import api_key
+
     _check_capacity(cfg)
-    key = os.environ.get(cfg.api_key_env)
+    key = api_key(cfg)
     # One HTTP proxy, on the head: several nodes of one machine can't share a port, and the
     # printed endpoint is the head's.
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})

@@ -40,7 +40,7 @@ def _settings(args):
 
 
 def _cmd_deploy(args) -> int:
-    from raybench.serve.config import serve_config_yaml
+    from raybench.serve.config import api_key, serve_config_yaml
     from raybench.serve.model_source import check_model_ref, is_registry_uri
 
     cfg = _settings(args)
@@ -55,6 +55,7 @@ def _cmd_deploy(args) -> int:
     if is_registry_uri(cfg.model) and not (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise ConfigError(f"model = {cfg.model!r} needs a registry: pass --run-dir (the sweep's run "
                           "directory), --tracking-uri, or set MLFLOW_TRACKING_URI")
+    api_key(cfg)  # a required key that is missing fails here, before Ray starts
     pinned = check_model_ref(cfg.model, cfg.tracking_uri)
     if pinned != cfg.model:
         print(f"[raybench] {cfg.model} -> {pinned}", flush=True)
@@ -92,7 +93,7 @@ def serve_until_interrupted(cfg) -> int:
     started_local = not address
     try:
         _check_capacity(cfg)
-        key = os.environ.get(cfg.api_key_env)
+        key = api_key(cfg)
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_application(cfg, {cfg.api_key_env: key} if key else None),
                   name=cfg.name, route_prefix=cfg.route_prefix)

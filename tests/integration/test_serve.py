@@ -403,6 +403,10 @@ def test_deploy_validates_before_ray_starts(tmp_path):
     r = subprocess.run([sys.executable, "-m", "raybench.cli", "deploy", "--checkpoint", str(tmp_path),
                         "--set", "llm.max_batch_size=0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "llm.max_batch_size = 0" in r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "RAYBENCH_API_KEY"}
+    r = subprocess.run([sys.executable, "-m", "raybench.cli", "deploy", "--checkpoint", str(tmp_path),
+                        "--set", "require_api_key=true"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "refusing to serve without authentication" in r.stderr
     assert time.monotonic() - t0 < 30
 
 
