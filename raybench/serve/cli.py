@@ -90,7 +90,6 @@ def serve_until_interrupted(cfg) -> int:
     address = os.environ.get("RAY_ADDRESS")
     # "local" without RAY_ADDRESS: never silently join a cluster a `ray start` left running.
     ray.init(address=address or "local", log_to_driver=False)
-    started_local = not address
     try:
         _check_capacity(cfg)
         key = api_key(cfg)
@@ -114,10 +113,10 @@ def serve_until_interrupted(cfg) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            if started_local:
-                serve.shutdown()
-            else:
-                serve.delete(cfg.name)
+            # Not serve.shutdown() on our own local Ray: it kills Serve's controller with
+            # ray.kill mid-task (a yellow "graceful_shutdown failed" line); ray.shutdown()
+            # below stops the rest with the local Ray.
+            serve.delete(cfg.name)
         finally:
             ray.shutdown()
     return 0

@@ -437,4 +437,6 @@ def test_deploy_command_serves_until_interrupted(model_dir, expected, tmp_path):
             raise
         log.close()
     assert rc == 0, (tmp_path / "deploy.log").read_text()[-3000:]
-    assert "stopping" in (tmp_path / "deploy.log").read_text()
+    text = (tmp_path / "deploy.log").read_text()
+    assert "stopping" in text
+    assert "graceful_shutdown failed" not in text, "serve.shutdown() killed the controller mid-task"
