@@ -104,16 +104,15 @@ def registry(tmp_path_factory, model_dir):
     """A real sqlite MLflow registry with the model as `raybench-vlm@champion` (as a sweep registers it)."""
     from mlflow.tracking import MlflowClient
 
+    from raybench.track import register_champion
+
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("serve-test", artifact_location=str(root / "artifacts"))
     run = client.create_run(exp)
     client.log_artifacts(run.info.run_id, str(model_dir), "model")
-    source = client.get_run(run.info.run_id).info.artifact_uri + "/model"
-    client.create_registered_model("raybench-vlm")
-    mv = client.create_model_version("raybench-vlm", source=source, run_id=run.info.run_id)
-    client.set_registered_model_alias("raybench-vlm", "champion", mv.version)
+    register_champion(uri, run.info.run_id)  # an MLflow pyfunc whose artifact holds the model dir
     return uri, root
 
 
@@ -373,6 +372,24 @@ def test_auth_and_registry_model(server, expected):
     assert r.status_code == 200, r.text
     # Same weights, loaded by the replica from models:/raybench-vlm/1 through the registry.
     assert r.json()["choices"][0]["message"]["content"] == expected[0][0]
+
+
+def test_gpu_check_dry_run_in_this_ray(server, tmp_path):
+    """scripts/gpu-check.sh --dry-run's steps (tiny size, CPU) in this module's Ray and Serve, so
+    the check adds no start-up: 2 Ray Train steps on one worker, the fusion subset, a compiled
+    prefill (backend eager), and one request to its own 3-stage app, removed afterwards."""
+    from raybench.gpu_check import FUSION_PRESETS, run_check
+
+    out = tmp_path / "gpu-check"
+    figures = run_check(out, dry_run=True, steps=2, port=int(server.rsplit(":", 1)[1]))
+    assert figures["ok"], figures
+    assert figures["train"]["steps"] == 2 and figures["train"]["gpu_workers"] is False
+    assert [r["preset"] for r in figures["fusion"]] == list(FUSION_PRESETS)
+    assert figures["compile"]["backend"] == "eager" and figures["compile"]["compiled_ms"] > 0
+    assert figures["serve"]["stage_devices"] == {"vision": ["cpu"], "projection": ["cpu"], "llm": ["cpu"]}
+    assert isinstance(figures["serve"]["answer"], str)
+    assert json.loads((out / "gpu-check.json").read_text()) == figures
+    assert requests.get(server + "/gpu-check/health", timeout=10).status_code == 404  # its app is gone
 
 
 def test_serve_config_yaml_is_a_valid_serve_deploy_config(model_dir, tmp_path):
