@@ -140,13 +140,13 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
     image, question = _an_image(tmp_path, data_dir), "what color is the shape?"
     asked = subprocess.run(
         [sys.executable, "-m", "raybench.cli", "ask", "--model", str(files), "--question", question,
-         "--image", str(image)], capture_output=True, text=True, check=True).stdout.strip()
+         "--image", str(image)], capture_output=True, text=True, check=True).stdout.removesuffix("\n")
     # A fresh process that knows only the registry: pyfunc.load_model(alias).predict, and the
     # JSON body `mlflow models serve` takes, answer as `raybench ask` does.
     loaded = subprocess.run([sys.executable, "-c", PYFUNC_CLIENT, client.tracking_uri, str(image), question],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
     assert loaded.returncode == 0, loaded.stderr[-3000:]
-    assert loaded.stdout.splitlines()[-2:] == [f"predict: {asked}", f"serving: {asked}"], loaded.stdout
+    assert json.loads(loaded.stdout.splitlines()[-1]) == {"predict": asked, "serving": asked}, loaded.stdout
 
     # The persisted study: every trial, each with its value.
     study = optuna.load_study(study_name="sw", storage=f"sqlite:///{run_dir / 'optuna.db'}")
@@ -168,9 +168,10 @@ uri, image, question = sys.argv[1:]
 mlflow.set_tracking_uri(uri)
 data = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
 model = mlflow.pyfunc.load_model("models:/raybench-vlm@champion")
-print("predict:", model.predict(pd.DataFrame([{"image": data, "question": question}]))["answer"][0])
+predicted = model.predict(pd.DataFrame([{"image": data, "question": question}]))["answer"][0]
 body = json.dumps({"dataframe_records": [{"image": data, "question": question}], "params": {"max_tokens": 8}})
-print("serving:", validate_serving_input("models:/raybench-vlm@champion", body)["answer"][0])
+served = validate_serving_input("models:/raybench-vlm@champion", body)["answer"][0]
+print(json.dumps({"predict": predicted, "serving": served}))  # one line, whatever the answer holds
 """
 
 
