@@ -42,7 +42,7 @@ def check_config(size: str, run_dir: Path, steps: int, gpu: bool):
         f"train.steps={steps}", "train.batch_size=8", f"train.eval_every={steps}", "train.eval_samples=16",
         "train.warmup_steps=1", "train.log_every=1", "train.num_workers=1", "train.compile=false",
         # On a CPU dry run inside another app's Ray, leave room for Ray Data's 1-CPU tasks.
-        f"train.cpus_per_worker={4 if gpu else 0.1}",
+        f"train.cpus_per_worker={2 if gpu else 0.1}",
     ])
 
 
