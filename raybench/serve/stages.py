@@ -89,7 +89,7 @@ class _Stage:
         for name in ("vision", "projector", "deepstack", "llm"):
             if name not in self.keep and getattr(model, name, None) is not None:
                 setattr(model, name, None)  # free what other stages hold
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = _device()
         self.model = model.to(self.device)
         self.compiled = compile
         if compile:
@@ -271,6 +271,18 @@ class LLMStage(_Stage):
                                          max_new_tokens=max(r.max_tokens for r in reqs),
                                          temperature=r0.temperature, top_p=r0.top_p, generator=generator).cpu()
         return [_finish(row.tolist()[: r.max_tokens], m.eos_token_id) for row, r in zip(new, reqs)]
+
+
+def _device() -> torch.device:
+    """The GPU Ray assigned to this replica (`num_gpus` > 0), else the CPU: never a GPU the
+    replica did not reserve, even where Ray leaves CUDA visible to zero-GPU actors."""
+    import ray
+
+    try:
+        assigned = ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside a Ray worker: no assignment
+        assigned = []
+    return torch.device("cuda" if assigned and torch.cuda.is_available() else "cpu")
 
 
 def _finish(tokens: list[int], eos: int) -> GenOut:
