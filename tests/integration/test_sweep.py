@@ -129,6 +129,7 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
     assert downloaded.keys() == original.keys()
     assert all(torch.equal(downloaded[k], original[k]) for k in original)
     # What every Serve replica of `raybench deploy --model models:/...` loads: the same files.
+    monkeypatch.setenv("RAYBENCH_MODEL_CACHE", str(tmp_path / "model_cache"))  # not the user's cache
     served = resolve_model_dir("models:/raybench-vlm@champion", client.tracking_uri)
     assert load_file(served / "model.safetensors").keys() == original.keys()
     model = HybridVLM.from_pretrained(files)
