@@ -65,6 +65,9 @@ def run_pipeline(config: str | Path | None, overrides: list[str], serve_config: 
     serve_cfg = load_serve_config(serve_config, serve_overrides or [], model=model_uri, tracking_uri=uri,
                                   served_model_name=s.registered_model)
 
+    if serve_cfg.require_api_key:
+        from raybench.serve.config import api_key
+        api_key(serve_cfg)  # a required key that is missing fails now, not after an hour of sweep
     summary = run_sweep(sweep)  # starts (or joins) Ray, registers the champion
     if not summary.get("model_uri"):
         raise RuntimeError("the sweep produced no champion (every trial failed or was pruned); see "
@@ -73,19 +76,27 @@ def run_pipeline(config: str | Path | None, overrides: list[str], serve_config: 
     image, question, gold = _val_example(sweep.cfg)
     key = os.environ.get(serve_cfg.api_key_env)
     answer = ask_endpoint(base, image, question, serve_cfg.served_model_name, key)
-    result = {"endpoint": f"{base}/v1/chat/completions", "model_uri": model_uri,
-              "model_version": summary["model_version"], "champion": summary["champion"]["trial_id"],
-              "champion_accuracy": summary["champion"]["accuracy"],
+    # On a cluster the application outlives this driver; locally it lives as long as the
+    # local Ray this process started: until Ctrl-C with --keep-serving, else stopped now.
+    state = "cluster" if os.environ.get("RAY_ADDRESS") else ("kept" if keep_serving else "stopped")
+    result = {"endpoint": f"{base}/v1/chat/completions", "endpoint_live": state != "stopped",
+              "serve_again": serve_again_command(model_uri, sweep.run_dir, serve_config),
+              "model_uri": model_uri, "model_version": summary["model_version"],
+              "champion": summary["champion"]["trial_id"], "champion_accuracy": summary["champion"]["accuracy"],
               "question": question, "answer": answer, "expected": gold}
     (sweep.run_dir / "pipeline.json").write_text(json.dumps(result, indent=2))
-    _print_where_to_look(result, sweep, uri)
-    if keep_serving or os.environ.get("RAY_ADDRESS"):
-        # On a cluster the application outlives this driver; locally, block until Ctrl-C.
-        if keep_serving:
-            _block_until_interrupted(serve_cfg)
-    else:
-        _shutdown_local()
+    if state == "stopped":
+        _shutdown_local(serve_cfg)  # first, so what is printed next is what is still running
+    print(where_to_look(result, state, uri, sweep.study_storage, sweep.run_dir), flush=True)
+    if state == "kept":
+        _block_until_interrupted(serve_cfg)
     return result
+
+
+def serve_again_command(model_uri: str, run_dir: Path, serve_config: str | None) -> str:
+    """The one command that serves the registered champion again (the registry is in the run dir)."""
+    return (f"raybench deploy --model {model_uri} --run-dir {run_dir}"
+            + (f" --config {serve_config}" if serve_config else ""))
 
 
 def _deploy(cfg) -> str:
@@ -94,8 +105,10 @@ def _deploy(cfg) -> str:
     from raybench.serve.app import build_application
     from raybench.serve.cli import _check_capacity
 
+    from raybench.serve.config import api_key
+
     _check_capacity(cfg)
-    key = os.environ.get(cfg.api_key_env)
+    key = api_key(cfg)
     # One HTTP proxy, on the head: several nodes of one machine can't share a port, and the
     # printed endpoint is the head's.
     serve.start(proxy_location="HeadOnly", http_options={"host": cfg.host, "port": cfg.port})
@@ -104,18 +117,28 @@ def _deploy(cfg) -> str:
     return f"http://{cfg.host}:{cfg.port}{cfg.route_prefix.rstrip('/')}"
 
 
-def _print_where_to_look(result: dict, sweep, uri: str) -> None:
-    print(f"\n[raybench] pipeline done: champion {result['champion']} (val accuracy "
-          f"{result['champion_accuracy']:.3f}) registered as {result['model_uri']} (version "
-          f"{result['model_version']})\n"
-          f"[raybench] asked:    {result['question']!r}\n"
-          f"[raybench] answered: {result['answer']!r}   (expected {result['expected']!r})\n"
-          f"[raybench] endpoint: {result['endpoint']}\n"
-          "Where to look:\n"
-          "  Ray dashboard:    http://127.0.0.1:8265\n"
-          f"  MLflow UI:        mlflow ui --backend-store-uri {uri}\n"
-          f"  optuna-dashboard: optuna-dashboard {sweep.study_storage}\n"
-          f"  sweep summary:    {sweep.run_dir / 'summary' / 'summary.md'}", flush=True)
+def where_to_look(result: dict, state: str, uri: str, study_storage: str, run_dir: Path) -> str:
+    """The closing lines: the answer, what is still running (state: "stopped", "kept" until
+    Ctrl-C, or "cluster" where the app outlives the job) and where to look next."""
+    lines = [f"\n[raybench] pipeline done: champion {result['champion']} (val accuracy "
+             f"{result['champion_accuracy']:.3f}) registered as {result['model_uri']} (version "
+             f"{result['model_version']})",
+             f"[raybench] asked:    {result['question']!r}",
+             f"[raybench] answered: {result['answer']!r}   (expected {result['expected']!r})"]
+    if state == "stopped":
+        lines += ["[raybench] Serve and the local Ray this command started are stopped: nothing is running now.",
+                  f"[raybench] serve the champion again: {result['serve_again']}",
+                  "[raybench] (or run the pipeline with --keep-serving to keep its endpoint up until Ctrl-C)"]
+    else:
+        lines += [f"[raybench] endpoint: {result['endpoint']}   (up "
+                  + ("until Ctrl-C here)" if state == "kept" else "on the cluster after this job ends; "
+                     "serve shutdown to stop it)"),
+                  "  Ray dashboard:    http://127.0.0.1:8265"]
+    lines += ["Where to look:",
+              f"  MLflow UI:        mlflow ui --backend-store-uri {uri}",
+              f"  optuna-dashboard: optuna-dashboard {study_storage}",
+              f"  sweep summary:    {run_dir / 'summary' / 'summary.md'}"]
+    return "\n".join(lines)
 
 
 def _block_until_interrupted(cfg) -> None:
@@ -125,15 +148,17 @@ def _block_until_interrupted(cfg) -> None:
             time.sleep(1)
     except KeyboardInterrupt:
         print("\n[raybench] stopping", flush=True)
-    if not os.environ.get("RAY_ADDRESS"):
-        _shutdown_local()
+    _shutdown_local(cfg)
 
 
-def _shutdown_local() -> None:
+def _shutdown_local(cfg) -> None:
+    """Remove the application (its replicas stop gracefully), then stop the local Ray with
+    everything in it. No serve.shutdown(): it kills Serve's controller with ray.kill while
+    its own graceful_shutdown task runs, and the raylet prints that as a failure."""
     import ray
     from ray import serve
 
-    serve.shutdown()
+    serve.delete(cfg.name)
     ray.shutdown()
 
 

@@ -305,21 +305,37 @@ def _find_run(
     return next((r.info.run_id for r in runs if matches(r)), None)
 
 
+PYFUNC_ARTIFACT_PATH = "mlflow-model"
+
+
 def register_champion(uri: str, run_id: str, name: str = "raybench-vlm", alias: str = "champion",
                       artifact_path: str = "model", tags: Mapping[str, Any] | None = None) -> str:
-    """Register `runs:/<run_id>/<artifact_path>` as a new version of `name`; point `alias` at it.
+    """Register the run's model as a new version of `name`; point `alias` at it.
 
-    MLflow 3 uses aliases, not stages: `models:/raybench-vlm@champion` resolves to the
-    version returned here. Returns that version.
+    What is registered is an MLflow model (pyfunc, models-from-code: `raybench.pyfunc`)
+    built from `runs:/<run_id>/<artifact_path>` and logged to the same run, so
+    `mlflow.pyfunc.load_model("models:/raybench-vlm@champion")` and `mlflow models serve`
+    work, and `raybench deploy` serves the same version from its artifacts. MLflow 3 uses
+    aliases, not stages: `models:/NAME@ALIAS` resolves to the version returned here.
     """
+    import tempfile
+
+    import mlflow.artifacts
+
+    from raybench.pyfunc import save_pyfunc
+
     client = MlflowClient(uri, registry_uri=uri)
+    with tempfile.TemporaryDirectory(prefix="raybench-pyfunc-") as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path,
+                                                    dst_path=tmp, tracking_uri=uri)
+        client.log_artifacts(run_id, str(save_pyfunc(local, Path(tmp) / "pyfunc")), PYFUNC_ARTIFACT_PATH)
     try:
         client.create_registered_model(name, description="raybench HybridVLM: sweep champions")
     except MlflowException as e:
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     version = client.create_model_version(
-        name, f"runs:/{run_id}/{artifact_path}", run_id=run_id,
+        name, f"runs:/{run_id}/{PYFUNC_ARTIFACT_PATH}", run_id=run_id,
         tags={k: str(v) for k, v in (tags or {}).items()},
     )
     client.set_registered_model_alias(name, alias, version.version)

@@ -44,13 +44,18 @@ class VQAProcessor:
         self.pad_id, self.bos_id, self.eos_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
                                                  tokenizer.eos_token_id)
 
+    def text_ids(self, text: str) -> list[int]:
+        """User text as plain text: a literal "<image>" or "</s>" in a question (a request or
+        a Parquet row) is spelled out in ordinary tokens, never turned into the special token,
+        so the placeholder count always matches the visual tokens and no answer ends early."""
+        return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
     def prompt_ids(self, question: str) -> list[int]:
-        text = self.tokenizer.encode(question.strip(), add_special_tokens=False)
-        return [self.bos_id] + [self.image_token_id] * self.num_image_tokens + text
+        return [self.bos_id] + [self.image_token_id] * self.num_image_tokens + self.text_ids(question.strip())
 
     def answer_ids(self, answer: str) -> list[int]:
         # Leading space: the answer is a new word after the question (one token per word).
-        return self.tokenizer.encode(" " + answer.strip(), add_special_tokens=False) + [self.eos_id]
+        return self.text_ids(" " + answer.strip()) + [self.eos_id]
 
     def encode_train(self, questions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded input_ids / attention_mask / labels (loss on answer + eos only)."""

@@ -27,7 +27,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 import time
 from typing import Any, AsyncIterator
 
@@ -39,8 +38,8 @@ from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from raybench.config import ConfigError, ModelConfig
-from raybench.serve.config import (DEPLOYMENT_NAMES, ServeConfig, batch_user_config, deployment_options,
-                                   validate_serve_config)
+from raybench.serve.config import (DEPLOYMENT_NAMES, ServeConfig, api_key, batch_user_config,
+                                   deployment_options, validate_serve_config)
 from raybench.serve.model_source import resolve_model_dir
 from raybench.serve.schemas import (APIError, chat_chunk, chat_completion, completion_id, models_list,
                                     parse_chat_request, sse)
@@ -147,7 +146,8 @@ class ChatIngress:
         self.backend = (PipelineBackend(vision, projection, llm, self.cfg.chain_responses)
                         if vision is not None else LocalBackend(self.cfg))
         # Read once at start-up from the replica's environment; never part of the config.
-        self.api_key = os.environ.get(self.cfg.api_key_env) or None
+        # require_api_key without a key fails the replica (fail closed), else an open server warns.
+        self.api_key = api_key(self.cfg)
         self.created = int(time.time())
 
     def _authorize(self, request: Request) -> None:

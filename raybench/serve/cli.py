@@ -40,7 +40,7 @@ def _settings(args):
 
 
 def _cmd_deploy(args) -> int:
-    from raybench.serve.config import serve_config_yaml
+    from raybench.serve.config import api_key, serve_config_yaml
     from raybench.serve.model_source import check_model_ref, is_registry_uri
 
     cfg = _settings(args)
@@ -55,6 +55,7 @@ def _cmd_deploy(args) -> int:
     if is_registry_uri(cfg.model) and not (cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")):
         raise ConfigError(f"model = {cfg.model!r} needs a registry: pass --run-dir (the sweep's run "
                           "directory), --tracking-uri, or set MLFLOW_TRACKING_URI")
+    api_key(cfg)  # a required key that is missing fails here, before Ray starts
     pinned = check_model_ref(cfg.model, cfg.tracking_uri)
     if pinned != cfg.model:
         print(f"[raybench] {cfg.model} -> {pinned}", flush=True)
@@ -89,10 +90,9 @@ def serve_until_interrupted(cfg) -> int:
     address = os.environ.get("RAY_ADDRESS")
     # "local" without RAY_ADDRESS: never silently join a cluster a `ray start` left running.
     ray.init(address=address or "local", log_to_driver=False)
-    started_local = not address
     try:
         _check_capacity(cfg)
-        key = os.environ.get(cfg.api_key_env)
+        key = api_key(cfg)
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_application(cfg, {cfg.api_key_env: key} if key else None),
                   name=cfg.name, route_prefix=cfg.route_prefix)
@@ -113,10 +113,10 @@ def serve_until_interrupted(cfg) -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            if started_local:
-                serve.shutdown()
-            else:
-                serve.delete(cfg.name)
+            # Not serve.shutdown() on our own local Ray: it kills Serve's controller with
+            # ray.kill mid-task (a yellow "graceful_shutdown failed" line); ray.shutdown()
+            # below stops the rest with the local Ray.
+            serve.delete(cfg.name)
         finally:
             ray.shutdown()
     return 0

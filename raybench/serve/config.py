@@ -114,6 +114,11 @@ class ServeConfig(_Strict):
     compile: bool = False           # torch.compile each stage's modules
     torch_threads: int | None = Field(None, ge=1)  # None: Ray's default for the CPU share
     api_key_env: str = "RAYBENCH_API_KEY"  # bearer auth is on when this env var is set
+    # As vLLM's --api-key: a key set means bearer auth, no key means an open server (with a
+    # warning at start). require_api_key: true makes a missing key a start-up error instead,
+    # for deployments where the key arrives from elsewhere (a Kubernetes Secret) and an empty
+    # value must never silently mean "no auth".
+    require_api_key: bool = False
     default_temperature: float = Field(0.0, ge=0, le=2)  # greedy unless a request asks
     # When a stage replica dies mid-request the ingress retries the pipeline call (it is
     # idempotent) with back-off 0.1 s .. 1 s, within both limits: long enough for Serve to
@@ -131,6 +136,25 @@ class ServeConfig(_Strict):
         if not self.route_prefix.startswith("/"):
             raise ValueError(f"route_prefix = {self.route_prefix!r} must start with '/'")
         return self
+
+
+def api_key(cfg: ServeConfig, environ=None) -> str | None:
+    """The bearer key from `cfg.api_key_env`, or None for an open server (logged loudly).
+    ConfigError when `require_api_key` is set and the variable is missing or empty."""
+    import logging
+    import os
+
+    key = (os.environ if environ is None else environ).get(cfg.api_key_env) or None
+    if key is None and cfg.require_api_key:
+        raise ConfigError(f"require_api_key = true but {cfg.api_key_env} is not set (or empty): refusing to "
+                          "serve without authentication; set the key (a Kubernetes Secret, an env var) or "
+                          "set require_api_key=false")
+    if key is None:
+        logging.getLogger("ray.serve").warning(
+            "serving WITHOUT authentication: anyone who can reach %s:%d can use the model; export %s=<key> "
+            "to require 'Authorization: Bearer <key>' (and require_api_key=true to refuse to start without it)",
+            cfg.host, cfg.port, cfg.api_key_env)
+    return key
 
 
 def validate_serve_config(raw: dict[str, Any]) -> ServeConfig:
@@ -200,5 +224,6 @@ def serve_config_yaml(cfg: ServeConfig) -> str:
     }
     header = ("# Ray Serve config written by `raybench deploy --print-serve-config`.\n"
               "# serve deploy <this file>   |   KubeRay RayService: spec.serveConfigV2\n"
-              f"# Bearer auth: set {cfg.api_key_env} in the Ray nodes' environment (never in this file).\n")
+              f"# Bearer auth: set {cfg.api_key_env} in the Ray nodes' environment (never in this file);\n"
+              "# with require_api_key: true a replica without it refuses to start instead of serving open.\n")
     return header + yaml.safe_dump(doc, sort_keys=False)

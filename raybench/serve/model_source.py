@@ -4,6 +4,9 @@
     models:/raybench-vlm@champion  a registered model's alias (MLflow 3: aliases, not stages)
     models:/raybench-vlm/3         a registered model's version
 
+A registered version is an MLflow pyfunc (`raybench.pyfunc`) whose artifact `model` holds
+the model directory, or (versions registered before that) the model directory itself.
+
 `check_model_ref` runs in `raybench deploy` before Ray starts (a wrong path or alias fails
 in a second) and pins an alias to its version, so a replica restarted later loads the same
 weights even after the alias moves. `resolve_model_dir` runs in every replica: a registry
@@ -21,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from raybench.config import ConfigError
+from raybench.pyfunc import model_files
 
 REQUIRED_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
@@ -42,6 +46,7 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     p = Path(path).expanduser()
     if not p.is_dir():
         raise ConfigError(f"model directory does not exist: {p}")
+    p = model_files(p)  # a downloaded MLflow model (raybench.pyfunc) holds it under artifacts/model
     missing = [f for f in REQUIRED_FILES if not (p / f).is_file()]
     if missing:
         raise ConfigError(f"{p} is not a served model directory: missing {', '.join(missing)} "
@@ -94,14 +99,14 @@ def resolve_model_dir(ref: str, tracking_uri: str | None = None) -> Path:
     # Keyed by the artifact's URI too: two registries (two sweeps) both have `raybench-vlm/1`.
     key = f"{mv.version}-{hashlib.sha1(source.encode()).hexdigest()[:12]}"
     dest = cache_root() / mv.name / key
-    if all((dest / f).is_file() for f in REQUIRED_FILES):
-        return dest
+    if all((model_files(dest) / f).is_file() for f in REQUIRED_FILES):
+        return model_files(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # Replicas of three stages start together on a node: one downloads, the others wait.
     with open(dest.parent / f".{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if all((dest / f).is_file() for f in REQUIRED_FILES):
-            return dest
+        if all((model_files(dest) / f).is_file() for f in REQUIRED_FILES):
+            return model_files(dest)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{key}-"))
         try:
             # The version's own artifact URI, not `models:/...`: MLflow resolves a models: URI
@@ -109,9 +114,9 @@ def resolve_model_dir(ref: str, tracking_uri: str | None = None) -> Path:
             got = Path(mlflow.artifacts.download_artifacts(
                 artifact_uri=source, dst_path=str(tmp),
                 tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
-            check_model_dir(got)
+            check_model_dir(model_files(got))
             shutil.rmtree(dest, ignore_errors=True)
             got.rename(dest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+    return model_files(dest)

@@ -104,6 +104,13 @@ def parse_chat_request(body: bytes, limits: LimitsConfig, served_model_name: str
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(400, f"request body is not valid JSON: {err}", code="invalid_json") from None
+    except RecursionError:  # Python's parser gives up near 1000 levels: a client error, not ours
+        raise APIError(400, f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json") from None
+    if _depth(raw) > MAX_JSON_DEPTH:
+        # Parsed, but deep enough that validation or an error message's repr could recurse out.
+        raise APIError(400, f"request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)",
+                       code="invalid_json")
     if not isinstance(raw, dict):
         raise APIError(400, f"request body must be a JSON object, got {type(raw).__name__}",
                        code="invalid_json")
@@ -134,6 +141,24 @@ def parse_chat_request(body: bytes, limits: LimitsConfig, served_model_name: str
     return ChatRequest(question=question, image=image, max_tokens=max_tokens, temperature=temperature,
                        top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stream=req.stream,
                        model=served_model_name, image_param=where)
+
+
+# A chat request is ~5 levels deep (messages[i].content[j].image_url.url); tools' JSON
+# schemas go deeper. 64 leaves room for both and keeps every later step far from recursion limits.
+MAX_JSON_DEPTH = 64
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, walked without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, (dict, list)):
+            deepest = max(deepest, d)
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
 
 
 def _short(value: Any, n: int = 80) -> str:

@@ -6,7 +6,9 @@ deployment (topology `single`):
     ProjectionStage.project patches, taps -> visual embeds + DeepStack embeds (LLM space)
     LLMStage.generate       visual embeds + prompt ids -> prefill (injection, pruning) + KV-cache decode
 
-A replica loads the whole model from safetensors and keeps only its stage's modules.
+A replica loads the whole model from safetensors and keeps only its stage's modules, on the
+GPU when Ray gave it one (`num_gpus` > 0 makes CUDA visible to the replica; 0 hides it).
+Tensors cross stages on the CPU (the object store), so stages may sit on different devices.
 One bad item never fails its batch: an undecodable image becomes a `StageError` that the
 later stages pass through, and if a batched call raises, its items are retried one by one.
 Tensors between stages are one request's slices (no batch dimension): batches are formed
@@ -87,7 +89,8 @@ class _Stage:
         for name in ("vision", "projector", "deepstack", "llm"):
             if name not in self.keep and getattr(model, name, None) is not None:
                 setattr(model, name, None)  # free what other stages hold
-        self.model = model
+        self.device = _device()
+        self.model = model.to(self.device)
         self.compiled = compile
         if compile:
             self._compile()
@@ -95,8 +98,8 @@ class _Stage:
         if batch:
             self.reconfigure(batch)
         self.warm_up()
-        log.info("%s ready in %.1fs (model %s, %d torch threads, compile=%s)", self.name,
-                 time.perf_counter() - t0, self.model_dir, torch.get_num_threads(), compile)
+        log.info("%s ready in %.1fs on %s (model %s, %d torch threads, compile=%s)", self.name,
+                 time.perf_counter() - t0, self.device, self.model_dir, torch.get_num_threads(), compile)
 
     def _compile(self) -> None:
         # In place and per block, as training does: wrapping `model.llm` in torch.compile
@@ -122,7 +125,7 @@ class _Stage:
                 "requests": sum(k * v for k, v in self.batch_sizes.items()),
                 "batch_size_histogram": {str(k): v for k, v in sorted(self.batch_sizes.items())},
                 "max_batch_size_seen": max(self.batch_sizes, default=0),
-                "torch_threads": torch.get_num_threads(), "compiled": self.compiled}
+                "torch_threads": torch.get_num_threads(), "compiled": self.compiled, "device": str(self.device)}
 
     async def _run_batch(self, items: Sequence[Any], fn: Callable[[list[Any]], list[Any]]) -> list[Any]:
         """Run `fn` on the non-error items in a worker thread (the replica's event loop keeps
@@ -166,7 +169,7 @@ class VisionStage(_Stage):
     def warm_up(self) -> None:
         s = self.model.config.vision.image_size
         with torch.inference_mode():
-            self.model.encode_images(torch.zeros(2, 3, s, s))
+            self.model.encode_images(torch.zeros(2, 3, s, s, device=self.device))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, images: list[bytes]) -> list[VisionOut | StageError]:
@@ -184,9 +187,10 @@ class VisionStage(_Stage):
         return decoded
 
     def _encode(self, arrays: list) -> list[VisionOut]:
-        pixels = normalize_pixels(torch.from_numpy(_stack_np(arrays)))
+        pixels = normalize_pixels(torch.from_numpy(_stack_np(arrays)).to(self.device))
         with torch.inference_mode():
             patches, taps = self.model.encode_images(pixels)
+            patches, taps = patches.cpu(), [t.cpu() for t in taps]
         return [VisionOut(patches[i].clone(), [t[i].clone() for t in taps]) for i in range(len(arrays))]
 
 
@@ -196,18 +200,20 @@ class ProjectionStage(_Stage):
     def warm_up(self) -> None:
         cfg = self.model.config
         p, hv = cfg.num_patches, cfg.vision.hidden_size
+        z = torch.zeros(2, p, hv, device=self.device)
         with torch.inference_mode():
-            self.model.project(torch.zeros(2, p, hv), [torch.zeros(2, p, hv)] * len(cfg.deepstack_visual_indexes))
+            self.model.project(z, [z] * len(cfg.deepstack_visual_indexes))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def project(self, features: list[VisionOut | StageError]) -> list[ProjectionOut | StageError]:
         return await self._run_batch(features, self._project)
 
     def _project(self, feats: list[VisionOut]) -> list[ProjectionOut]:
-        patches = torch.stack([f.patches for f in feats])
-        taps = [torch.stack([f.taps[k] for f in feats]) for k in range(len(feats[0].taps))]
+        patches = torch.stack([f.patches for f in feats]).to(self.device)
+        taps = [torch.stack([f.taps[k] for f in feats]).to(self.device) for k in range(len(feats[0].taps))]
         with torch.inference_mode():
             visual, deepstack = self.model.project(patches, taps)
+            visual, deepstack = visual.cpu(), [d.cpu() for d in deepstack]
         return [ProjectionOut(visual[i].clone(), [d[i].clone() for d in deepstack]) for i in range(len(feats))]
 
 
@@ -220,11 +226,11 @@ class LLMStage(_Stage):
     def warm_up(self) -> None:
         m = self.model
         n = m.config.num_image_tokens
-        ids = torch.tensor([[m.pad_token_id + 1] + [m.image_token_id] * n + [m.pad_token_id + 1]] * 2)
-        d = m.llm.config.hidden_size
+        ids = torch.tensor([[m.pad_token_id + 1] + [m.image_token_id] * n + [m.pad_token_id + 1]] * 2,
+                           device=self.device)
+        z = torch.zeros(2, n, m.llm.config.hidden_size, device=self.device)
         with torch.inference_mode():
-            m.generate_from_visual(ids, torch.ones_like(ids), torch.zeros(2, n, d),
-                                   [torch.zeros(2, n, d)] * len(m.config.deepstack_visual_indexes),
+            m.generate_from_visual(ids, torch.ones_like(ids), z, [z] * len(m.config.deepstack_visual_indexes),
                                    max_new_tokens=2)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -253,18 +259,30 @@ class LLMStage(_Stage):
         for i, r in enumerate(reqs):  # left padding: every prompt's last token in the last column
             ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
             mask[i, width - len(r.prompt_ids):] = 1
-        visual = torch.stack([p.visual_embeds for p, _ in pairs])
-        deepstack = [torch.stack([p.deepstack_embeds[k] for p, _ in pairs])
+        visual = torch.stack([p.visual_embeds for p, _ in pairs]).to(self.device)
+        deepstack = [torch.stack([p.deepstack_embeds[k] for p, _ in pairs]).to(self.device)
                      for k in range(len(pairs[0][0].deepstack_embeds))]
         r0 = reqs[0]
         generator = None
         if r0.temperature > 0 and r0.seed is not None:
-            generator = torch.Generator().manual_seed(r0.seed)
+            generator = torch.Generator(device=self.device).manual_seed(r0.seed)
         with torch.inference_mode():
-            new = m.generate_from_visual(ids, mask, visual, deepstack,
+            new = m.generate_from_visual(ids.to(self.device), mask.to(self.device), visual, deepstack,
                                          max_new_tokens=max(r.max_tokens for r in reqs),
-                                         temperature=r0.temperature, top_p=r0.top_p, generator=generator)
+                                         temperature=r0.temperature, top_p=r0.top_p, generator=generator).cpu()
         return [_finish(row.tolist()[: r.max_tokens], m.eos_token_id) for row, r in zip(new, reqs)]
+
+
+def _device() -> torch.device:
+    """The GPU Ray assigned to this replica (`num_gpus` > 0), else the CPU: never a GPU the
+    replica did not reserve, even where Ray leaves CUDA visible to zero-GPU actors."""
+    import ray
+
+    try:
+        assigned = ray.get_gpu_ids() if ray.is_initialized() else []
+    except Exception:  # noqa: BLE001 - outside a Ray worker: no assignment
+        assigned = []
+    return torch.device("cuda" if assigned and torch.cuda.is_available() else "cpu")
 
 
 def _finish(tokens: list[int], eos: int) -> GenOut:

@@ -104,16 +104,15 @@ def registry(tmp_path_factory, model_dir):
     """A real sqlite MLflow registry with the model as `raybench-vlm@champion` (as a sweep registers it)."""
     from mlflow.tracking import MlflowClient
 
+    from raybench.track import register_champion
+
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     exp = client.create_experiment("serve-test", artifact_location=str(root / "artifacts"))
     run = client.create_run(exp)
     client.log_artifacts(run.info.run_id, str(model_dir), "model")
-    source = client.get_run(run.info.run_id).info.artifact_uri + "/model"
-    client.create_registered_model("raybench-vlm")
-    mv = client.create_model_version("raybench-vlm", source=source, run_id=run.info.run_id)
-    client.set_registered_model_alias("raybench-vlm", "champion", mv.version)
+    register_champion(uri, run.info.run_id)  # an MLflow pyfunc whose artifact holds the model dir
     return uri, root
 
 
@@ -222,6 +221,9 @@ def _bad_cases():
     Image.new("RGB", (300, 300)).save(big, format="PNG")
     return [
         ("malformed json", b'{"messages": [', 400, "invalid_json", "not valid JSON"),
+        # Past Python's recursion limit the JSON parser itself raises RecursionError (was a 500).
+        ("deeply nested json", b'{"messages": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, "invalid_json",
+         "nested too deeply"),
         ("missing image", with_parts(text), 400, "missing_image", "no image"),
         ("not an image", with_parts(text, {"type": "image_url", "image_url": {"url": data_uri(b"GIF? no, text")}}),
          400, "invalid_image", "not a decodable image"),
@@ -256,6 +258,27 @@ def test_bad_input_is_a_4xx_json_error_and_the_server_lives_on(server, expected)
             ok = post(server, chat_body(image, question), s)  # the next good request still succeeds
             assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == expected[0][0]
     assert stage_pids(server) == pids, "a replica was restarted by bad input"
+
+
+def test_special_token_text_in_a_question_is_answered_as_text(server, model_dir):
+    """A question that spells "<image>" (or "</s>") is text: the LLM stage used to see one
+    placeholder too many and answer 500; now it answers exactly what generate() gives."""
+    from raybench.data.processor import VQAProcessor
+    from raybench.data.tokenizer import load_tokenizer
+    from raybench.model.vlm import HybridVLM
+
+    image, _ = CASES[1]
+    question = "what color is <image> the </s> square?"
+    model = HybridVLM.from_pretrained(model_dir)
+    proc = VQAProcessor(load_tokenizer(model_dir), model.config.num_image_tokens, model.config.vision.image_size)
+    p = proc.encode_prompts([question])
+    with torch.no_grad():
+        ids = model.generate(p["input_ids"], p["attention_mask"], proc.pixel_values([image]),
+                             max_new_tokens=MAX_TOKENS)[0].tolist()
+    r = post(server, chat_body(image, question))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == proc.decode_answer(ids)
+    assert r.json()["usage"]["prompt_tokens"] == p["input_ids"].shape[1]
 
 
 def _load(server, n_clients: int, n_requests: int, on_start=None) -> tuple[list, list]:
@@ -351,6 +374,24 @@ def test_auth_and_registry_model(server, expected):
     assert r.json()["choices"][0]["message"]["content"] == expected[0][0]
 
 
+def test_gpu_check_dry_run_in_this_ray(server, tmp_path):
+    """scripts/gpu-check.sh --dry-run's steps (tiny size, CPU) in this module's Ray and Serve, so
+    the check adds no start-up: 2 Ray Train steps on one worker, the fusion subset, a compiled
+    prefill (backend eager), and one request to its own 3-stage app, removed afterwards."""
+    from raybench.gpu_check import FUSION_PRESETS, run_check
+
+    out = tmp_path / "gpu-check"
+    figures = run_check(out, dry_run=True, steps=2, port=int(server.rsplit(":", 1)[1]))
+    assert figures["ok"], figures
+    assert figures["train"]["steps"] == 2 and figures["train"]["gpu_workers"] is False
+    assert [r["preset"] for r in figures["fusion"]] == list(FUSION_PRESETS)
+    assert figures["compile"]["backend"] == "eager" and figures["compile"]["compiled_ms"] > 0
+    assert figures["serve"]["stage_devices"] == {"vision": ["cpu"], "projection": ["cpu"], "llm": ["cpu"]}
+    assert isinstance(figures["serve"]["answer"], str)
+    assert json.loads((out / "gpu-check.json").read_text()) == figures
+    assert requests.get(server + "/gpu-check/health", timeout=10).status_code == 404  # its app is gone
+
+
 def test_serve_config_yaml_is_a_valid_serve_deploy_config(model_dir, tmp_path):
     from ray.serve.schema import ServeDeploySchema
 
@@ -379,6 +420,10 @@ def test_deploy_validates_before_ray_starts(tmp_path):
     r = subprocess.run([sys.executable, "-m", "raybench.cli", "deploy", "--checkpoint", str(tmp_path),
                         "--set", "llm.max_batch_size=0"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "llm.max_batch_size = 0" in r.stderr
+    env = {k: v for k, v in os.environ.items() if k != "RAYBENCH_API_KEY"}
+    r = subprocess.run([sys.executable, "-m", "raybench.cli", "deploy", "--checkpoint", str(tmp_path),
+                        "--set", "require_api_key=true"], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 2 and "refusing to serve without authentication" in r.stderr
     assert time.monotonic() - t0 < 30
 
 
@@ -409,4 +454,6 @@ def test_deploy_command_serves_until_interrupted(model_dir, expected, tmp_path):
             raise
         log.close()
     assert rc == 0, (tmp_path / "deploy.log").read_text()[-3000:]
-    assert "stopping" in (tmp_path / "deploy.log").read_text()
+    text = (tmp_path / "deploy.log").read_text()
+    assert "stopping" in text
+    assert "graceful_shutdown failed" not in text, "serve.shutdown() killed the controller mid-task"

@@ -30,6 +30,8 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from raybench.bench.fusion import inference_cost
+from raybench.pyfunc import model_files
+from raybench.serve.model_source import resolve_model_dir
 from raybench.model.vlm import HybridVLM
 from raybench.track import RUN_NAME_TAG
 from raybench.tune.sweep import load_sweep, run_sweep
@@ -121,20 +123,32 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
     mlflow.set_tracking_uri(client.tracking_uri)
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/raybench-vlm@champion",
                                                      dst_path=str(tmp_path / "champion")))
+    assert (local / "MLmodel").is_file()  # registered as an MLflow model (pyfunc, models-from-code)
+    files = model_files(local)
     trained = run_dir / "trials" / champion["trial_id"] / "model" / "model.safetensors"
-    downloaded, original = load_file(local / "model.safetensors"), load_file(trained)
+    downloaded, original = load_file(files / "model.safetensors"), load_file(trained)
     assert downloaded.keys() == original.keys()
     assert all(torch.equal(downloaded[k], original[k]) for k in original)
-    model = HybridVLM.from_pretrained(local)
+    # What every Serve replica of `raybench deploy --model models:/...` loads: the same files.
+    monkeypatch.setenv("RAYBENCH_MODEL_CACHE", str(tmp_path / "model_cache"))  # not the user's cache
+    served = resolve_model_dir("models:/raybench-vlm@champion", client.tracking_uri)
+    assert load_file(served / "model.safetensors").keys() == original.keys()
+    model = HybridVLM.from_pretrained(files)
     assert model.config.fusion.vet.vocab_size == champion["params"]["model.fusion.vet.vocab_size"]
     # The inference cost its rank 0 measured and reported is this config's (FLOPs: deterministic).
     (champion_run,) = [c for c in children if c.info.run_id == champion["run_id"]]
     assert champion_run.data.metrics["gflops_per_sample"] == pytest.approx(
         inference_cost(model.config, "gflops_per_sample"), rel=1e-9)
-    answer = subprocess.run(
-        [sys.executable, "-m", "raybench.cli", "ask", "--model", str(local), "--question", "what color is the shape?",
-         "--image", str(_an_image(tmp_path, data_dir))], capture_output=True, text=True, check=True)
-    assert answer.returncode == 0
+    image, question = _an_image(tmp_path, data_dir), "what color is the shape?"
+    asked = subprocess.run(
+        [sys.executable, "-m", "raybench.cli", "ask", "--model", str(files), "--question", question,
+         "--image", str(image)], capture_output=True, text=True, check=True).stdout.removesuffix("\n")
+    # A fresh process that knows only the registry: pyfunc.load_model(alias).predict, and the
+    # JSON body `mlflow models serve` takes, answer as `raybench ask` does.
+    loaded = subprocess.run([sys.executable, "-c", PYFUNC_CLIENT, client.tracking_uri, str(image), question],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": ""})
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    assert json.loads(loaded.stdout.splitlines()[-1]) == {"predict": asked, "serving": asked}, loaded.stdout
 
     # The persisted study: every trial, each with its value.
     study = optuna.load_study(study_name="sw", storage=f"sqlite:///{run_dir / 'optuna.db'}")
@@ -146,6 +160,21 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
 
     artifacts = {a.path for a in client.list_artifacts(summary["run_id"], "summary")}
     assert {"summary/summary.md", "summary/trials.csv", "summary/optimization_history.png"} <= artifacts
+
+
+PYFUNC_CLIENT = """
+import base64, json, sys
+import mlflow, pandas as pd
+from mlflow.models import validate_serving_input
+uri, image, question = sys.argv[1:]
+mlflow.set_tracking_uri(uri)
+data = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+model = mlflow.pyfunc.load_model("models:/raybench-vlm@champion")
+predicted = model.predict(pd.DataFrame([{"image": data, "question": question}]))["answer"][0]
+body = json.dumps({"dataframe_records": [{"image": data, "question": question}], "params": {"max_tokens": 8}})
+served = validate_serving_input("models:/raybench-vlm@champion", body)["answer"][0]
+print(json.dumps({"predict": predicted, "serving": served}))  # one line, whatever the answer holds
+"""
 
 
 def _an_image(tmp: Path, data_dir: Path) -> Path:

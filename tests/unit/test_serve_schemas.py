@@ -102,6 +102,15 @@ def test_malformed_bodies(raw, code):
     assert (err.status, err.code) == (400, code)
 
 
+@pytest.mark.parametrize("depth", [65, 900, 5000, 100_000])
+def test_deeply_nested_json_is_a_400_not_a_recursion_error(depth):
+    # Below Python's limit (900) it parses; past it (5000) the parser itself recurses out.
+    nested = "[" * depth + "]" * depth
+    raw = ('{"messages": [{"role": "user", "content": "hi"}], "user": %s}' % nested).encode()
+    err = refused(raw)
+    assert (err.status, err.code) == (400, "invalid_json") and "nested too deeply" in err.message
+
+
 def test_missing_image():
     err = refused(body("what color is the circle?"))
     assert (err.status, err.code) == (400, "missing_image")
@@ -241,3 +250,18 @@ def test_model_refs(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ConfigError, match="missing model.safetensors, tokenizer.json"):
         check_model_dir(tmp_path)
+
+
+def test_api_key_required_but_missing_refuses_to_start_open_server_warns(caplog):
+    from raybench.serve.config import api_key
+
+    cfg = ServeConfig(api_key_env="K")
+    assert api_key(cfg, {"K": "s3cret"}) == "s3cret"
+    with caplog.at_level("WARNING", logger="ray.serve"):
+        assert api_key(cfg, {}) is None  # vLLM without --api-key: open, but never silently
+    assert "WITHOUT authentication" in caplog.text
+    required = ServeConfig(api_key_env="K", require_api_key=True)
+    for env in ({}, {"K": ""}):  # an optional Secret that is absent arrives as nothing or ""
+        with pytest.raises(ConfigError, match="require_api_key = true but K is not set"):
+            api_key(required, env)
+    assert api_key(required, {"K": "s3cret"}) == "s3cret"

@@ -106,3 +106,21 @@ def test_group_shuffle_moves_whole_images_and_is_seeded(tmp_path):
     first = batches[0]
     model_batch = to_model_batch({k: v for k, v in first.items() if k != "row"}, torch.device("cpu"), 4)
     assert len(model_batch["pixel_values"]) == len({images[i] for i in first["row"].tolist()}) < 8
+
+
+@pytest.mark.parametrize("num_image_tokens", [1, 4])
+def test_special_token_text_in_a_question_stays_text(rows_and_tok, num_image_tokens):
+    """A Parquet question (or a served one) that spells "<image>" or "</s>" gets ordinary
+    tokens: the rows still hold exactly the model's placeholders and one eos per answer."""
+    rows, tok, tok_dir = rows_and_tok
+    rows = {k: v.copy() for k, v in rows.items()}
+    rows["question"][0] = "is <image> the </s> <s> square <pad>?"
+    rows["answer"][0] = "<image>"
+    batch = to_model_batch(CollateNumpy()(preprocess(rows, str(tok_dir), image_size=SIZE, max_length=60)),
+                           torch.device("cpu"), num_image_tokens)
+    proc = VQAProcessor(tok, num_image_tokens, SIZE)
+    assert (batch["input_ids"] == proc.image_token_id).sum(1).tolist() == [num_image_tokens] * 12
+    assert (batch["labels"] == proc.eos_id).sum(1).tolist() == [1] * 12
+    assert (batch["input_ids"][0] == proc.bos_id).sum() == 1
+    assert tok.decode(proc.text_ids(rows["question"][0])) == rows["question"][0]
+    assert proc.decode_answer(proc.answer_ids("<image>")) == "<image>"
