@@ -51,7 +51,7 @@ def compare(eager_fn, compiled_fn, repeats: int, warmup: int) -> dict:
     """First calls (compile time), then interleaved timed repeats of both."""
     from torch._dynamo.utils import counters
 
-    from raybench.bench.fusion import summarize
+    from raybench.bench.common import summarize
 
     eager_first = _time_ms(eager_fn)
     counters.clear()
@@ -76,21 +76,22 @@ def compare(eager_fn, compiled_fn, repeats: int, warmup: int) -> dict:
 
 def _train_batch(model, batch: int) -> dict:
     """fusion's prefill inputs plus labels on the last two tokens (the "answer")."""
-    from raybench.bench.fusion import _inputs
+    from raybench.cost import probe_inputs
 
-    ids, mask, pixels = _inputs(model, batch)
+    ids, mask, pixels = probe_inputs(model, batch)
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
 
 
 def bench_prefill(preset: str, size: str, batch: int, repeats: int, warmup: int, backend: str) -> dict:
-    from raybench.bench.fusion import _build, _inputs
     from raybench.config import validate_config
+    from raybench.cost import probe_inputs, probe_model
 
-    image_size = validate_config({"model": {"preset": preset, "size": size}}).model.vision.image_size
-    model = _build(preset, size, image_size)
-    ids, mask, pixels = _inputs(model, batch)
+    model_cfg = validate_config({"model": {"preset": preset, "size": size}}).model
+    image_size = model_cfg.vision.image_size
+    model = probe_model(model_cfg)
+    ids, mask, pixels = probe_inputs(model, batch)
 
     def prefill():
         with torch.no_grad():
@@ -249,7 +250,7 @@ def _plot(r: dict, path: Path) -> None:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

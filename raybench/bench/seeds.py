@@ -250,7 +250,7 @@ def _plot(r: dict, path: Path) -> None:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     out = Path(args.out)
     result = run_seeds_bench(out, size=args.size, quick=args.quick, steps=getattr(args, "steps", None),

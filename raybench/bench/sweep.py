@@ -51,7 +51,7 @@ def empty_trainer_floor(out: Path, repeats: int, num_workers: int, cpus_per_work
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from raybench.train.trainer import init_ray
+    from raybench.runtime import init_ray
 
     init_ray(include_dashboard=False)
     queue = Queue()
@@ -188,7 +188,7 @@ def markdown_section(r: dict) -> str:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     from raybench.bench.search import plot as search_plot, run_search_bench
 

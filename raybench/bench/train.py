@@ -127,7 +127,8 @@ def _ray_windows(cfg, dashboard: bool) -> list[float]:
     from mlflow.tracking import MlflowClient
 
     from raybench.track import tracking_uri
-    from raybench.train.trainer import fit, init_ray
+    from raybench.runtime import init_ray
+    from raybench.train.trainer import fit
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     init_ray(include_dashboard=dashboard)
@@ -193,7 +194,7 @@ def markdown_section(r: dict) -> str:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     out = Path(args.out)
     result = run_train_bench(out, args.size, args.quick)

@@ -29,7 +29,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from raybench.bench.fusion import inference_cost
+from raybench.cost import inference_cost
 from raybench.model.vlm import HybridVLM
 from raybench.track import RUN_NAME_TAG
 from raybench.tune.sweep import load_sweep, run_sweep

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from raybench.bench import compile as compile_bench
-from raybench.bench.fusion import write_result
+from raybench.bench.common import write_result
 from raybench.bench.report import check_written, normalize, validate_result, write_report
 from raybench.cli import main
 
