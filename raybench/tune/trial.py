@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raybench.config import validate_config
-from raybench.tune.space import set_path, trial_raw
+from raybench.config import set_path, validate_config
+from raybench.tune.space import trial_raw
 
 
 def trial_name(sweep_name: str, trial_id: str) -> str:
@@ -27,13 +27,13 @@ def trial_config(ctx: dict[str, Any], params: dict[str, Any], trial_id: str):
     raw.pop("sweep", None)  # a trial is a plain training run
     raw["name"] = trial_name(ctx["name"], trial_id)
     raw["run_dir"] = str(Path(ctx["run_dir"]) / "trials" / trial_id)
-    raw = set_path(raw, "data.path", ctx["data_path"])  # one data set for every trial
+    raw = set_path(raw, ["data", "path"], ctx["data_path"])  # one data set for every trial
     cfg = validate_config(raw)
     # The sweep's curriculum scenes too, unless this trial's curriculum asks for other ones
     # (a space over data.curriculum.max_objects): those it generates in its own run_dir.
     cur, shared = cfg.data.curriculum, ctx.get("curriculum")
     if cur and cur.path is None and shared and [cur.max_objects, cur.num_examples] == list(shared["key"]):
-        cfg = validate_config(set_path(raw, "data.curriculum.path", shared["path"]))
+        cfg = validate_config(set_path(raw, ["data", "curriculum", "path"], shared["path"]))
     return cfg
 
 

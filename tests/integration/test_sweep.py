@@ -23,7 +23,6 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
@@ -78,16 +77,14 @@ def _children(client: MlflowClient, parent_id: str):
     return client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path, data_dir, monkeypatch):
+def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path, data_dir, ray_session,
+                                                                      monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     curriculum = {"steps": 4, "num_examples": 64}
     # Trial 1 is the config as written (its own model/train values), then TPE proposes.
     sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=3, curriculum=curriculum,
                                     points_to_evaluate=[{}]), [])
-    try:
-        summary = run_sweep(sweep)
-    finally:
-        ray.shutdown()
+    summary = run_sweep(sweep)
     run_dir = sweep.run_dir
     assert summary["trials"] == 3 and summary["completed"] + summary["pruned"] == 3
 
@@ -192,7 +189,7 @@ def _session_processes(session: str) -> list[int]:
 
 
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path, data_dir):
-    ray.shutdown()
+    # The CLI driver starts a local Ray of its own (beside the session's) and dies with it.
     cfg_path = write_config(tmp_path, "kill", data_dir, num_samples=2, points_to_evaluate=[{"train.lr": 0.002}])
     run_dir = tmp_path / "kill"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
