@@ -23,8 +23,8 @@ from raybench.model.presets import PRESETS
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "default.yaml"
 FINE_DETAIL = ("count", "glyph")
 
-# reference/hybrid-fusion-architectures.seed.md, section 10 ("Computational Cost") and the
-# trade-offs under it, plus section 4.3 for dense-sparse. `level` orders the cost words.
+# The research notes' cost table and trade-offs, quoted in docs/architecture.md ("The research
+# claims the benchmarks check"). `level` orders the cost words.
 SEEDS_CLAIMS = {
     "llava": {"family": "LLaVA (late)", "cost": "Low", "level": 0, "claim": ""},
     "blip2": {"family": "BLIP-2 (mid, Q-Former)", "cost": "Medium", "level": 2, "claim": ""},

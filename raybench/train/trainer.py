@@ -136,8 +136,8 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
 
 def train_loop_per_worker(config: dict) -> None:
     """The workers' entry point. The import happens on the workers: the driver (a sweep
-    trial's, every trial) need not load the model code, transformers and MLflow (~3 s here)
-    just to name the function."""
+    trial's, every trial) need not load the model code, transformers and MLflow just to name
+    the function (what the import costs: `startup_train_fn_s` in BENCHMARKS.md's sweep section)."""
     entered_at = time.time()  # Train V2's part of the start-up ends here, the import is ours
     from raybench.train.worker import train_loop_per_worker as run
 
