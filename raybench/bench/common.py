@@ -51,7 +51,11 @@ def markdown_table(rows: list[dict], columns: dict[str, str] | None = None) -> s
     as given: format numbers before, so the page shows the precision each figure deserves."""
     import pandas as pd
 
-    frame = pd.DataFrame(rows)
-    if columns is not None:
-        frame = frame.reindex(columns=list(columns)).rename(columns=columns)
-    return frame.fillna("").to_markdown(index=False, disable_numparse=True)
+    keys = list(columns) if columns is not None else list(rows[0]) if rows else []
+    frame = pd.DataFrame([{k: row.get(k, "") for k in keys} for row in rows], columns=keys)
+    return frame.rename(columns=columns or {}).to_markdown(index=False, disable_numparse=True)
+
+
+def spread(stats: dict, fmt: str = ".2f") -> str:
+    """A timing record (`summarize`) as one cell: "median (min-max)"."""
+    return f"{stats['median']:{fmt}} ({stats['min']:{fmt}}-{stats['max']:{fmt}})"

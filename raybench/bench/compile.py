@@ -167,19 +167,19 @@ def run_compile_bench(size: str = "small", quick: bool = False, repeats: int = 7
     return result
 
 
+COMPILE_COLUMNS = {"preset": "preset", "workload": "workload", "eager": "eager ms (median, min-max)",
+                   "compiled": "compiled ms (median, min-max)", "speedup": "eager / compiled",
+                   "compile_s": "compile s (first call)", "graphs": "graphs", "breaks": "graph breaks"}
+
+
 def markdown_table(r: dict) -> str:
-    lines = ["| preset | workload | eager ms (median, min-max) | compiled ms (median, min-max) "
-             "| eager / compiled | compile s (first call) | graphs | graph breaks |", "|" + "---|" * 8]
-    for row in r["rows"]:
-        for name in ("prefill", "train_step"):
-            w = row.get(name)
-            if not w:
-                continue
-            e, c = w["eager_ms"], w["compiled_ms"]
-            lines.append(f"| {row['preset']} | {name.replace('_', ' ')} | {e['median']:.2f} "
-                         f"({e['min']:.2f}-{e['max']:.2f}) | {c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}) "
-                         f"| **{w['speedup']:.2f}x** | {w['compile_s']:.1f} | {w['graphs']} | {w['graph_breaks']} |")
-    return "\n".join(lines)
+    from raybench.bench.common import markdown_table as table, spread
+
+    cells = [{"preset": row["preset"], "workload": name.replace("_", " "), "eager": spread(w["eager_ms"]),
+              "compiled": spread(w["compiled_ms"]), "speedup": f"**{w['speedup']:.2f}x**",
+              "compile_s": f"{w['compile_s']:.1f}", "graphs": w["graphs"], "breaks": w["graph_breaks"]}
+             for row in r["rows"] for name, w in ((n, row.get(n)) for n in ("prefill", "train_step")) if w]
+    return table(cells, COMPILE_COLUMNS)
 
 
 def markdown_row(r: dict) -> str:

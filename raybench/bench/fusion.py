@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from raybench.bench.common import summarize, write_result
+from raybench.bench.common import markdown_table as table, spread, summarize, write_result
 from raybench.config import validate_config
 from raybench.cost import PROMPT_TEXT_TOKENS, gflops_per_sample, prefill_fn, probe_model
 from raybench.model.presets import PRESETS
@@ -120,18 +120,18 @@ def _add_ratios(rows: list[dict]) -> None:
             r["memory_vs_dense"] = r["peak_rss_growth_mib"] / max(dense["peak_rss_growth_mib"], 1e-9)
 
 
+FUSION_COLUMNS = {"preset": "preset", "image_size": "image px", "image_tokens": "image tokens",
+                  "latency": "prefill ms (median, min-max)", "vs_llava": "vs llava", "gflops": "GFLOP/sample",
+                  "rss": "peak RSS growth MiB", "sparse": "sparse vs dense (speed-up / FLOPs / memory)"}
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| preset | image px | image tokens | prefill ms (median, min-max) | vs llava | GFLOP/sample "
-            "| peak RSS growth MiB | sparse vs dense (speed-up / FLOPs / memory) |")
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lat = r["latency_ms"]
-        sparse = (f"{r['speedup_vs_dense']:.2f}x / {r['flops_vs_dense']:.2f} / {r['memory_vs_dense']:.2f}"
-                  if "speedup_vs_dense" in r else "")
-        lines.append(f"| {r['preset']} | {r['image_size']} | {r['image_tokens']} | {lat['median']:.2f} "
-                     f"({lat['min']:.2f}-{lat['max']:.2f}) | {r['latency_vs_llava']:.2f} | "
-                     f"{r['gflops_per_sample']:.3f} | {r['peak_rss_growth_mib']:.1f} | {sparse} |")
-    return "\n".join(lines)
+    cells = [{"preset": r["preset"], "image_size": r["image_size"], "image_tokens": r["image_tokens"],
+              "latency": spread(r["latency_ms"]), "vs_llava": f"{r['latency_vs_llava']:.2f}",
+              "gflops": f"{r['gflops_per_sample']:.3f}", "rss": f"{r['peak_rss_growth_mib']:.1f}",
+              "sparse": (f"{r['speedup_vs_dense']:.2f}x / {r['flops_vs_dense']:.2f} / {r['memory_vs_dense']:.2f}"
+                         if "speedup_vs_dense" in r else "")} for r in rows]
+    return table(cells, FUSION_COLUMNS)
 
 
 def markdown_section(r: dict) -> str:

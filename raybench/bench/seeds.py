@@ -144,21 +144,22 @@ def _fine(r: dict) -> float:
 
 
 def markdown_table(r: dict) -> str:
+    from raybench.bench.common import markdown_table as table, spread
+
     qs = r["qtypes"]
-    head = ("| preset | seeds' family | seeds' cost | params M | prefill ms (median, min-max) | GFLOP/sample "
-            "| train samples/s | accuracy | " + " | ".join(qs) + " | fine detail (count, glyph) |")
-    lines = [head, "|" + "---|" * (9 + len(qs))]
-    for row in r["rows"]:
-        s, p = row["seeds"], row["prefill_ms"]
-        lines.append(f"| {row['preset']} | {s['family']} | {s['cost']} | {row['params_m']:.2f} | "
-                     f"{p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f}) | {row['gflops_per_sample']:.3g} | "
-                     f"{row['train_samples_per_s']['median']:.0f} | {row['accuracy']:.3f} | "
-                     + " | ".join(f"{row['acc'].get(q, float('nan')):.2f}" for q in qs)
-                     + f" | {_fine(row):.2f} |")
+    columns = {"preset": "preset", "family": "seeds' family", "cost": "seeds' cost", "params": "params M",
+               "prefill": "prefill ms (median, min-max)", "gflops": "GFLOP/sample",
+               "train": "train samples/s", "accuracy": "accuracy", **{q: q for q in qs},
+               "fine": "fine detail (count, glyph)"}
+    cells = [{"preset": row["preset"], "family": row["seeds"]["family"], "cost": row["seeds"]["cost"],
+              "params": f"{row['params_m']:.2f}", "prefill": spread(row["prefill_ms"]),
+              "gflops": f"{row['gflops_per_sample']:.3g}", "train": f"{row['train_samples_per_s']['median']:.0f}",
+              "accuracy": f"{row['accuracy']:.3f}", **{q: f"{row['acc'].get(q, float('nan')):.2f}" for q in qs},
+              "fine": f"{_fine(row):.2f}"} for row in r["rows"]]
     chance = r["chance"]
-    lines.append("| chance | | | | | | | | " + " | ".join(f"{chance[q]:.2f}" for q in qs)
-                 + f" | {sum(chance.get(q, 0) for q in FINE_DETAIL) / len(FINE_DETAIL):.2f} |")
-    return "\n".join(lines)
+    cells.append({"preset": "chance", **{q: f"{chance[q]:.2f}" for q in qs},
+                  "fine": f"{sum(chance.get(q, 0) for q in FINE_DETAIL) / len(FINE_DETAIL):.2f}"})
+    return table(cells, columns)
 
 
 def claims(r: dict) -> list[str]:

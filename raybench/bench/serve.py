@@ -385,12 +385,16 @@ def goals(rows: list[dict]) -> dict:
     }
 
 
+ROW_COLUMNS = {"config": "config", "concurrency": "concurrency", "p50": "p50 ms", "p99": "p99 ms",
+               "rps": "req/s", "errors": "errors", "batch": "largest batch"}
+
+
 def rows_table(rows: list[dict]) -> str:
-    lines = ["| config | concurrency | p50 ms | p99 ms | req/s | errors | largest batch |", "|" + "---|" * 7]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['req_per_s']:.1f} | {r['errors']} | {r.get('largest_batch') or r.get('batch') or ''} |")
-    return "\n".join(lines)
+    from raybench.bench.common import markdown_table as table
+
+    return table([{"config": r["config"], "concurrency": r["concurrency"], "p50": f"{r['p50_ms']:.2f}",
+                   "p99": f"{r['p99_ms']:.2f}", "rps": f"{r['req_per_s']:.1f}", "errors": r["errors"],
+                   "batch": r.get("largest_batch") or r.get("batch") or ""} for r in rows], ROW_COLUMNS)
 
 
 def markdown_table(rows: list[dict], g: dict) -> str:
