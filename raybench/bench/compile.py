@@ -30,7 +30,7 @@ import torch
 from torch._inductor.utils import fresh_cache
 
 PRESETS = ("hybrid", "llava")  # the searched family, and plain late fusion for contrast
-SEEDS_CLAIM = 1.8  # "Overall inference: 1.8x faster vs eager mode" (reference, section 6.3)
+SEEDS_CLAIM = 1.8  # "Overall inference: 1.8x faster vs eager mode" (docs/architecture.md)
 
 
 def _cxx() -> str | None:
@@ -51,7 +51,7 @@ def compare(eager_fn, compiled_fn, repeats: int, warmup: int) -> dict:
     """First calls (compile time), then interleaved timed repeats of both."""
     from torch._dynamo.utils import counters
 
-    from raybench.bench.fusion import summarize
+    from raybench.bench.common import summarize
 
     eager_first = _time_ms(eager_fn)
     counters.clear()
@@ -76,21 +76,22 @@ def compare(eager_fn, compiled_fn, repeats: int, warmup: int) -> dict:
 
 def _train_batch(model, batch: int) -> dict:
     """fusion's prefill inputs plus labels on the last two tokens (the "answer")."""
-    from raybench.bench.fusion import _inputs
+    from raybench.cost import probe_inputs
 
-    ids, mask, pixels = _inputs(model, batch)
+    ids, mask, pixels = probe_inputs(model, batch)
     labels = torch.full_like(ids, -100)
     labels[:, -2:] = ids[:, -2:]
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
 
 
 def bench_prefill(preset: str, size: str, batch: int, repeats: int, warmup: int, backend: str) -> dict:
-    from raybench.bench.fusion import _build, _inputs
     from raybench.config import validate_config
+    from raybench.cost import probe_inputs, probe_model
 
-    image_size = validate_config({"model": {"preset": preset, "size": size}}).model.vision.image_size
-    model = _build(preset, size, image_size)
-    ids, mask, pixels = _inputs(model, batch)
+    model_cfg = validate_config({"model": {"preset": preset, "size": size}}).model
+    image_size = model_cfg.vision.image_size
+    model = probe_model(model_cfg)
+    ids, mask, pixels = probe_inputs(model, batch)
 
     def prefill():
         with torch.no_grad():
@@ -166,19 +167,19 @@ def run_compile_bench(size: str = "small", quick: bool = False, repeats: int = 7
     return result
 
 
+COMPILE_COLUMNS = {"preset": "preset", "workload": "workload", "eager": "eager ms (median, min-max)",
+                   "compiled": "compiled ms (median, min-max)", "speedup": "eager / compiled",
+                   "compile_s": "compile s (first call)", "graphs": "graphs", "breaks": "graph breaks"}
+
+
 def markdown_table(r: dict) -> str:
-    lines = ["| preset | workload | eager ms (median, min-max) | compiled ms (median, min-max) "
-             "| eager / compiled | compile s (first call) | graphs | graph breaks |", "|" + "---|" * 8]
-    for row in r["rows"]:
-        for name in ("prefill", "train_step"):
-            w = row.get(name)
-            if not w:
-                continue
-            e, c = w["eager_ms"], w["compiled_ms"]
-            lines.append(f"| {row['preset']} | {name.replace('_', ' ')} | {e['median']:.2f} "
-                         f"({e['min']:.2f}-{e['max']:.2f}) | {c['median']:.2f} ({c['min']:.2f}-{c['max']:.2f}) "
-                         f"| **{w['speedup']:.2f}x** | {w['compile_s']:.1f} | {w['graphs']} | {w['graph_breaks']} |")
-    return "\n".join(lines)
+    from raybench.bench.common import markdown_table as table, spread
+
+    cells = [{"preset": row["preset"], "workload": name.replace("_", " "), "eager": spread(w["eager_ms"]),
+              "compiled": spread(w["compiled_ms"]), "speedup": f"**{w['speedup']:.2f}x**",
+              "compile_s": f"{w['compile_s']:.1f}", "graphs": w["graphs"], "breaks": w["graph_breaks"]}
+             for row in r["rows"] for name, w in ((n, row.get(n)) for n in ("prefill", "train_step")) if w]
+    return table(cells, COMPILE_COLUMNS)
 
 
 def markdown_row(r: dict) -> str:
@@ -249,7 +250,7 @@ def _plot(r: dict, path: Path) -> None:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

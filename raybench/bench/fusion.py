@@ -12,22 +12,17 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
+from raybench.bench.common import markdown_table as table, spread, summarize, write_result
 from raybench.config import validate_config
+from raybench.cost import PROMPT_TEXT_TOKENS, gflops_per_sample, prefill_fn, probe_model
 from raybench.model.presets import PRESETS
 from raybench.model.vlm import HybridVLM
-
-PROMPT_TEXT_TOKENS = 12  # a short question, as in the synthetic set
-
 
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -49,40 +44,15 @@ def _peak_rss_growth_mib(fn) -> float:
     return (_rss_kib("VmHWM") - base) / 1024
 
 
-def _inputs(model: HybridVLM, batch: int, seed: int = 0):
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
-    # ids >= 10 keep clear of the specials (pad 0, eos 2, <image> 3)
-    text = torch.randint(10, model.vocab_size, (batch, PROMPT_TEXT_TOKENS), generator=g)
-    ids = torch.cat([torch.full((batch, 1), model.pad_token_id + 1),
-                     torch.full((batch, cfg.num_image_tokens), model.image_token_id), text], 1)
-    pixels = torch.randn(batch, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
-    return ids, torch.ones_like(ids), pixels
-
-
 def _build(preset: str, size: str, image_size: int, sparsity: bool | None = None) -> HybridVLM:
     model: dict = {"preset": preset, "size": size, "vision": {"image_size": image_size}}
     if sparsity is not None:
         model["fusion"] = {"sparsity": {"enabled": sparsity}}
-    cfg = validate_config({"model": model})
-    torch.manual_seed(0)
-    m = HybridVLM(cfg.model, vocab_size=512, image_token_id=3, pad_token_id=0, eos_token_id=2)
-    return m.eval().requires_grad_(False)  # inference only (and FlopCounterMode needs it)
-
-
-def summarize(samples: list[float]) -> dict:
-    """The shape every benchmark stores a timing in: median, min, max and the raw samples."""
-    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
-            "samples": samples}
+    return probe_model(validate_config({"model": model}).model)
 
 
 def measure(model: HybridVLM, batch: int, repeats: int, warmup: int = 2) -> dict:
-    ids, mask, pixels = _inputs(model, batch)
-
-    def prefill():
-        with torch.no_grad():
-            model.generate(ids, mask, pixels, max_new_tokens=1)
-
+    prefill = prefill_fn(model, batch)
     for _ in range(warmup):
         prefill()
     samples = []
@@ -90,11 +60,10 @@ def measure(model: HybridVLM, batch: int, repeats: int, warmup: int = 2) -> dict
         t0 = time.perf_counter()
         prefill()
         samples.append((time.perf_counter() - t0) * 1000)
-    with FlopCounterMode(display=False) as counter:
-        prefill()
+    flops = gflops_per_sample(prefill, batch)
     mem = [_peak_rss_growth_mib(prefill) for _ in range(3)]
     return {"latency_ms": summarize(samples),
-            "gflops_per_sample": counter.get_total_flops() / batch / 1e9,
+            "gflops_per_sample": flops,
             "peak_rss_growth_mib": statistics.median(mem),
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
             "image_tokens": model.config.num_image_tokens,
@@ -151,18 +120,18 @@ def _add_ratios(rows: list[dict]) -> None:
             r["memory_vs_dense"] = r["peak_rss_growth_mib"] / max(dense["peak_rss_growth_mib"], 1e-9)
 
 
+FUSION_COLUMNS = {"preset": "preset", "image_size": "image px", "image_tokens": "image tokens",
+                  "latency": "prefill ms (median, min-max)", "vs_llava": "vs llava", "gflops": "GFLOP/sample",
+                  "rss": "peak RSS growth MiB", "sparse": "sparse vs dense (speed-up / FLOPs / memory)"}
+
+
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| preset | image px | image tokens | prefill ms (median, min-max) | vs llava | GFLOP/sample "
-            "| peak RSS growth MiB | sparse vs dense (speed-up / FLOPs / memory) |")
-    lines = [head, "|" + "---|" * 8]
-    for r in rows:
-        lat = r["latency_ms"]
-        sparse = (f"{r['speedup_vs_dense']:.2f}x / {r['flops_vs_dense']:.2f} / {r['memory_vs_dense']:.2f}"
-                  if "speedup_vs_dense" in r else "")
-        lines.append(f"| {r['preset']} | {r['image_size']} | {r['image_tokens']} | {lat['median']:.2f} "
-                     f"({lat['min']:.2f}-{lat['max']:.2f}) | {r['latency_vs_llava']:.2f} | "
-                     f"{r['gflops_per_sample']:.3f} | {r['peak_rss_growth_mib']:.1f} | {sparse} |")
-    return "\n".join(lines)
+    cells = [{"preset": r["preset"], "image_size": r["image_size"], "image_tokens": r["image_tokens"],
+              "latency": spread(r["latency_ms"]), "vs_llava": f"{r['latency_vs_llava']:.2f}",
+              "gflops": f"{r['gflops_per_sample']:.3f}", "rss": f"{r['peak_rss_growth_mib']:.1f}",
+              "sparse": (f"{r['speedup_vs_dense']:.2f}x / {r['flops_vs_dense']:.2f} / {r['memory_vs_dense']:.2f}"
+                         if "speedup_vs_dense" in r else "")} for r in rows]
+    return table(cells, FUSION_COLUMNS)
 
 
 def markdown_section(r: dict) -> str:
@@ -193,34 +162,6 @@ def markdown_section(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _machine() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    def pkg(name: str) -> str | None:
-        try:
-            return version(name)
-        except PackageNotFoundError:
-            return None
-
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "transformers": pkg("transformers"), "ray": pkg("ray"),
-            "cpus": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "threads": torch.get_num_threads()}
-
-
-def write_result(out: Path, name: str, result: dict, row: str, plot) -> None:
-    """The outputs every benchmark writes: <name>.json (with machine info), <name>.png via
-    `plot(result, path)`, and one Markdown row appended to results.md (also printed)."""
-    result["machine"] = _machine()
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-    plot(result, out / f"{name}.png")
-    with (out / "results.md").open("a") as f:
-        f.write(row + "\n")
-    print(row)
-
-
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -246,32 +187,3 @@ def main(args) -> int:
     run_fusion_bench(out_dir=Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
     return 0
 
-
-def inference_cost(model_cfg, metric: str = "gflops_per_sample", batch: int = 4, repeats: int = 5) -> float:
-    """One inference-cost figure for a model config (a sweep's second objective).
-
-    FLOPs do not depend on the weights (pruning keeps a scheduled count), so an untrained
-    model of the same config measures the same; latency is a median after one warm-up.
-    """
-    torch.manual_seed(0)
-    model = HybridVLM(model_cfg, vocab_size=512, image_token_id=3, pad_token_id=0,
-                      eos_token_id=2).eval().requires_grad_(False)
-    ids, mask, pixels = _inputs(model, batch)
-
-    def prefill():
-        with torch.no_grad():
-            model.generate(ids, mask, pixels, max_new_tokens=1)
-
-    if metric == "gflops_per_sample":
-        with FlopCounterMode(display=False) as counter:
-            prefill()
-        return counter.get_total_flops() / batch / 1e9
-    if metric == "prefill_ms_per_sample":
-        prefill()
-        samples = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            prefill()
-            samples.append((time.perf_counter() - t0) * 1000 / batch)
-        return statistics.median(samples)
-    raise ValueError(f"unknown cost metric {metric!r}")

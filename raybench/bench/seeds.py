@@ -23,8 +23,8 @@ from raybench.model.presets import PRESETS
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "default.yaml"
 FINE_DETAIL = ("count", "glyph")
 
-# reference/hybrid-fusion-architectures.seed.md, section 10 ("Computational Cost") and the
-# trade-offs under it, plus section 4.3 for dense-sparse. `level` orders the cost words.
+# The research notes' cost table and trade-offs, quoted in docs/architecture.md ("The research
+# claims the benchmarks check"). `level` orders the cost words.
 SEEDS_CLAIMS = {
     "llava": {"family": "LLaVA (late)", "cost": "Low", "level": 0, "claim": ""},
     "blip2": {"family": "BLIP-2 (mid, Q-Former)", "cost": "Medium", "level": 2, "claim": ""},
@@ -152,21 +152,22 @@ def _fine(r: dict) -> float:
 
 
 def markdown_table(r: dict) -> str:
+    from raybench.bench.common import markdown_table as table, spread
+
     qs = r["qtypes"]
-    head = ("| preset | seeds' family | seeds' cost | params M | prefill ms (median, min-max) | GFLOP/sample "
-            "| train samples/s | accuracy | " + " | ".join(qs) + " | fine detail (count, glyph) |")
-    lines = [head, "|" + "---|" * (9 + len(qs))]
-    for row in r["rows"]:
-        s, p = row["seeds"], row["prefill_ms"]
-        lines.append(f"| {row['preset']} | {s['family']} | {s['cost']} | {row['params_m']:.2f} | "
-                     f"{p['median']:.2f} ({p['min']:.2f}-{p['max']:.2f}) | {row['gflops_per_sample']:.3g} | "
-                     f"{row['train_samples_per_s']['median']:.0f} | {row['accuracy']:.3f} | "
-                     + " | ".join(f"{row['acc'].get(q, float('nan')):.2f}" for q in qs)
-                     + f" | {_fine(row):.2f} |")
+    columns = {"preset": "preset", "family": "seeds' family", "cost": "seeds' cost", "params": "params M",
+               "prefill": "prefill ms (median, min-max)", "gflops": "GFLOP/sample",
+               "train": "train samples/s", "accuracy": "accuracy", **{q: q for q in qs},
+               "fine": "fine detail (count, glyph)"}
+    cells = [{"preset": row["preset"], "family": row["seeds"]["family"], "cost": row["seeds"]["cost"],
+              "params": f"{row['params_m']:.2f}", "prefill": spread(row["prefill_ms"]),
+              "gflops": f"{row['gflops_per_sample']:.3g}", "train": f"{row['train_samples_per_s']['median']:.0f}",
+              "accuracy": f"{row['accuracy']:.3f}", **{q: f"{row['acc'].get(q, float('nan')):.2f}" for q in qs},
+              "fine": f"{_fine(row):.2f}"} for row in r["rows"]]
     chance = r["chance"]
-    lines.append("| chance | | | | | | | | " + " | ".join(f"{chance[q]:.2f}" for q in qs)
-                 + f" | {sum(chance.get(q, 0) for q in FINE_DETAIL) / len(FINE_DETAIL):.2f} |")
-    return "\n".join(lines)
+    cells.append({"preset": "chance", **{q: f"{chance[q]:.2f}" for q in qs},
+                  "fine": f"{sum(chance.get(q, 0) for q in FINE_DETAIL) / len(FINE_DETAIL):.2f}"})
+    return table(cells, columns)
 
 
 def claims(r: dict) -> list[str]:
@@ -258,7 +259,7 @@ def _plot(r: dict, path: Path) -> None:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     out = Path(args.out)
     result = run_seeds_bench(out, size=args.size, quick=args.quick, steps=getattr(args, "steps", None),

@@ -28,7 +28,6 @@ import io
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from ray import serve
+
+from raybench.net import free_port, wait_http
 
 CONCURRENCY = (1, 8, 32)
 MAX_TOKENS = 4
@@ -227,27 +228,6 @@ def n_requests(concurrency: int, quick: bool, repeats: int) -> int:
     return 10 * repeats if concurrency == 1 else concurrency * repeats
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, timeout_s: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(urllib.request.Request(url, data=b"{}", method="POST"), timeout=2)
-            return
-        except OSError as err:
-            if getattr(err, "code", None):  # an HTTP error status: the server is up
-                return
-            time.sleep(0.2)
-    raise TimeoutError(f"{url} did not come up")
-
-
 # ------------------------------------------------------------------ the run
 
 def _serve_apps(model_dir: Path) -> dict:
@@ -293,13 +273,13 @@ def _print_row(r: dict) -> None:
 
 
 def _start_ray(port: int, throughput_optimized: bool) -> None:
-    import ray
+    from raybench.runtime import init_ray
 
     if throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Serve process at start
     else:
         os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    init_ray("local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
 
@@ -329,7 +309,7 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
                              "concurrency": c, **r})
                 _print_row(rows[-1])
         rows += _plain_fastapi(bodies, quick, repeats)
-        port = _free_port()
+        port = free_port()
         apps = _serve_apps(model_dir)
         # --quick: the rows the goals need, one Ray start; the full run adds the floor-lowering
         # variants (values via the ingress, a fresh Ray in throughput-optimized mode).
@@ -346,7 +326,7 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
                                    repeats, rows, tag=" [THROUGHPUT_OPTIMIZED]")
             finally:
                 _stop_ray()
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     report = {"bench": "serve", "quick": quick, "size": size, "max_tokens": MAX_TOKENS, "repeats": repeats,
               "command": f"raybench bench serve --size {size}" + (" --quick" if quick else ""),
@@ -368,12 +348,12 @@ def markdown_row(r: dict) -> str:
 
 
 def _plain_fastapi(bodies, quick, repeats) -> list[dict]:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "raybench.bench.serve:plain_api", "--host",
                              "127.0.0.1", "--port", str(port), "--log-level", "warning"])
     rows = []
     try:
-        _wait_http(f"http://127.0.0.1:{port}{PATH}")
+        wait_http(f"http://127.0.0.1:{port}{PATH}", data=b"{}")
         for c in CONCURRENCY:
             r = http_point(f"http://127.0.0.1:{port}{PATH}", bodies, c, n_requests(c, quick, repeats))
             rows.append({"config": "plain FastAPI no-op (uvicorn)", "concurrency": c, **r})
@@ -405,12 +385,16 @@ def goals(rows: list[dict]) -> dict:
     }
 
 
+ROW_COLUMNS = {"config": "config", "concurrency": "concurrency", "p50": "p50 ms", "p99": "p99 ms",
+               "rps": "req/s", "errors": "errors", "batch": "largest batch"}
+
+
 def rows_table(rows: list[dict]) -> str:
-    lines = ["| config | concurrency | p50 ms | p99 ms | req/s | errors | largest batch |", "|" + "---|" * 7]
-    for r in rows:
-        lines.append(f"| {r['config']} | {r['concurrency']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                     f"{r['req_per_s']:.1f} | {r['errors']} | {r.get('largest_batch') or r.get('batch') or ''} |")
-    return "\n".join(lines)
+    from raybench.bench.common import markdown_table as table
+
+    return table([{"config": r["config"], "concurrency": r["concurrency"], "p50": f"{r['p50_ms']:.2f}",
+                   "p99": f"{r['p99_ms']:.2f}", "rps": f"{r['req_per_s']:.1f}", "errors": r["errors"],
+                   "batch": r.get("largest_batch") or r.get("batch") or ""} for r in rows], ROW_COLUMNS)
 
 
 def markdown_table(rows: list[dict], g: dict) -> str:

@@ -51,7 +51,7 @@ def empty_trainer_floor(out: Path, repeats: int, num_workers: int, cpus_per_work
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from raybench.train.trainer import init_ray
+    from raybench.runtime import init_ray
 
     init_ray(include_dashboard=False)
     queue = Queue()
@@ -139,19 +139,19 @@ STARTUP_GOAL_S = 5.0
 
 
 def markdown_section(r: dict) -> str:
+    from raybench.bench.common import markdown_table as table
     from raybench.bench.report import claim, finite, heading
 
     c, s = r["config"], r["startup_s"]
     t = c["train"]
     lines = [heading(r, f"{len(r['trials'])} trials, {c['model']['preset']} `{c['model']['size']}`, "
                      f"{t['steps']} steps, {c['sweep']['scheduler'].upper()}"), "",
-             "| trial | start-up (driver process start → first step) | training + evals + checkpoints | accuracy |",
-             "|---|---|---|---|"]
-    for tr in r["trials"]:
-        acc = tr.get("accuracy")
-        lines.append(f"| {tr['trial_id']} | {tr['startup_s']:.1f} s | {tr['training_s']:.1f} s | "
-                     f"{acc:.3f} |" if acc is not None else
-                     f"| {tr['trial_id']} | {tr['startup_s']:.1f} s | {tr['training_s']:.1f} s | |")
+             table([{"trial": tr["trial_id"], "startup": f"{tr['startup_s']:.1f} s",
+                     "training": f"{tr['training_s']:.1f} s",
+                     "accuracy": f"{tr['accuracy']:.3f}" if tr.get("accuracy") is not None else ""}
+                    for tr in r["trials"]],
+                   {"trial": "trial", "startup": "start-up (driver process start → first step)",
+                    "training": "training + evals + checkpoints", "accuracy": "accuracy"})]
     lines += ["",
               f"Sweep wall time {r['sweep_wall_s']:.0f} s vs {r['sum_training_s']:.0f} s of training in its "
               f"trials: **{r['wall_over_training']:.1f}x**. Per-trial start-up median {s['median']:.1f} s "
@@ -160,9 +160,9 @@ def markdown_section(r: dict) -> str:
     phases = r.get("phases_median_s") or {}
     if phases:
         lines += ["Where start-up goes (median over trials, seconds since the trial's launch; each phase "
-                  "ends when the named step is done):", "", "| phase | done at |", "|---|---|"]
-        lines += [f"| {PHASE_NAMES[k]} | {phases[k]:.1f} s |" for k in PHASES if finite(phases.get(k))]
-        lines.append("")
+                  "ends when the named step is done):", "",
+                  table([{"phase": PHASE_NAMES[k], "at": f"{phases[k]:.1f} s"} for k in PHASES
+                         if finite(phases.get(k))], {"phase": "phase", "at": "done at"}), ""]
     lines += ["The sweep driver reads, decodes and tokenises the data once and hands the materialised "
               "blocks to every trial (rows carry one `<image>` placeholder, expanded on the workers, so "
               "the data don't depend on the model). What is left: Ray Train's own per-trial cost (a "
@@ -188,7 +188,7 @@ def markdown_section(r: dict) -> str:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     from raybench.bench.search import plot as search_plot, run_search_bench
 

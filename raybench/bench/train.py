@@ -127,7 +127,8 @@ def _ray_windows(cfg, dashboard: bool) -> list[float]:
     from mlflow.tracking import MlflowClient
 
     from raybench.track import tracking_uri
-    from raybench.train.trainer import fit, init_ray
+    from raybench.runtime import init_ray
+    from raybench.train.trainer import fit
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     init_ray(include_dashboard=dashboard)
@@ -175,8 +176,8 @@ def markdown_section(r: dict) -> str:
           if "ray_nodash_samples_per_s" in r else []), "",
         f"MFU = FLOPs of one fwd+bwd step (FlopCounterMode, {r['step_gflops']:.1f} GFLOP at batch "
         f"{t['batch_size']}) x steps/s over a fp32 2048² `torch.matmul` peak of "
-        f"{r['matmul_peak_gflops']:.0f} GFLOP/s measured in the same run (DESIGN.md quotes ~120; it varies "
-        "run to run on a shared machine). Ray windows: "
+        f"{r['matmul_peak_gflops']:.0f} GFLOP/s measured in the same run (it varies "
+        "from host to host and run to run on a shared machine). Ray windows: "
         + ", ".join(f"{w:.0f}" for w in r["ray_windows_samples_per_s"]) + " samples/s.", "",
         "What differs between the two: the baseline steps through batches prebuilt in memory; the Ray "
         "workers pull each batch from Ray Data (`iter_torch_batches`, local shuffle, collate) and rank 0 "
@@ -193,7 +194,7 @@ def markdown_section(r: dict) -> str:
 
 
 def main(args) -> int:
-    from raybench.bench.fusion import write_result
+    from raybench.bench.common import write_result
 
     out = Path(args.out)
     result = run_train_bench(out, args.size, args.quick)

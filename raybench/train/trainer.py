@@ -14,6 +14,7 @@ from pathlib import Path
 
 from raybench.config import ConfigError, RunConfig, dump_config
 from raybench.data.prepare import ensure_data, ensure_tokenizer, tokenizer_dir
+from raybench.runtime import init_ray
 
 
 def check_distributed(cfg: RunConfig) -> None:
@@ -24,27 +25,6 @@ def check_distributed(cfg: RunConfig) -> None:
     if t.batch_size % t.num_workers:
         raise ConfigError(f"train.batch_size = {t.batch_size}: must be a multiple of train.num_workers = "
                           f"{t.num_workers} (each worker takes batch_size / num_workers)")
-
-
-def init_ray(include_dashboard: bool = True) -> None:
-    """Join `RAY_ADDRESS` when set (a cluster, or `ray job submit`), else start Ray locally
-    (`include_dashboard=False`: without the dashboard's processes; a local start only).
-
-    "local", not Ray's default: without an address `ray.init()` would silently join any
-    cluster a `ray start` left running on this machine (/tmp/ray/ray_current_cluster).
-    """
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = os.environ.get("RAY_ADDRESS")
-    if address:
-        # A job's own runtime env (`ray job submit --runtime-env-json`) must not be merged
-        # with another one; the cluster's image/env keeps the hub offline there.
-        ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(address="local", log_to_driver=True, include_dashboard=include_dashboard,
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}})
 
 
 DATA_TASK_CPUS = 1.0  # Ray Data's read/split tasks ask for a whole CPU each
@@ -161,8 +141,8 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
 
 def train_loop_per_worker(config: dict) -> None:
     """The workers' entry point. The import happens on the workers: the driver (a sweep
-    trial's, every trial) need not load the model code, transformers and MLflow (~3 s here)
-    just to name the function."""
+    trial's, every trial) need not load the model code, transformers and MLflow just to name
+    the function (what the import costs: `startup_train_fn_s` in BENCHMARKS.md's sweep section)."""
     entered_at = time.time()  # Train V2's part of the start-up ends here, the import is ours
     from raybench.train.worker import train_loop_per_worker as run
 

@@ -159,8 +159,8 @@ def train_loop_per_worker(config: dict) -> None:
                 if config.get("cost_metric") and rank == 0 and config["cost_metric"] not in extra:
                     # A sweep's inference cost, measured once, after the first step (not start-up):
                     # a fresh model of this config (FLOPs don't depend on the weights; see
-                    # bench/fusion.inference_cost). Tune and MLflow read rank 0's report.
-                    from raybench.bench.fusion import inference_cost
+                    # raybench/cost.py). Tune and MLflow read rank 0's report.
+                    from raybench.cost import inference_cost
                     extra[config["cost_metric"]] = inference_cost(cfg.model, config["cost_metric"])
                 _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed,
                                        device, tracker, rank, window, t.steps, extra)

@@ -6,8 +6,8 @@ on a 24-config grid with 8 proposals):
 - `n_startup_trials=10`: TPE samples at random until 10 trials are done, so a sweep of
   <= 10 trials is random search under TPE's name. We start modelling after a quarter of
   the budget (2 to 10 trials).
-- On a discrete space TPE proposes configs it has already tried (2-3 of 8 proposals in
-  the replay), and each repeat is a full trial spent learning nothing. `ask_distinct`
+- On a discrete space TPE proposes configs it has already tried (the replay counts how
+  often), and each repeat is a full trial spent learning nothing. `ask_distinct`
   rejects a repeat before any trial starts: the rejected Optuna trial is told FAIL (TPE
   ignores failed trials; optuna-dashboard shows it with the reason as a user attribute)
   and TPE asks again; if it keeps repeating itself, an untried grid point is enqueued.
@@ -26,7 +26,7 @@ from raybench.config import Dimension, SweepConfig
 from raybench.tune.space import canonical, grid_values
 
 MAX_ENUMERATED = 100_000  # points; a bigger discrete space is not exhausted by any sweep
-RETRIES = 20  # then an untried point (fewer: more random fallbacks, 64% vs 78% in the replay)
+RETRIES = 20  # then an untried point (fewer: more random fallbacks; `bench sweep`'s replay)
 
 
 def startup_trials(s: SweepConfig) -> int:

@@ -17,7 +17,7 @@ import math
 from typing import Any
 
 from raybench.config import ConfigError, Dimension, RunConfig, dump_config, flatten, validate_config
-from raybench.config import set_path as set_config_path
+from raybench.config import set_path
 
 SWEEPABLE = ("model.", "train.")
 NOT_SWEEPABLE = {"model.size", "train.num_workers", "train.storage_path", "train.steps", "train.eval_every",
@@ -39,14 +39,9 @@ def canonical(path: str) -> str:
     return ALIASES.get(path, path)
 
 
-def set_path(raw: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
-    """A copy of `raw` with the dotted field `a.b.c = value`."""
-    return set_config_path(raw, path.split("."), value)
-
-
 def trial_raw(raw: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     for path, value in params.items():
-        raw = set_path(raw, canonical(path), value)
+        raw = set_path(raw, canonical(path).split("."), value)
     return raw
 
 
@@ -180,7 +175,7 @@ def validate_space(raw: dict[str, Any], cfg: RunConfig) -> None:
             continue
         for edge, value in _edge_values(dim):
             try:
-                validate_config(set_path(raw, field, value))
+                validate_config(set_path(raw, field.split("."), value))
             except ConfigError as err:
                 errs.append(f"{where}.{edge} = {value!r}: gives an invalid config: {_first_reason(err)}")
     if len({canonical(p) for p in cfg.sweep.space}) != len(cfg.sweep.space):

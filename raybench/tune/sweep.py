@@ -145,7 +145,8 @@ def run_sweep(sweep: Sweep, resume: bool = False):
 
     from raybench.data.prepare import ensure_data, ensure_tokenizer, tokenizer_dir
     from raybench.track import Tracker, tracking_uri
-    from raybench.train.trainer import build_datasets, check_cluster_fits, init_ray
+    from raybench.runtime import init_ray
+    from raybench.train.trainer import build_datasets, check_cluster_fits
     from raybench.tune.report import summarize
     from raybench.tune.trial import run_trial
 

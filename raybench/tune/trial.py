@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raybench.config import validate_config
-from raybench.tune.space import set_path, trial_raw
+from raybench.config import set_path, validate_config
+from raybench.tune.space import trial_raw
 
 
 def trial_name(sweep_name: str, trial_id: str) -> str:
@@ -27,7 +27,7 @@ def trial_config(ctx: dict[str, Any], params: dict[str, Any], trial_id: str):
     raw.pop("sweep", None)  # a trial is a plain training run
     raw["name"] = trial_name(ctx["name"], trial_id)
     raw["run_dir"] = str(Path(ctx["run_dir"]) / "trials" / trial_id)
-    raw = set_path(raw, "data.path", ctx["data_path"])  # one data set for every trial
+    raw = set_path(raw, ["data", "path"], ctx["data_path"])  # one data set for every trial
     cfg = validate_config(raw)
     # The sweep's stage scenes too, unless this trial's stage asks for other ones (a space
     # over train.stages.0.data.max_objects): those it renders in its own run_dir.
@@ -36,7 +36,7 @@ def trial_config(ctx: dict[str, Any], params: dict[str, Any], trial_id: str):
         same = shared.get(st.name)
         if st.data is not None and st.data.path is None and same \
                 and st.data.model_dump(exclude={"path"}) == same["key"]:
-            raw = set_path(raw, f"train.stages.{i}.data.path", same["path"])
+            raw = set_path(raw, ["train", "stages", str(i), "data", "path"], same["path"])
     return validate_config(raw)
 
 

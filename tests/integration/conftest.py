@@ -1,26 +1,25 @@
-"""Integration fixtures: real servers started on 127.0.0.1 and always stopped."""
+"""Integration fixtures: real servers started on 127.0.0.1 and always stopped.
+
+`ray_session` is the one local Ray that every in-process integration test shares (Ray Train,
+Tune, Serve); a test that needs a cluster of its own (a CLI driver in a subprocess, the
+2-node cluster) starts it there and leaves this one alone.
+"""
 
 from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from raybench.net import free_port, wait_http
+
 STARTUP_TIMEOUT_S = 60
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _live_members(pgid: int) -> list[int]:
@@ -61,7 +60,7 @@ def _stop(proc: subprocess.Popen, pgid: int) -> None:
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """URI of a fresh `mlflow server` and its artifact directory."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = _free_port()
+    port = free_port()
     uri = f"http://127.0.0.1:{port}"
     mlflow_exe = Path(sys.executable).with_name("mlflow")
     cmd = [
@@ -81,23 +80,37 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     pgid = proc.pid  # start_new_session: the CLI leads its own process group
+
+    def exited() -> None:
+        if proc.poll() is not None:
+            pytest.fail(f"mlflow server exited ({proc.returncode}):\n" + (root / "server.log").read_text()[-3000:])
+
     try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"mlflow server exited ({proc.returncode}):\n"
-                            + (root / "server.log").read_text()[-3000:])
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass  # not listening yet
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not healthy after {STARTUP_TIMEOUT_S}s:\n"
-                            + (root / "server.log").read_text()[-3000:])
-            time.sleep(0.25)
+        try:
+            wait_http(f"{uri}/health", STARTUP_TIMEOUT_S, status=200, interval_s=0.25, check=exited)
+        except TimeoutError:
+            pytest.fail(f"mlflow server not healthy after {STARTUP_TIMEOUT_S}s:\n"
+                        + (root / "server.log").read_text()[-3000:])
         yield uri, root / "art"
     finally:
         _stop(proc, pgid)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A local Ray for the whole session: 2 CPUs (the reference machine), dashboard on (the
+    state API `list_actors` needs it). Ray processes inherit the environment at start, so
+    what replicas and workers must see is set here, before `init`."""
+    import ray
+
+    from raybench.runtime import init_ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.pop("RAYBENCH_API_KEY", None)  # apps run without auth unless a test passes a key
+    os.environ["RAYBENCH_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model_cache"))  # registry downloads
+    init_ray("local", num_cpus=2)
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,6 +1,6 @@
 """The benches that start Ray, in their --quick form, through the real CLI: `bench train`
 (Ray Train vs torchrun), `bench sweep` (a real Tune sweep) and `bench serve` (real Serve over
-real HTTP). The Ray-free ones (fusion, seeds, compile) are in tests/unit/test_bench_quick.py.
+real HTTP). The Ray-free ones (fusion, seeds, compile) are in test_bench_quick.py.
 
 What is checked is the JSON `bench report` renders and that each figure was really measured
 (every trial timed, every load point answered), never the numbers against their goals:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,18 +21,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from raybench.net import free_port
 from raybench.pipeline import ask_endpoint
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "cluster" / "local-cluster.sh"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _processes_mentioning(text: str) -> list[int]:
@@ -51,9 +45,9 @@ def _processes_mentioning(text: str) -> list[int]:
 def cluster(tmp_path):
     # A short state dir: Ray's unix socket paths must stay under 107 characters.
     state = Path(tempfile.mkdtemp(prefix="rbc", dir="/tmp"))
-    env = {**os.environ, "STATE_DIR": str(state), "GCS_PORT": str(_free_port()),
-           "DASHBOARD_PORT": str(_free_port()), "HEAD_AGENT_PORT": str(_free_port()),
-           "WORKER_AGENT_PORT": str(_free_port()), "PYTHON": sys.executable,
+    env = {**os.environ, "STATE_DIR": str(state), "GCS_PORT": str(free_port()),
+           "DASHBOARD_PORT": str(free_port()), "HEAD_AGENT_PORT": str(free_port()),
+           "WORKER_AGENT_PORT": str(free_port()), "PYTHON": sys.executable,
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     env.pop("RAY_ADDRESS", None)
     try:
@@ -84,7 +78,7 @@ def _submit(env: dict, *args: str, runtime_env: dict | None = None) -> subproces
 
 def test_pipeline_job_on_a_two_node_cluster(cluster, mlflow_server, tmp_path):
     uri, _ = mlflow_server
-    serve_port = _free_port()
+    serve_port = free_port()
     run_dir = tmp_path / "cluster-smoke"  # on this machine every node sees it (shared storage)
     job = _submit(
         cluster, "jobs/pipeline.py", "--config", "jobs/configs/smoke.yaml",

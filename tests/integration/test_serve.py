@@ -15,7 +15,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ import torch
 import yaml
 
 from raybench.config import load_config
+from raybench.net import free_port
 from raybench.data.synthetic import render_scene, sample_scene
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
@@ -36,12 +36,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 MAX_TOKENS = 8
 API_KEY_ENV, API_KEY = "RAYBENCH_TEST_API_KEY", "s3cret-token"
 LIMITS = {"max_body_bytes": 256 * 1024, "max_image_pixels": 256 * 256, "max_tokens": 32}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png(seed: int, qtype: str) -> tuple[bytes, str]:
@@ -117,20 +111,18 @@ def registry(tmp_path_factory, model_dir):
 
 
 @pytest.fixture(scope="module")
-def server(model_dir, registry, tmp_path_factory):
-    """Both applications on a fresh local Ray; yields the base URL."""
-    import ray
+def server(model_dir, registry, ray_session):
+    """Both applications on the session's local Ray; yields the base URL."""
     from ray import serve
 
     from raybench.serve.app import build_application
     from raybench.serve.config import load_serve_config, validate_serve_config
     from raybench.serve.model_source import check_model_ref
 
-    os.environ.pop("RAYBENCH_API_KEY", None)  # the main app runs without auth
-    os.environ["RAYBENCH_MODEL_CACHE"] = str(tmp_path_factory.mktemp("model_cache"))  # inherited by replicas
+    # ray_session: no RAYBENCH_API_KEY (the main app runs without auth), a RAYBENCH_MODEL_CACHE
+    # of its own for the registry download (both inherited by the replicas).
     tracking_uri, _ = registry
     port = free_port()
-    ray.init(address="local", num_cpus=2, log_to_driver=False)  # the dashboard serves the state API (list_actors)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         stage = {"num_cpus": 0.2, "max_batch_size": 16, "max_ongoing_requests": 64}
@@ -145,7 +137,6 @@ def server(model_dir, registry, tmp_path_factory):
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
-        ray.shutdown()
 
 
 def post(url: str, body, session=None, **kw) -> requests.Response:

@@ -23,13 +23,12 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
-import ray
 import torch
 import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from raybench.bench.fusion import inference_cost
+from raybench.cost import inference_cost
 from raybench.pyfunc import model_files
 from raybench.serve.model_source import resolve_model_dir
 from raybench.model.vlm import HybridVLM
@@ -80,16 +79,14 @@ def _children(client: MlflowClient, parent_id: str):
     return client.search_runs([exp_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path, data_dir, monkeypatch):
+def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path, data_dir, ray_session,
+                                                                      monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     stages = [{"name": "easy", "steps": 4, "data": {"num_examples": 64}}, {"name": "main"}]
     # Trial 1 is the config as written (its own model/train values), then TPE proposes.
     sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=3, stages=stages,
                                     points_to_evaluate=[{}]), [])
-    try:
-        summary = run_sweep(sweep)
-    finally:
-        ray.shutdown()
+    summary = run_sweep(sweep)
     run_dir = sweep.run_dir
     assert summary["trials"] == 3 and summary["completed"] + summary["pruned"] == 3
 
@@ -222,7 +219,7 @@ def _session_processes(session: str) -> list[int]:
 
 
 def test_killed_sweep_driver_resumes_without_rerunning_finished_trials(tmp_path, data_dir):
-    ray.shutdown()
+    # The CLI driver starts a local Ray of its own (beside the session's) and dies with it.
     cfg_path = write_config(tmp_path, "kill", data_dir, num_samples=2, points_to_evaluate=[{"train.lr": 0.002}])
     run_dir = tmp_path / "kill"
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -65,12 +64,6 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture
-def local_ray():
-    yield
-    ray.shutdown()
-
-
 def _runs_named(client: MlflowClient, name: str):
     exp = client.get_experiment_by_name("raybench")
     return client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{name}'")
@@ -81,7 +74,7 @@ def _history(client: MlflowClient, run_id: str, key: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, data_dir, mlflow_server):
+def straight(tmp_path_factory, data_dir, mlflow_server, ray_session):
     """One uninterrupted 2-worker FSDP run logging to the real `mlflow server`. The FSDP test
     checks it; the driver-stop test compares its resumed loss with this run's (same config
     but the name, so the same seeds, data order and LR schedule): one Ray run less."""
@@ -90,10 +83,7 @@ def straight(tmp_path_factory, data_dir, mlflow_server):
     cfg_path = write_config(tmp, "fsdp", data_dir, steps=RESUME_STEPS, stages=STAGES)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        try:
-            result = fit(load_config(cfg_path))
-        finally:
-            ray.shutdown()
+        result = fit(load_config(cfg_path))
     client = MlflowClient(uri)
     (run,) = _runs_named(client, "fsdp")
     return {"cfg_path": cfg_path, "result": result, "client": client, "run": run}
@@ -147,7 +137,7 @@ def _worker_pids() -> list[int]:
     return [a.pid for a in actors]
 
 
-def test_killed_worker_restarts_from_checkpoint_and_run_completes(tmp_path, data_dir, local_ray, monkeypatch):
+def test_killed_worker_restarts_from_checkpoint_and_run_completes(tmp_path, data_dir, ray_session, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     # A relative run_dir, like the default `runs/<name>`: workers run in Ray's own directory.
     monkeypatch.chdir(tmp_path)
@@ -193,7 +183,7 @@ def _train_cli(cfg_path: Path, log: Path) -> subprocess.Popen:
 
 
 def test_resume_after_driver_stops_matches_uninterrupted_loss(tmp_path, data_dir, straight):
-    ray.shutdown()  # each driver below starts (and stops) its own local Ray
+    # Each driver below starts (and stops) a local Ray of its own, beside the session's.
     cfg_path = write_config(tmp_path, "interrupted", data_dir, steps=RESUME_STEPS, stages=STAGES)
     cfg = load_config(cfg_path)
     storage = Path(storage_path(cfg)) / "interrupted"

@@ -39,7 +39,16 @@ def test_the_issue_dimensions_validate():
         "train.lr": {"type": "loguniform", "low": 1e-3, "high": 1e-2},
         "model.preset": {"type": "choice", "values": ["llava", "hybrid"]},
     })
-    validate_space(raw, validate_config(raw))
+    cfg = validate_config(raw)
+    assert validate_space(raw, cfg) is None  # raises ConfigError on any bad dimension
+    assert set(optuna_space(cfg.sweep.space)) == {  # the alias is its field's path
+        "model.fusion.vet.vocab_size", "model.fusion.deepstack.num_injections", "model.fusion.sparsity.schedule",
+        "model.fusion.sparsity.final_keep_ratio", "train.lr", "model.preset"}
+    # The upper edges together still make a valid trial config, with exactly those values.
+    edge = validate_config(trial_raw(raw, {"model.fusion.vet.vocab_size": 256, "num_injections": 2,
+                                           "model.fusion.sparsity.final_keep_ratio": 1.0, "train.lr": 1e-2}))
+    assert (edge.model.fusion.vet.vocab_size, edge.model.fusion.deepstack.num_injections) == (256, 2)
+    assert (edge.model.fusion.sparsity.final_keep_ratio, edge.train.lr) == (1.0, 1e-2)
 
 
 @pytest.mark.parametrize("space, expected", [

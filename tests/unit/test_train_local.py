@@ -25,10 +25,17 @@ def tiny(tmp_path, **sections):
     return validate_config(raw)
 
 
-def test_local_training_writes_a_loadable_model_and_history(tmp_path):
-    cfg = tiny(tmp_path)
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One 6-step local run, shared by the tests that read what it leaves behind."""
+    cfg = tiny(tmp_path_factory.mktemp("local"))
     lines = []
     metrics = train_local(cfg, log=lines.append)
+    return cfg, metrics, lines
+
+
+def test_local_training_writes_a_loadable_model_and_history(trained):
+    cfg, metrics, lines = trained
     assert 0.0 <= metrics["accuracy"] <= 1.0 and "acc/glyph" in metrics
     assert sum(line.startswith("step") for line in lines) == 2
     history = [json.loads(x) for x in (cfg.run_path / "logs" / "train_local.jsonl").read_text().splitlines()]
@@ -63,16 +70,39 @@ def test_each_stage_reads_its_own_data_and_trains_only_its_modules(tmp_path):
         assert batch["split"] == ["train"] * 16 and set(batch["question"]) <= train_q
 
 
-def test_ask_answers_from_a_saved_model(tmp_path, capsys):
-    cfg = tiny(tmp_path)
-    train_local(cfg, log=lambda _: None)
-    image = tmp_path / "x.png"
+def test_ask_answers_from_a_saved_model(trained, tmp_path, capsys):
+    """`raybench ask` loads a saved model directory and prints its greedy answer.
+
+    The 6-step model answers every question with <eos> alone (a blank answer would pass any
+    comparison), so the directory holds an untrained model of the same config and tokenizer:
+    its random weights answer with real tokens."""
+    import torch
+
     from raybench.data.loader import read_split
+    from raybench.data.processor import VQAProcessor
+    from raybench.data.tokenizer import load_tokenizer
+
+    cfg = trained[0]
+    model_dir = tmp_path / "untrained"
+    tok = load_tokenizer(cfg.run_path / "model")
+    torch.manual_seed(0)
+    HybridVLM.for_tokenizer(cfg.model, tok).save_pretrained(model_dir)
+    tok.save_pretrained(str(model_dir))
+    image = tmp_path / "x.png"
     image.write_bytes(read_split(cfg.data_path, "val").column("image")[0].as_py())
+    question = "what color is the background?"
     capsys.readouterr()
-    assert main(["ask", "--model", str(cfg.run_path / "model"), "--image", str(image),
-                 "--question", "what color is the background?"]) == 0
+    assert main(["ask", "--model", str(model_dir), "--image", str(image), "--question", question,
+                 "--max-tokens", "4"]) == 0
     answer = capsys.readouterr().out.strip()
+
+    model = HybridVLM.from_pretrained(model_dir)
+    proc = VQAProcessor(tok, model.config.num_image_tokens, model.config.vision.image_size)
+    prompt = proc.encode_prompts([question])
+    with torch.no_grad():
+        ids = model.generate(prompt["input_ids"], prompt["attention_mask"], proc.pixel_values([image.read_bytes()]),
+                             max_new_tokens=4)[0].tolist()
+    assert answer == proc.decode_answer(ids) != ""
     assert "<image>" not in answer and "<pad>" not in answer
 
 

@@ -1,8 +1,9 @@
 """The Ray-free benchmarks in their --quick form, in-process: every output keeps the schema
 `bench report` and `bench all` rely on (keys, not numbers: timing goals live in the benches).
 
-train / sweep / serve start Ray, so their --quick runs are integration tests
-(tests/integration/test_bench_quick_ray.py), checked with the same `check_written`.
+Ray-free but not unit tests: `bench seeds --quick` trains every preset. train / sweep / serve
+start Ray; their --quick runs are in test_bench_quick_ray.py, checked with the same
+`check_written`.
 """
 
 import copy
@@ -12,9 +13,11 @@ from pathlib import Path
 import pytest
 
 from raybench.bench import compile as compile_bench
-from raybench.bench.fusion import write_result
+from raybench.bench.common import write_result
 from raybench.bench.report import check_written, normalize, validate_result, write_report
 from raybench.cli import main
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 QUICK = ("fusion", "compile", "seeds")
 

@@ -1,0 +1,61 @@
+"""What every benchmark shares: the timing record, the files it writes, Markdown tables."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+from pathlib import Path
+
+
+def summarize(samples: list[float]) -> dict:
+    """The shape every benchmark stores a timing in: median, min, max and the raw samples."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples),
+            "samples": samples}
+
+
+def machine_info() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    def pkg(name: str) -> str | None:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return None
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": pkg("transformers"), "ray": pkg("ray"),
+            "cpus": os.cpu_count(), "memory_gib": round(memory / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "threads": torch.get_num_threads()}
+
+
+def write_result(out: Path, name: str, result: dict, row: str, plot) -> None:
+    """The outputs every benchmark writes: <name>.json (with machine info), <name>.png via
+    `plot(result, path)`, and one Markdown row appended to results.md (also printed)."""
+    result["machine"] = machine_info()
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    plot(result, out / f"{name}.png")
+    with (out / "results.md").open("a") as f:
+        f.write(row + "\n")
+    print(row)
+
+
+def markdown_table(rows: list[dict], columns: dict[str, str] | None = None) -> str:
+    """A GitHub Markdown table of `rows` (pandas + tabulate). `columns` maps each row key to
+    its header, in order (default: every key of the first row, as it is). Cells are written
+    as given: format numbers before, so the page shows the precision each figure deserves."""
+    import pandas as pd
+
+    keys = list(columns) if columns is not None else list(rows[0]) if rows else []
+    frame = pd.DataFrame([{k: row.get(k, "") for k in keys} for row in rows], columns=keys)
+    return frame.rename(columns=columns or {}).to_markdown(index=False, disable_numparse=True)
+
+
+def spread(stats: dict, fmt: str = ".2f") -> str:
+    """A timing record (`summarize`) as one cell: "median (min-max)"."""
+    return f"{stats['median']:{fmt}} ({stats['min']:{fmt}}-{stats['max']:{fmt}})"
