@@ -507,7 +507,9 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
         raw = set_path(raw, ["model", "vision", "scene_head"], True)
     for (section, key), msg in _MOVED.items():
         if isinstance(raw.get(section), dict) and key in raw[section]:
-            raise ConfigError(f"invalid config:\n  {msg}")
+            if raw[section][key] is not None:
+                raise ConfigError(f"invalid config:\n  {msg}")
+            raw[section] = {k: v for k, v in raw[section].items() if k != key}  # null: not asked for
     raw["model"] = expand_model(raw.get("model"))
     try:
         cfg = RunConfig.model_validate(raw)

@@ -38,7 +38,7 @@ def check_config(size: str, run_dir: Path, steps: int, gpu: bool):
         f"name=gpu-check-{size}", f"run_dir={run_dir}", f"model.size={size}",
         # Random weights: the check must not depend on checkpoints being mounted.
         "model.vision.pretrained_path=null", "model.llm.pretrained_path=null",
-        "data.num_train=256", "data.num_val=32", "data.curriculum=null",
+        "data.num_train=256", "data.num_val=32", "train.stages=null",
         f"train.steps={steps}", "train.batch_size=8", f"train.eval_every={steps}", "train.eval_samples=16",
         "train.warmup_steps=1", "train.log_every=1", "train.num_workers=1", "train.compile=false",
         # On a CPU dry run inside another app's Ray, leave room for Ray Data's 1-CPU tasks.
@@ -91,9 +91,9 @@ def _prefill_ms(model, inputs, device: torch.device, repeats: int, warmup: int =
 
 
 def _inputs(model, batch: int, device: torch.device):
-    from raybench.bench.fusion import _inputs as fusion_inputs  # the fusion bench's exact input
+    from raybench.cost import probe_inputs  # the fusion bench's exact input
 
-    return [t.to(device) for t in fusion_inputs(model, batch)]
+    return [t.to(device) for t in probe_inputs(model, batch)]
 
 
 def fusion(size: str, device: torch.device, batch: int, repeats: int) -> list[dict[str, Any]]:

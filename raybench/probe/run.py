@@ -151,9 +151,9 @@ def format_report(report: dict) -> str:
 
 
 def _cmd_probe(args) -> int:
-    torch.set_grad_enabled(False)
-    report = run_probe(args.model, args.n_train, args.n_test, args.seed, args.random_init,
-                       args.batch_size, log=lambda m: print(m, file=sys.stderr))
+    with torch.no_grad():  # scoped: the CLI runs in-process in tests, beside training
+        report = run_probe(args.model, args.n_train, args.n_test, args.seed, args.random_init,
+                           args.batch_size, log=lambda m: print(m, file=sys.stderr))
     print(format_report(report))
     print(f"\n({report['seconds']:.0f} s, {args.n_train} train / {args.n_test} test one-object scenes)")
     if args.json:

@@ -21,11 +21,11 @@ LAYER_OF = {
     "config": "base", "model.presets": "base", "net": "base", "runtime": "base",
     "data": "data",
     "model": "model", "cost": "model",
-    "train": "train", "track": "train",
+    "train": "train", "track": "train", "pyfunc": "train", "probe": "train",
     "tune": "tune",
     "serve": "serve",
     "pipeline": "pipeline",
-    "bench": "bench",
+    "bench": "bench", "gpu_check": "bench",
     "cli": "cli",
 }
 

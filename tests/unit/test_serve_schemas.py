@@ -7,6 +7,8 @@ import io
 import json
 import random
 
+import logging
+
 import pytest
 import yaml
 from PIL import Image
@@ -257,8 +259,14 @@ def test_api_key_required_but_missing_refuses_to_start_open_server_warns(caplog)
 
     cfg = ServeConfig(api_key_env="K")
     assert api_key(cfg, {"K": "s3cret"}) == "s3cret"
-    with caplog.at_level("WARNING", logger="ray.serve"):
-        assert api_key(cfg, {}) is None  # vLLM without --api-key: open, but never silently
+    # Once Ray is imported its loggers stop propagating to the root: listen on the logger itself.
+    logger = logging.getLogger("ray.serve")
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("WARNING", logger="ray.serve"):
+            assert api_key(cfg, {}) is None  # vLLM without --api-key: open, but never silently
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "WITHOUT authentication" in caplog.text
     required = ServeConfig(api_key_env="K", require_api_key=True)
     for env in ({}, {"K": ""}):  # an optional Secret that is absent arrives as nothing or ""
