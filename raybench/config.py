@@ -375,7 +375,7 @@ def expand_model(raw_model: dict[str, Any] | None) -> dict[str, Any]:
     return deep_merge(model_defaults(preset, size), raw_model)
 
 
-def _format_validation_error(err: ValidationError) -> str:
+def format_validation_error(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
         path = ".".join(str(p) for p in e["loc"])
@@ -514,7 +514,7 @@ def validate_config(raw: dict[str, Any]) -> RunConfig:
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err)) from None
     errs = _cross_field_errors(cfg)
     if errs:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errs))

@@ -103,11 +103,11 @@ def _deploy(cfg) -> str:
     from ray import serve
 
     from raybench.serve.app import build_application
-    from raybench.serve.cli import _check_capacity
+    from raybench.serve.cli import check_capacity
 
     from raybench.serve.config import api_key
 
-    _check_capacity(cfg)
+    check_capacity(cfg)
     key = api_key(cfg)
     # One HTTP proxy, on the head: several nodes of one machine can't share a port, and the
     # printed endpoint is the head's.

@@ -124,13 +124,13 @@ def _pair(d: dict, fmt: str = "{:.2f}") -> str:
 def format_report(report: dict) -> str:
     cols = [c for c in COLUMNS if c in report["readings"]]
     head = " / ".join(c.replace("_", "-") for c in cols)
-    lines = [f"| features | dim | " + " | ".join(f"{LABELS[a]} {head}" for a in ATTRIBUTES) + " |",
+    lines = ["| features | dim | " + " | ".join(f"{LABELS[a]} {head}" for a in ATTRIBUTES) + " |",
              "|---|---:|" + "---:|" * len(ATTRIBUTES),
              "| chance | | " + " | ".join(f"{report['chance'][a]:.2f}" for a in ATTRIBUTES) + " |"]
     for row in report["rows"]:
         lines.append(f"| {row['features']} | {row['dim']} | " + " | ".join(_pair(row[a]) for a in ATTRIBUTES) + " |")
     rd = report["readings"]
-    lines += ["", f"| reading | " + " | ".join(c.replace("_", "-") for c in cols) + " |",
+    lines += ["", "| reading | " + " | ".join(c.replace("_", "-") for c in cols) + " |",
               "|---|" + "---:|" * len(cols)]
 
     def add(name, get):

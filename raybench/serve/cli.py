@@ -63,7 +63,7 @@ def _cmd_deploy(args) -> int:
     return serve_until_interrupted(cfg)
 
 
-def _check_capacity(cfg) -> None:
+def check_capacity(cfg) -> None:
     """Fixed replicas that cannot all be placed would leave the deploy waiting forever."""
     import ray
 
@@ -85,13 +85,13 @@ def serve_until_interrupted(cfg) -> int:
     import ray
     from ray import serve
 
+    from raybench.runtime import init_ray
     from raybench.serve.app import build_application
+    from raybench.serve.config import api_key
 
-    address = os.environ.get("RAY_ADDRESS")
-    # "local" without RAY_ADDRESS: never silently join a cluster a `ray start` left running.
-    ray.init(address=address or "local", log_to_driver=False)
+    init_ray(log_to_driver=False)
     try:
-        _check_capacity(cfg)
+        check_capacity(cfg)
         key = api_key(cfg)
         serve.start(http_options={"host": cfg.host, "port": cfg.port})
         serve.run(build_application(cfg, {cfg.api_key_env: key} if key else None),

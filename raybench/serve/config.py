@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from raybench.config import ConfigError, _format_validation_error, apply_overrides
+from raybench.config import ConfigError, format_validation_error, apply_overrides
 
 IMPORT_PATH = "raybench.serve.app:build_app"
 STAGES = ("vision", "projection", "llm")
@@ -161,7 +161,7 @@ def validate_serve_config(raw: dict[str, Any]) -> ServeConfig:
     try:
         return ServeConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_validation_error(err).replace("invalid config", "invalid serve config")) from None
+        raise ConfigError(format_validation_error(err).replace("invalid config", "invalid serve config")) from None
 
 
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None,

@@ -4,7 +4,6 @@ The whole dry run (Ray Train, Serve) runs in tests/integration/test_serve.py."""
 
 from __future__ import annotations
 
-import os
 import stat
 from pathlib import Path
 
