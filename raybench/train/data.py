@@ -119,9 +119,10 @@ def expand_image_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, l
             torch.cat([labels[:, :1], labels[:, 1:2].expand(b, n), labels[:, 2:]], 1))
 
 
-def to_model_batch(batch: dict, device: torch.device, num_image_tokens: int) -> dict:
+def to_model_batch(batch: dict, device: torch.device, num_image_tokens: int, scene: bool = False) -> dict:
     """uint8 pixels -> SigLIP-normalised floats; trim padding columns no row uses; expand the
-    `<image>` placeholder to the model's image tokens."""
+    `<image>` placeholder to the model's image tokens. `scene`: a `scene` stage's batch, which
+    carries the scene targets (the model then trains its tower on those, not on answers)."""
     width = int(batch["attention_mask"].sum(1).max())
     ids, mask, labels = expand_image_tokens(batch["input_ids"][:, :width], batch["attention_mask"][:, :width],
                                             batch["labels"][:, :width], num_image_tokens)
@@ -137,6 +138,6 @@ def to_model_batch(batch: dict, device: torch.device, num_image_tokens: int) -> 
     }
     if len(first) < len(pixels):
         out["image_index"] = image_index.to(device)
-    if "scene_targets" in batch:
+    if scene:
         out["scene_targets"] = batch["scene_targets"].to(device)
     return out

@@ -64,7 +64,8 @@ def stage_at(stages: list[PlannedStage], step: int) -> PlannedStage:
 def module_of(param_name: str) -> str:
     """HybridVLM's top-level parts are the stage modules (vision, projector, deepstack, llm);
     the scene head learns with the tower it reads."""
-    head = param_name.split(".", 1)[0]
+    # A whole-model torch.compile wraps it: its parameters are named `_orig_mod.<name>`.
+    head = param_name.removeprefix("_orig_mod.").split(".", 1)[0]
     if head == "scene_head":
         return "vision"
     if head not in MODULES:

@@ -39,7 +39,7 @@ SHUFFLE_CHUNK_BATCHES = 8  # group shuffle: a buffer of 8 batches (Ray's row shu
 
 
 def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, device, num_image_tokens: int,
-                   questions_per_image: int = 1):
+                   questions_per_image: int = 1, scene: bool = False):
     # Deterministic: an ordered shard and a seeded local shuffle, so `skip` lands on the
     # exact batch a resumed run stopped before.
     if questions_per_image > 1:  # keep each image's questions together (one ViT pass per image)
@@ -52,7 +52,7 @@ def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, dev
                                            local_shuffle_seed=seed * 1000 + epoch, collate_fn=CollateNumpy())
     for i, batch in enumerate(batches):
         if i >= skip:
-            yield to_model_batch(batch, device, num_image_tokens)
+            yield to_model_batch(batch, device, num_image_tokens, scene)
 
 
 def _evaluate(model, val_shard, per_worker: int, suppressed: list[int], device) -> dict[str, float]:
@@ -133,14 +133,13 @@ def train_loop_per_worker(config: dict) -> None:
         set_trainable(model, stage)
         shard = ray.train.get_dataset_shard(stage.dataset)
         for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device,
-                                    cfg.model.num_image_tokens, cfg.data.questions_per_image):
+                                    cfg.model.num_image_tokens, cfg.data.questions_per_image,
+                                    scene=stage.objective == "scene"):
             if not resumed and "startup_s" not in extra:  # launch -> first step: the fixed cost
                 extra.update(startup, startup_s=time.time() - launched_at)
                 if tracker:
                     tracker.log_metrics({k: v for k, v in extra.items() if k.startswith("startup")},
                                         step=state.step)
-            if stage.objective != "scene":
-                batch.pop("scene_targets", None)
             loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
             state.step += 1
             state.batch_in_epoch += 1

@@ -124,3 +124,18 @@ def test_special_token_text_in_a_question_stays_text(rows_and_tok, num_image_tok
     assert (batch["input_ids"][0] == proc.bos_id).sum() == 1
     assert tok.decode(proc.text_ids(rows["question"][0])) == rows["question"][0]
     assert proc.decode_answer(proc.answer_ids("<image>")) == "<image>"
+
+
+def test_scene_targets_ride_along_only_into_a_scene_stage_batch(tmp_path):
+    from raybench.data.synthetic import scene_targets
+
+    table = generate(12, SIZE, seed=2, split="train", qtypes=["describe", "color"])
+    tok_dir = save_tokenizer(build_tokenizer(tokenizer_corpus(table)), tmp_path / "tokenizer")
+    rows = {k: np.array(v, dtype=object) for k, v in table.select(["image", "question", "answer", "qtype"])
+            .to_pydict().items()}
+    data = CollateNumpy()(preprocess(rows, str(tok_dir), image_size=SIZE, max_length=80))
+    for qtype, answer, targets in zip(rows["qtype"], rows["answer"], data["scene_targets"].tolist()):
+        assert targets == (scene_targets(answer) if qtype == "describe" else [-100] * 9)
+    assert "scene_targets" not in to_model_batch(data, torch.device("cpu"), 4)
+    assert torch.equal(to_model_batch(data, torch.device("cpu"), 4, scene=True)["scene_targets"],
+                       data["scene_targets"])
