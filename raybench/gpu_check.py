@@ -80,14 +80,9 @@ def _prefill_ms(model, inputs, device: torch.device, repeats: int, warmup: int =
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    for _ in range(warmup):
-        prefill()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        prefill()
-        samples.append((time.perf_counter() - t0) * 1000)
-    return samples
+    from raybench.bench.common import timed_ms
+
+    return timed_ms(prefill, repeats, warmup)
 
 
 def _inputs(model, batch: int, device: torch.device):

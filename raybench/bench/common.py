@@ -6,7 +6,20 @@ import json
 import os
 import platform
 import statistics
+import time
 from pathlib import Path
+
+
+def timed_ms(fn, repeats: int, warmup: int = 2) -> list[float]:
+    """Wall-clock milliseconds of `repeats` calls of `fn`, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1000)
+    return samples
 
 
 def summarize(samples: list[float]) -> dict:

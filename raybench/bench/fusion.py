@@ -13,12 +13,11 @@ from __future__ import annotations
 import ctypes
 import gc
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from raybench.bench.common import markdown_table as table, spread, summarize, write_result
+from raybench.bench.common import timed_ms, markdown_table as table, spread, summarize, write_result
 from raybench.config import validate_config
 from raybench.cost import PROMPT_TEXT_TOKENS, gflops_per_sample, prefill_fn, probe_model
 from raybench.model.presets import PRESETS
@@ -53,13 +52,7 @@ def _build(preset: str, size: str, image_size: int, sparsity: bool | None = None
 
 def measure(model: HybridVLM, batch: int, repeats: int, warmup: int = 2) -> dict:
     prefill = prefill_fn(model, batch)
-    for _ in range(warmup):
-        prefill()
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        prefill()
-        samples.append((time.perf_counter() - t0) * 1000)
+    samples = timed_ms(prefill, repeats, warmup)
     flops = gflops_per_sample(prefill, batch)
     mem = [_peak_rss_growth_mib(prefill) for _ in range(3)]
     return {"latency_ms": summarize(samples),
