@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     from raybench.tune.cli import register as register_sweep
 
     from raybench.pipeline import register as register_pipeline
-    from raybench.probe.run import register as register_probe
+    from raybench.probe.cli import register as register_probe
 
     register_sweep(sub)
     register_serve(sub)

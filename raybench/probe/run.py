@@ -9,7 +9,6 @@ added (or destroyed) at the same stage.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -150,7 +149,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _cmd_probe(args) -> int:
+def cmd_probe(args) -> int:
     with torch.no_grad():  # scoped: the CLI runs in-process in tests, beside training
         report = run_probe(args.model, args.n_train, args.n_test, args.seed, args.random_init,
                            args.batch_size, log=lambda m: print(m, file=sys.stderr))
@@ -159,17 +158,3 @@ def _cmd_probe(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("probe", help="linear probes of shape / position / colour at every stage of a "
-                                     "saved model vs the same architecture at random init, plus readings")
-    p.add_argument("--model", required=True, help="model directory (safetensors + config.json + tokenizer)")
-    p.add_argument("--random-init", action=argparse.BooleanOptionalAction, default=True,
-                   help="also probe the same architecture at random init, seeded by --seed (default: on)")
-    p.add_argument("--n-train", type=int, default=1800, help="one-object scenes to fit the probes on")
-    p.add_argument("--n-test", type=int, default=600, help="disjoint one-object scenes to score them on")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=200)
-    p.add_argument("--json", help="write the whole report (rows, readings, chosen L2) to this file")
-    p.set_defaults(fn=_cmd_probe)

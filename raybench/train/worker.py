@@ -74,108 +74,67 @@ def _open_tracker(cfg: RunConfig, rank: int, config: dict):
                         parent_run_id=config.get("parent_run_id"), tags=config.get("tags"))
 
 
-def train_loop_per_worker(config: dict) -> None:
-    entered = time.time()
-    cfg = RunConfig.model_validate(config["cfg"])
-    t = cfg.train
-    # One progress bar per epoch per worker drowns the per-eval lines; Ray's own reporting stays.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
-    tokenizer = load_tokenizer(config["tokenizer_dir"])
-    model = build_sharded_model(cfg, tokenizer, world, device)
-    stages = plan(cfg)
-    optimizer = build_optimizer(model, t)
-    scheduler = build_scheduler(optimizer, t, stages)
-    state = ckpt.TrainerState()
-    resumed = ray.train.get_checkpoint()
-    if resumed:
-        with resumed.as_directory() as d:
-            # The resumed stage's modules first: DCP creates optimizer state only for what learns.
-            set_trainable(model, stage_at(stages, ckpt.saved_step(Path(d))))
-            state = ckpt.load(Path(d), model, optimizer, scheduler)
-    tracker = _open_tracker(cfg, rank, config)
-    nodes = [None] * world  # where the workers landed (placement_strategy), for the record
-    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-    extra: dict[str, float] = {}  # reported with every eval: start-up phases, a sweep's cost
+def startup_phases(config: dict, entered: float) -> dict[str, float]:
+    """Where the fixed cost goes (seconds since launch): a sweep trial's driver process and
+    Tune set-up, the driver's own preparation (imports, data), the Train controller + worker
+    group + process group (up to our train function), the workers' import of the model code,
+    then model build/shard/resume/MLflow (up to now). The first batch adds `startup_s`."""
     launched_at = config.get("launched_at", entered)
-    # Where the fixed cost goes (seconds since launch): a sweep trial's driver process and
-    # Tune set-up, the driver's own preparation (imports, data),
-    # the Train controller + worker group + process group (up to our train function), the
-    # workers' import of the model code, then model build/shard/resume/MLflow, then the
-    # first batch.
-    startup = {"startup_driver_s": config.get("driver_ready_at", launched_at) - launched_at,
-               "startup_train_fn_s": config.get("train_fn_entered_at", entered) - launched_at,
-               "startup_workers_s": entered - launched_at, "startup_model_s": time.time() - launched_at}
+    phases = {"startup_driver_s": config.get("driver_ready_at", launched_at) - launched_at,
+              "startup_train_fn_s": config.get("train_fn_entered_at", entered) - launched_at,
+              "startup_workers_s": entered - launched_at, "startup_model_s": time.time() - launched_at}
     if config.get("driver_entered_at"):  # a sweep trial: its driver process, up to our code
-        startup["startup_trial_s"] = config["driver_entered_at"] - launched_at
-    if rank == 0:
-        print(f"[raybench] {'resuming at step ' + str(state.step) if resumed else 'starting'}: "
-              f"{world} workers on {device.type} across {len(set(nodes))} node(s), pid {os.getpid()}", flush=True)
-        tracker.client.set_tag(tracker.run_id, "raybench.worker_nodes", ",".join(sorted(set(nodes))))
-        shards = [p.to_local().numel() for p in model.parameters()]
-        tracker.log_metrics({"params_local": sum(shards), "params_full": sum(p.numel() for p in model.parameters())},
-                            step=state.step)
-        if resumed:
-            tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
+        phases["startup_trial_s"] = config["driver_entered_at"] - launched_at
+    return phases
 
-    per_worker = t.batch_size // world
-    suppressed = [model.image_token_id, model.pad_token_id]
-    val_shard = ray.train.get_dataset_shard("val")
-    # Each stage reads its own data (its scenes, or the training set) and counts its own
-    # epochs and batches; the stage follows from the step, so a run resumed inside any stage
-    # lands on the exact batch it stopped before, with that stage's modules learning.
-    every = t.checkpoint_every or t.eval_every
-    window = _Window()
-    while state.step < t.steps:
-        stage = stage_at(stages, state.step)
-        set_trainable(model, stage)
-        shard = ray.train.get_dataset_shard(stage.dataset)
-        for batch in _epoch_batches(shard, per_worker, t.seed, state.epoch, state.batch_in_epoch, device,
-                                    cfg.model.num_image_tokens, cfg.data.questions_per_image,
-                                    scene=stage.objective == "scene"):
-            if not resumed and "startup_s" not in extra:  # launch -> first step: the fixed cost
-                extra.update(startup, startup_s=time.time() - launched_at)
-                if tracker:
-                    tracker.log_metrics({k: v for k, v in extra.items() if k.startswith("startup")},
-                                        step=state.step)
-            loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
-            state.step += 1
-            state.batch_in_epoch += 1
-            stage_done = state.step == stage.end and state.step < t.steps
-            if stage_done:  # the next stage starts at its own epoch 0, batch 0
-                state.epoch, state.batch_in_epoch = 0, 0
-                if tracker:
-                    print(f"[raybench] step {state.step}: stage {stage.name} done", flush=True)
-                    tracker.log_metrics({f"stage_end/{stage.name}": state.step}, step=state.step)
-            # Throughput counts every rank's samples and real (unpadded) tokens.
-            window.add(loss, per_worker * world, int(batch["attention_mask"].sum()) * world)
-            if tracker and state.step % t.log_every == 0:
-                tracker.log_metrics({"train_loss": loss, "lr": scheduler.get_last_lr()[0],
-                                     "stage": stages.index(stage)}, step=state.step)
-            if state.step % every == 0 or state.step == t.steps:
-                if config.get("cost_metric") and rank == 0 and config["cost_metric"] not in extra:
-                    # A sweep's inference cost, measured once, after the first step (not start-up):
-                    # a fresh model of this config (FLOPs don't depend on the weights; see
-                    # raybench/cost.py). Tune and MLflow read rank 0's report.
-                    from raybench.cost import inference_cost
-                    extra[config["cost_metric"]] = inference_cost(cfg.model, config["cost_metric"])
-                _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed,
-                                       device, tracker, rank, window, t.steps, extra)
-                window = _Window()
-            if state.step >= t.steps or stage_done:
-                break
-        else:
-            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
+def _resume(model, optimizer, scheduler, stages) -> ckpt.TrainerState | None:
+    resumed = ray.train.get_checkpoint()
+    if not resumed:
+        return None
+    with resumed.as_directory() as d:
+        # The resumed stage's modules first: DCP creates optimizer state only for what learns.
+        set_trainable(model, stage_at(stages, ckpt.saved_step(Path(d))))
+        return ckpt.load(Path(d), model, optimizer, scheduler)
+
+
+def _announce(model, tracker, state, resumed: bool, world: int, device) -> None:
+    """Rank 0: where the workers landed (placement_strategy) and the model's size, for the record."""
+    nodes = [None] * world
+    dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())  # collective: every rank
+    if tracker is None:
+        return
+    print(f"[raybench] {'resuming at step ' + str(state.step) if resumed else 'starting'}: "
+          f"{world} workers on {device.type} across {len(set(nodes))} node(s), pid {os.getpid()}", flush=True)
+    tracker.client.set_tag(tracker.run_id, "raybench.worker_nodes", ",".join(sorted(set(nodes))))
+    shards = [p.to_local().numel() for p in model.parameters()]
+    tracker.log_metrics({"params_local": sum(shards), "params_full": sum(p.numel() for p in model.parameters())},
+                        step=state.step)
+    if resumed:
+        tracker.log_metrics({"resumed_from_step": state.step}, step=state.step)
+
+
+def _export(model, tokenizer, config: dict, tracker) -> None:
+    """The trained model as safetensors + tokenizer, uploaded to the run. Called before the
+    last report: Tune may stop a trial the moment it sees its last result (ASHA at max_t), and a
+    trial that reported its final accuracy must have its model."""
     full = ckpt.full_state_dict(model)  # collective: every rank takes part
-    if rank == 0:
+    if tracker is not None:
         out = model.save_pretrained(Path(config["model_dir"]), state_dict=full)
         tokenizer.save_pretrained(out)
         tracker.log_model_dir(out)
-        tracker.finish()
         print(f"[raybench] model saved to {out}", flush=True)
+
+
+def _measure_cost(config: dict, cfg: RunConfig, rank: int, extra: dict) -> None:
+    """A sweep's inference cost, measured once, after the first step (not start-up): a fresh
+    model of this config (FLOPs don't depend on the weights; see raybench/cost.py). Tune and
+    MLflow read rank 0's report."""
+    key = config.get("cost_metric")
+    if key and rank == 0 and key not in extra:
+        from raybench.cost import inference_cost
+
+        extra[key] = inference_cost(cfg.model, key)
 
 
 class _Window:
@@ -195,18 +154,111 @@ class _Window:
                 "samples_per_s": self.samples / elapsed, "tokens_per_s": self.tokens / elapsed}
 
 
-def _checkpoint_and_report(model, optimizer, scheduler, state, val_shard, per_worker, suppressed, device,
-                           tracker, rank, window: _Window, total_steps, extra: dict) -> None:
-    throughput = window.metrics()
-    metrics = _evaluate(model, val_shard, per_worker, suppressed, device)
-    metrics.update(step=state.step, **throughput, **extra)
-    if rank == 0:
-        print(format_eval(state.step, total_steps, metrics["train_loss"], metrics, metrics["samples_per_s"]),
-              flush=True)
-        # Per-step `train_loss` is already logged; the eval window's mean gets its own name.
-        tracker.log_metrics({("train_loss_avg" if k == "train_loss" else k): v
-                             for k, v in metrics.items() if k != "step"}, step=state.step)
-        tracker.flush()
-    with tempfile.TemporaryDirectory(prefix="raybench-ckpt-") as tmp:
-        ckpt.save(Path(tmp), model, optimizer, scheduler, state, rank)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+class _Run:
+    """One worker's training run: its model, optimizer, data shards, state and reports."""
+
+    def __init__(self, config: dict, entered: float):
+        self.config, self.cfg = config, RunConfig.model_validate(config["cfg"])
+        t = self.t = self.cfg.train
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+        self.tokenizer = load_tokenizer(config["tokenizer_dir"])
+        self.model = build_sharded_model(self.cfg, self.tokenizer, self.world, self.device)
+        self.stages = plan(self.cfg)
+        self.optimizer = build_optimizer(self.model, t)
+        self.scheduler = build_scheduler(self.optimizer, t, self.stages)
+        state = _resume(self.model, self.optimizer, self.scheduler, self.stages)
+        self.resumed, self.state = state is not None, state or ckpt.TrainerState()
+        self.tracker = _open_tracker(self.cfg, self.rank, config)
+        _announce(self.model, self.tracker, self.state, self.resumed, self.world, self.device)
+        self.launched_at = config.get("launched_at", entered)
+        # A fresh run reports its start-up phases with every eval, from its first step on.
+        self.startup = None if self.resumed else startup_phases(config, entered)
+        self.extra: dict[str, float] = {}  # reported with every eval: start-up, a sweep's cost
+        self.per_worker = t.batch_size // self.world
+        self.suppressed = [self.model.image_token_id, self.model.pad_token_id]
+        self.val_shard = ray.train.get_dataset_shard("val")
+        self.every = t.checkpoint_every or t.eval_every
+        self.window, self.exported = _Window(), False
+
+    def batches(self, stage):
+        return _epoch_batches(ray.train.get_dataset_shard(stage.dataset), self.per_worker, self.t.seed,
+                              self.state.epoch, self.state.batch_in_epoch, self.device,
+                              self.cfg.model.num_image_tokens, self.cfg.data.questions_per_image,
+                              scene=stage.objective == "scene")
+
+    def first_step(self) -> None:  # launch -> first step: the fixed cost
+        self.extra.update(self.startup, startup_s=time.time() - self.launched_at)
+        self.startup = None
+        if self.tracker:
+            self.tracker.log_metrics({k: v for k, v in self.extra.items() if k.startswith("startup")},
+                                     step=self.state.step)
+
+    def end_stage(self, stage) -> None:  # the next stage starts at its own epoch 0, batch 0
+        self.state.epoch, self.state.batch_in_epoch = 0, 0
+        if self.tracker:
+            print(f"[raybench] step {self.state.step}: stage {stage.name} done", flush=True)
+            self.tracker.log_metrics({f"stage_end/{stage.name}": self.state.step}, step=self.state.step)
+
+    def log_step(self, loss: float, batch, stage) -> None:
+        # Throughput counts every rank's samples and real (unpadded) tokens.
+        self.window.add(loss, self.per_worker * self.world, int(batch["attention_mask"].sum()) * self.world)
+        if self.tracker and self.state.step % self.t.log_every == 0:
+            self.tracker.log_metrics({"train_loss": loss, "lr": self.scheduler.get_last_lr()[0],
+                                      "stage": self.stages.index(stage)}, step=self.state.step)
+
+    def export(self) -> None:
+        _export(self.model, self.tokenizer, self.config, self.tracker)
+        self.exported = True
+
+    def checkpoint_and_report(self) -> None:
+        _measure_cost(self.config, self.cfg, self.rank, self.extra)
+        if self.state.step == self.t.steps:
+            self.export()
+        throughput, self.window = self.window.metrics(), _Window()
+        metrics = _evaluate(self.model, self.val_shard, self.per_worker, self.suppressed, self.device)
+        metrics.update(step=self.state.step, **throughput, **self.extra)
+        if self.tracker:
+            print(format_eval(self.state.step, self.t.steps, metrics["train_loss"], metrics,
+                              metrics["samples_per_s"]), flush=True)
+            # Per-step `train_loss` is already logged; the eval window's mean gets its own name.
+            self.tracker.log_metrics({("train_loss_avg" if k == "train_loss" else k): v
+                                      for k, v in metrics.items() if k != "step"}, step=self.state.step)
+            self.tracker.flush()
+        with tempfile.TemporaryDirectory(prefix="raybench-ckpt-") as tmp:
+            ckpt.save(Path(tmp), self.model, self.optimizer, self.scheduler, self.state, self.rank)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    entered = time.time()
+    # One progress bar per epoch per worker drowns the per-eval lines; Ray's own reporting stays.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    run = _Run(config, entered)
+    state, steps = run.state, run.t.steps
+    # Each stage reads its own data (its scenes, or the training set) and counts its own
+    # epochs and batches; the stage follows from the step, so a run resumed inside any stage
+    # lands on the exact batch it stopped before, with that stage's modules learning.
+    while state.step < steps:
+        stage = stage_at(run.stages, state.step)
+        set_trainable(run.model, stage)
+        for batch in run.batches(stage):
+            if run.startup is not None:
+                run.first_step()
+            loss = train_step(run.model, batch, run.optimizer, run.scheduler, run.t.grad_clip)
+            state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
+            stage_done = state.step == stage.end and state.step < steps
+            if stage_done:
+                run.end_stage(stage)
+            run.log_step(loss, batch, stage)
+            if state.step % run.every == 0 or state.step == steps:
+                run.checkpoint_and_report()  # at the last step: exports the model first
+            if state.step >= steps or stage_done:
+                break
+        else:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    if not run.exported:  # resumed from the last step's checkpoint: nothing was left to train
+        run.export()
+    if run.tracker:
+        run.tracker.finish()

@@ -72,8 +72,9 @@ def _link_runs(client: MlflowClient, parent_run_id: str, sweep_name: str, rows: 
             continue  # failed before rank 0 opened its run
         row.run_id = run.info.run_id
         client.set_tag(row.run_id, "raybench.trial_state", row.state)
-        if row.state != "completed" and run.info.status == "RUNNING":
-            client.set_terminated(row.run_id, "KILLED" if row.state == "pruned" else "FAILED")
+        if run.info.status == "RUNNING":  # stopped by Tune before its rank 0 ended the run
+            status = {"completed": "FINISHED", "pruned": "KILLED"}.get(row.state, "FAILED")
+            client.set_terminated(row.run_id, status)
 
 
 def _has_model(client: MlflowClient, run_id: str) -> bool:

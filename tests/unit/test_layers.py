@@ -153,3 +153,21 @@ def test_no_private_names_cross_modules():
     found = [f"raybench.{here} line {line}: imports the private raybench.{name}"
              for here, line, name in private_imports() if (here, name) not in PRIVATE_EXCEPTIONS]
     assert found == [], "\n".join(found)
+
+
+def test_the_command_line_parses_and_validates_without_importing_torch():
+    """Every command validates its input before the heavy imports: a typo in `raybench deploy`
+    is answered in well under a second, not after torch and transformers load (~5-10 s here)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys\n"
+             "from raybench.cli import main\n"
+             "code = main(sys.argv[1:])\n"
+             "heavy = sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules)\n"
+             "print(code, ','.join(heavy))\n")
+    for argv in (["validate", "--set", "train.steps=3"], ["deploy", "--checkpoint", "/nonexistent/model"]):
+        out = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60)
+        code, _, heavy = out.stdout.strip().splitlines()[-1].partition(" ")
+        assert heavy == "", f"raybench {' '.join(argv)} imported {heavy}"
+        assert code == ("0" if argv[0] == "validate" else "2"), out.stdout + out.stderr
