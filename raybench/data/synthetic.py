@@ -17,7 +17,8 @@ Every answer is one lowercase word from a small closed set (`answer_vocabulary`)
 Generation is deterministic: example `i` of a seed depends only on `(seed, i)`, so the
 same seed gives byte-identical PNGs and `generate(n)` is a prefix of `generate(m > n)`.
 
-Imports stay light (Pillow and pyarrow only): the config validator imports `QTYPES`.
+The question-type names (`QTYPES`, `DESCRIBE`) live in `raybench.data.config`, where config
+validation reads them without importing Pillow.
 """
 
 from __future__ import annotations
@@ -36,13 +37,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
-QTYPES: tuple[str, ...] = ("color", "shape", "position", "count", "glyph", "background")
-# A dense caption of the whole scene ("green background, red circle top-left, ..."): a
-# training task, not a question type of the default sets. One such answer names every
-# object's colour, shape and position in order, so it teaches the tower and the LLM what
-# one-word answers teach a word at a time, and binds each attribute to its object.
-DESCRIBE = "describe"
-ALL_QTYPES: tuple[str, ...] = QTYPES + (DESCRIBE,)
+from raybench.data.config import ALL_QTYPES, DESCRIBE, QTYPES
+
 
 # Saturated and far apart in RGB so that antialiased edges never read as another colour.
 COLORS: dict[str, tuple[int, int, int]] = {

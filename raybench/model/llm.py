@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from raybench.config import LLMConfig
+from raybench.model.config import LLMConfig
 
 
 def build_causal_lm(cfg: LLMConfig, vocab_size: int, head_dim: int):

@@ -1,7 +1,7 @@
 """Model sizes and fusion presets as plain dicts.
 
 A model config is `size defaults  <-  preset toggles  <-  the user's own fields`, merged in
-that order (see `raybench.config.expand_model`). Sizes carry the architecture and the
+that order (see `raybench.model.config.expand_model`). Sizes carry the architecture and the
 per-size defaults of each fusion family (how many DeepStack taps, which LLM layers end a
 pruning stage); presets only switch families on and off. This module imports nothing
 heavy so configs validate in milliseconds.

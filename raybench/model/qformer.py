@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from raybench.config import QFormerConfig
+from raybench.model.config import QFormerConfig
 
 
 class QFormer(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raybench.config import VETConfig
+from raybench.model.config import VETConfig
 from raybench.model.merger import pixel_shuffle
 
 

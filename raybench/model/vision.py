@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
-from raybench.config import VisionConfig
+from raybench.model.config import VisionConfig
 
 
 class ConvStem(nn.Module):

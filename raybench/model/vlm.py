@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
-from raybench.config import ModelConfig
+from raybench.model.config import ModelConfig
 from raybench.model.deepstack import DeepStackMergers, deepstack_process
 from raybench.model.llm import KVCache, attention_mask, build_causal_lm
 from raybench.model.merger import PatchMerger

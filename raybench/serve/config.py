@@ -1,9 +1,9 @@
 """The serving config: one pydantic model for `raybench deploy`, `build_app` and the
 Serve config YAML written for `serve deploy` / KubeRay `RayService`.
 
-Validated before Ray starts (`load_serve_config`), with the same `field = value: allowed`
-errors as the training config. Per-stage knobs map one-to-one onto Serve deployment
-options (`num_replicas`, `max_ongoing_requests`, `autoscaling_config`,
+Validated before Ray starts (`load_serve_config`), built on `raybench.schema` like the run
+config, so it has the same `field = value: allowed` errors. Per-stage knobs map one-to-one
+onto Serve deployment options (`num_replicas`, `max_ongoing_requests`, `autoscaling_config`,
 `ray_actor_options.num_cpus/num_gpus`); batching knobs travel as the deployment's
 `user_config`, so `serve deploy` can change them on live replicas (`reconfigure`).
 """
@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from raybench.config import ConfigError, format_validation_error, apply_overrides
+from raybench.schema import ConfigError, Strict, apply_overrides, load_yaml, validate_as
 
 IMPORT_PATH = "raybench.serve.app:build_app"
 STAGES = ("vision", "projection", "llm")
@@ -24,11 +24,7 @@ DEPLOYMENT_NAMES = {"ingress": "ChatIngress", "vision": "VisionStage", "projecti
                     "llm": "LLMStage", "single": "VLMServer"}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class AutoscalingConfig(_Strict):
+class AutoscalingConfig(Strict):
     """Serve's `autoscaling_config` (the fields we expose; Serve's defaults otherwise)."""
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
@@ -44,7 +40,7 @@ class AutoscalingConfig(_Strict):
         return self
 
 
-class DeploymentConfig(_Strict):
+class DeploymentConfig(Strict):
     """Replicas and resources of one deployment. Fractional CPUs: three stages share 2 cores."""
     num_replicas: int | None = Field(None, ge=1)  # None: 1, or autoscaling when that is set
     num_cpus: float = Field(0.2, ge=0)
@@ -76,7 +72,7 @@ class StageConfig(DeploymentConfig):
         return self
 
 
-class LimitsConfig(_Strict):
+class LimitsConfig(Strict):
     """What one request may ask for; anything beyond is a 4xx, never work for a replica."""
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
     max_image_bytes: int = Field(4 * 2**20, ge=64)
@@ -95,7 +91,7 @@ class LimitsConfig(_Strict):
         return self
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     # What to serve: a model directory (safetensors + config.json + tokenizer.json) or a
     # registry URI `models:/NAME@ALIAS` / `models:/NAME/VERSION`, resolved by each replica.
     model: str | None = None
@@ -158,10 +154,7 @@ def api_key(cfg: ServeConfig, environ=None) -> str | None:
 
 
 def validate_serve_config(raw: dict[str, Any]) -> ServeConfig:
-    try:
-        return ServeConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err).replace("invalid config", "invalid serve config")) from None
+    return validate_as(ServeConfig, raw, "serve config")
 
 
 def load_serve_config(path: str | Path | None = None, overrides: list[str] | None = None,
@@ -169,12 +162,7 @@ def load_serve_config(path: str | Path | None = None, overrides: list[str] | Non
     """YAML (optionally with a top-level `serve:` section) + `--set k=v` + explicit fields."""
     raw: dict[str, Any] = {}
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"serve config file not found: {p}")
-        raw = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping, got {type(raw).__name__}")
+        raw = load_yaml(path, "serve config")
         raw = raw.get("serve", raw) if isinstance(raw.get("serve"), dict) else raw
     # `--set serve.llm.max_batch_size=8` and `--set llm.max_batch_size=8` both work.
     overrides = [o[len("serve."):] if o.startswith("serve.") else o for o in (overrides or [])]

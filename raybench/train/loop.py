@@ -14,7 +14,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from raybench.config import TrainConfig
+from raybench.train.config import TrainConfig
 from raybench.train.stages import PlannedStage, lr_lambdas, module_of
 
 

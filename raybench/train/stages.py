@@ -1,6 +1,6 @@
 """Staged training: which modules learn, at what learning rate, on which data, step by step.
 
-`train.stages` (see `raybench.config.Stage`) is resolved once into a plan of step ranges.
+`train.stages` (see `raybench.train.config.Stage`) is resolved once into a plan of step ranges.
 Everything a stage changes is a function of the step: the module freeze, the per-module
 learning-rate multiplier (folded into the LR schedule's lambdas) and the data. A run
 resumed at any step therefore lands in the same stage with the same settings, and the
@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raybench.config import MODULES, RunConfig, Stage, StageData
+from raybench.config import RunConfig
+from raybench.train.config import MODULES, Stage, StageData
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from raybench.config import SweepConfig
+from raybench.tune.config import SweepConfig
 from raybench.tune.searcher import ask_distinct, discrete_points, tpe_sampler
 
 

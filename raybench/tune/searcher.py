@@ -22,7 +22,7 @@ import math
 import random
 from typing import Any
 
-from raybench.config import Dimension, SweepConfig
+from raybench.tune.config import Dimension, SweepConfig
 from raybench.tune.space import canonical, grid_values
 
 MAX_ENUMERATED = 100_000  # points; a bigger discrete space is not exhausted by any sweep

@@ -16,8 +16,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from raybench.config import ConfigError, Dimension, RunConfig, dump_config, flatten, validate_config
-from raybench.config import set_path
+from raybench.config import ConfigError, RunConfig, dump_config, flatten, set_path, validate_config
+from raybench.tune.config import Dimension
 
 SWEEPABLE = ("model.", "train.")
 NOT_SWEEPABLE = {"model.size", "train.num_workers", "train.storage_path", "train.steps", "train.eval_every",

@@ -18,7 +18,10 @@ ROOT = Path(raybench.__file__).parent
 # Module (dotted, without the `raybench.` prefix) or package prefix -> layer; longest match wins.
 LAYER_OF = {
     "": "base",  # raybench/__init__.py
-    "config": "base", "model.presets": "base", "net": "base", "runtime": "base",
+    "config": "base", "schema": "base", "model.presets": "base", "net": "base", "runtime": "base",
+    # Each config section beside the code it configures, but in the base layer: every layer
+    # reads its own section, and validating a config must not import what it configures.
+    "model.config": "base", "data.config": "base", "train.config": "base", "tune.config": "base",
     "data": "data",
     "model": "model", "cost": "model",
     "train": "train", "track": "train", "pyfunc": "train", "probe": "train",
@@ -45,10 +48,7 @@ ALLOWED = {
 
 
 # Known upward imports, each with the reason it stays for now. Keep this list short.
-EXCEPTIONS = {
-    ("config", "data.synthetic"): "validation checks data.qtypes against the generator's QTYPES; "
-                                  "goes away with the config split (issue 18, item 2)",
-}
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def layer(module: str) -> str:
@@ -117,6 +117,7 @@ def test_every_module_has_a_layer():
             unknown.append(module)
     assert unknown == [], f"modules the table forgot: {unknown}"
     assert layer("model.presets") == "base" and layer("model.vlm") == "model"  # longest prefix wins
+    assert {layer(m) for m in ("schema", "model.config", "data.config", "train.config", "tune.config")} == {"base"}
 
 
 def test_no_layer_imports_a_higher_one():
@@ -171,3 +172,19 @@ def test_the_command_line_parses_and_validates_without_importing_torch():
         code, _, heavy = out.stdout.strip().splitlines()[-1].partition(" ")
         assert heavy == "", f"raybench {' '.join(argv)} imported {heavy}"
         assert code == ("0" if argv[0] == "validate" else "2"), out.stdout + out.stderr
+
+
+def test_the_config_sections_import_nothing_heavy():
+    """Each config section sits beside the code it configures, yet loads none of it: a config
+    (run or serve) validates with pydantic and PyYAML alone, not Pillow or torch."""
+    import subprocess
+    import sys
+
+    sections = ("schema", "config", "model.config", "data.config", "train.config", "tune.config", "serve.config")
+    probe = ("import sys\n"
+             + "".join(f"import raybench.{m}\n" for m in sections)
+             + "heavy = ('torch', 'transformers', 'ray', 'PIL', 'pyarrow', 'raybench.data.synthetic')\n"
+             "print(','.join(sorted(m for m in heavy if m in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "", f"the config sections imported {out.stdout.strip()}"
