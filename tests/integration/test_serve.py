@@ -125,13 +125,16 @@ def server(model_dir, registry, ray_session):
     port = free_port()
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        stage = {"num_cpus": 0.2, "max_batch_size": 16, "max_ongoing_requests": 64}
-        raw = {"model": str(model_dir), "limits": LIMITS, "vision": stage, "projection": stage, "llm": stage}
+        # Small CPU reservations: the module's last tests run Ray Train and Ray Data (1-CPU tasks)
+        # in this same 2-CPU Ray, beside both apps; 0.2 per replica left them waiting minutes.
+        stage = {"num_cpus": 0.05, "max_batch_size": 16, "max_ongoing_requests": 64}
+        raw = {"model": str(model_dir), "limits": LIMITS, "ingress": {"num_cpus": 0.05},
+               "vision": stage, "projection": stage, "llm": stage}
         serve.run(build_application(validate_serve_config(raw)), name="raybench", route_prefix="/")
         pinned = check_model_ref("models:/raybench-vlm@champion", tracking_uri)
         auth = load_serve_config(None, [f"model={pinned}", f"tracking_uri={tracking_uri}", "topology=single",
                                         f"api_key_env={API_KEY_ENV}", "route_prefix=/auth", "name=auth",
-                                        "ingress.num_cpus=0.2"])
+                                        "ingress.num_cpus=0.05", "llm.num_cpus=0.05"])
         # The key reaches the replica as `raybench deploy` passes it: through runtime_env only.
         serve.run(build_application(auth, {API_KEY_ENV: API_KEY}), name="auth", route_prefix="/auth")
         yield f"http://127.0.0.1:{port}"

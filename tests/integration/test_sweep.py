@@ -1,6 +1,6 @@
 """Sweeps end to end: real local Ray (Tune + Train), real Optuna sqlite storage, real MLflow.
 
-- A 3-trial sweep on the tiny preset: 1 parent + 3 child MLflow runs with the sampled
+- A 2-trial sweep on the tiny preset: 1 parent + 2 child MLflow runs with the sampled
   params, the champion alias points at the best trial's model, which loads and answers;
   `optuna.load_study` sees every trial with its value.
 - The sweep driver is SIGKILLed (with the local Ray it started) after the first trial
@@ -84,11 +84,11 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     stages = [{"name": "easy", "steps": 4, "data": {"num_examples": 64}}, {"name": "main"}]
     # Trial 1 is the config as written (its own model/train values), then TPE proposes.
-    sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=3, stages=stages,
+    sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=2, stages=stages,
                                     points_to_evaluate=[{}]), [])
     summary = run_sweep(sweep)
     run_dir = sweep.run_dir
-    assert summary["trials"] == 3 and summary["completed"] + summary["pruned"] == 3
+    assert summary["trials"] == 2 and summary["completed"] + summary["pruned"] == 2
 
     client = _client(run_dir)
     exp = client.get_experiment_by_name("raybench")
@@ -96,7 +96,7 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
     assert [p.info.run_id for p in parents] == [summary["run_id"]]
     assert parents[0].info.status == "FINISHED"
     children = _children(client, summary["run_id"])
-    assert len(children) == 3
+    assert len(children) == 2
     rows = {r["trial_id"]: r for r in json.loads((run_dir / "summary" / "trials.json").read_text())}
     for child in children:
         row = rows[child.data.tags["raybench.trial_id"]]
@@ -149,7 +149,7 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
 
     # The persisted study: every trial, each with its value.
     study = optuna.load_study(study_name="sw", storage=f"sqlite:///{run_dir / 'optuna.db'}")
-    assert len(study.trials) == 3
+    assert len(study.trials) == 2
     assert all(t.state == optuna.trial.TrialState.COMPLETE and t.value is not None for t in study.trials)
     assert study.trials[0].params == {"model.fusion.vet.vocab_size": 64, "model.fusion.deepstack.num_injections": 2,
                                       "model.fusion.sparsity.schedule": "exponential", "train.lr": 0.003}
