@@ -70,6 +70,8 @@ class RunConfig(Strict):
         qtypes = self.stage_qtypes(stage)
         if qtypes != self.data.qtypes:  # a set of other question types is another set of scenes
             name += "-" + "+".join(qtypes)
+        if d.letter_share is not None:
+            name += f"-letters{d.letter_share:g}"
         return self.run_path / name
 
     def stage_qtypes(self, stage: "Stage") -> list[str] | None:

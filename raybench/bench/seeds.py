@@ -129,7 +129,8 @@ def run_seeds_bench(out: Path, size: str = "small", quick: bool = False, steps: 
             where = first.stage_path(st)
             shutil.rmtree(where, ignore_errors=True)
             write_curriculum(where, st.data.num_examples, image_size=first.image_size, seed=d.seed,
-                             qtypes=first.stage_qtypes(st), max_objects=st.data.max_objects, name=st.name)
+                             qtypes=first.stage_qtypes(st), max_objects=st.data.max_objects, name=st.name,
+                             letter_share=st.data.letter_share)
     ensure_tokenizer(first)
     rows = []
     for preset in presets:

@@ -37,7 +37,8 @@ def ensure_data(cfg: RunConfig) -> dict[str, int]:
         if st.data.path is None and not where.exists():
             write_curriculum(where, st.data.num_examples, image_size=cfg.image_size, seed=cfg.data.seed,
                              qtypes=cfg.stage_qtypes(st), max_objects=st.data.max_objects,
-                             questions_per_image=cfg.data.questions_per_image, name=st.name)
+                             questions_per_image=cfg.data.questions_per_image, name=st.name,
+                             letter_share=st.data.letter_share)
         counts[f"stage-{st.name}"] = validate_dataset(where, splits=("curriculum",))["curriculum"]
     return counts
 

@@ -165,17 +165,21 @@ def _place(rng: random.Random, cell: int, lo: float, hi: float) -> tuple[float, 
     return (x0, y0, x0 + side, y0 + side)
 
 
-def sample_scene(rng: random.Random, qtype: str, max_objects: int = 4) -> tuple[Scene, str, str]:
+def sample_scene(rng: random.Random, qtype: str, max_objects: int = 4,
+                 letter_share: float | None = None) -> tuple[Scene, str, str]:
     """A scene for one question type and its (question, answer).
 
     `max_objects` (1..4) caps the things drawn (shapes, and the letter with its distractors):
     1-object scenes are a curriculum's easy start, where no question needs binding.
+    `letter_share`: how many `describe` scenes hold a letter (None: as often as the question
+    mix asks about letters, one in six).
     """
     if not 1 <= max_objects <= 4:
         raise ValueError(f"max_objects = {max_objects}: must be 1..4 (one object per grid cell)")
     names = list(COLORS)
     # A caption describes letter scenes too, as often as the question mix draws them.
-    if qtype == "glyph" or (qtype == DESCRIBE and rng.random() < 1 / len(QTYPES)):
+    share = 1 / len(QTYPES) if letter_share is None else letter_share
+    if qtype == "glyph" or (qtype == DESCRIBE and rng.random() < share):
         # One letter in one cell, up to two shapes elsewhere as distractors.
         background = rng.choice(names)
         cells = rng.sample(range(4), 1 + rng.randint(0, min(2, max_objects - 1)))
@@ -319,11 +323,12 @@ def scene_questions(rng: random.Random, scene: Scene, kinds: Sequence[str], k: i
 
 
 def make_group(seed: int, index: int, image_size: int, qtype: str, k: int, max_objects: int = 4,
-               kinds: Sequence[str] = QTYPES) -> tuple[bytes, list[tuple[str, str, str]]]:
+               kinds: Sequence[str] = QTYPES, letter_share: float | None = None
+               ) -> tuple[bytes, list[tuple[str, str, str]]]:
     """Example `index` asked up to `k` questions: (png, [(qtype, question, answer), ...]).
     The first is `make_example`'s own question; the rest come from the same random stream."""
     rng = _example_rng(seed, index)
-    scene, question, answer = sample_scene(rng, qtype, max_objects)
+    scene, question, answer = sample_scene(rng, qtype, max_objects, letter_share)
     others = [q for q in kinds if q != qtype]
     return (_png(render_scene(scene, image_size)),
             [(qtype, question, answer)] + scene_questions(rng, scene, others, k - 1))
@@ -331,7 +336,7 @@ def make_group(seed: int, index: int, image_size: int, qtype: str, k: int, max_o
 
 def generate(num_examples: int, image_size: int, seed: int, split: str,
              qtypes: Sequence[str] | None = None, max_objects: int = 4,
-             questions_per_image: int = 1) -> pa.Table:
+             questions_per_image: int = 1, letter_share: float | None = None) -> pa.Table:
     """`num_examples` rows (image, question, answer, qtype, split); the images' qtypes cycle
     in order. With `questions_per_image` k > 1 each image is asked up to k questions about
     the same scene, in consecutive rows that share its PNG bytes (trainers encode it once)."""
@@ -346,7 +351,7 @@ def generate(num_examples: int, image_size: int, seed: int, split: str,
     i = 0
     while len(questions) < num_examples:
         png, group = make_group(seed, i, image_size, kinds[i % len(kinds)], questions_per_image,
-                                max_objects, kinds)
+                                max_objects, kinds, letter_share)
         for qt, q, a in group[: num_examples - len(questions)]:
             images.append(png)
             questions.append(q)
@@ -375,14 +380,15 @@ def write_synthetic(out_dir: str | os.PathLike, num_train: int, num_val: int, im
 
 def write_curriculum(out_dir: str | os.PathLike, num_examples: int, image_size: int, seed: int,
                      qtypes: Sequence[str] | None = None, max_objects: int = 1,
-                     questions_per_image: int = 1, name: str = "curriculum") -> Path:
+                     questions_per_image: int = 1, name: str = "curriculum",
+                     letter_share: float | None = None) -> Path:
     """Write out_dir/curriculum.parquet: a training stage's own scenes (at most `max_objects`
     things) with split "curriculum", from a seed derived from the data seed and the stage's
     `name` (so none is a training image, and two stages draw different scenes)."""
     salt = "curriculum" if name == "curriculum" else f"curriculum:{name}"
     return _write_tables(out_dir, {"curriculum": generate(
         num_examples, image_size, derived_seed(seed, salt), "curriculum", qtypes, max_objects,
-        questions_per_image)})
+        questions_per_image, letter_share)})
 
 
 def _write_tables(out_dir: str | os.PathLike, tables: dict[str, pa.Table]) -> Path:

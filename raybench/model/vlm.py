@@ -167,7 +167,7 @@ class HybridVLM(nn.Module):
                 cache.key_valid[i] = key_valid
             mask = attention_mask(key_valid, state.hidden.shape[1], state.hidden.dtype)
             state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=pe,
-                                 position_ids=state.position_ids, past_key_values=cache)
+                                 position_ids=state.position_ids, cache=cache)
             if has_visual and i < len(state.deepstack_embeds):
                 state.hidden = deepstack_process(state.hidden, state.visual_pos_masks,
                                                  state.deepstack_embeds[i])

@@ -25,6 +25,9 @@ class StageData(Strict):
     max_objects: int = Field(4, ge=1, le=4)
     num_examples: int = Field(6000, ge=1)
     qtypes: list[str] | None = None  # None: data.qtypes
+    # How many of the `describe` scenes hold a letter (None: one in six, as in the question
+    # mix). A scene stage that must teach a from-scratch tower 10 glyphs wants more of them.
+    letter_share: float | None = Field(None, ge=0, le=1)
     # None: generated into <run_dir>/<stage name>-<max_objects>obj-<num_examples>[...] on first
     # use; a sweep pins every trial to the sweep's own set (like data.path).
     path: str | None = None
@@ -103,6 +106,9 @@ def stage_errors(t: TrainConfig, data_qtypes: list[str] | None) -> list[str]:
                 errs.append(f"{where}.data.num_examples = {st.data.num_examples}: fewer than one batch "
                             f"(train.batch_size = {t.batch_size})")
             errs += qtype_errors(f"{where}.data.qtypes", st.data.qtypes)
+            if st.data.letter_share is not None and DESCRIBE not in (stage_qtypes(st, data_qtypes) or []):
+                errs.append(f"{where}.data.letter_share = {st.data.letter_share}: it shapes `describe` "
+                            f"scenes, and this stage asks {stage_qtypes(st, data_qtypes)}")
         if st.objective == "scene":
             if st.data is None:
                 errs.append(f"{where}.data = None: a scene stage reads the targets from its own synthetic "

@@ -367,3 +367,18 @@ def test_scene_targets_invert_the_caption():
             assert (t[1 + scene.glyph_cell], t[5 + scene.glyph_cell]) == (4 + GLYPHS.index(scene.glyph), 0)
         empty = {0, 1, 2, 3} - {o.cell for o in scene.objects} - {scene.glyph_cell}
         assert all(t[1 + c] == 0 and t[5 + c] == 0 for c in empty)
+
+
+def test_letter_share_sets_how_many_captions_hold_a_letter():
+    from raybench.data.synthetic import DESCRIBE, generate
+
+    def letters(table) -> float:
+        return sum("letter " in a for a in table.column("answer").to_pylist()) / table.num_rows
+
+    default = generate(600, 32, 0, "curriculum", [DESCRIBE])
+    # None keeps the old draw, scene for scene: existing stage data is unchanged.
+    assert generate(600, 32, 0, "curriculum", [DESCRIBE], letter_share=None).equals(default)
+    assert 0.10 < letters(default) < 0.24  # one in six
+    assert 0.42 < letters(generate(600, 32, 0, "curriculum", [DESCRIBE], letter_share=0.5)) < 0.58
+    assert letters(generate(60, 32, 0, "curriculum", [DESCRIBE], letter_share=1.0)) == 1.0
+    assert letters(generate(60, 32, 0, "curriculum", [DESCRIBE], letter_share=0.0)) == 0.0

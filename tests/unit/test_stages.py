@@ -123,3 +123,17 @@ def test_scene_stage_config_errors():
                              "train.stages.0.data.qtypes = ['color']: a scene stage needs [describe]")]:
         with pytest.raises(ConfigError, match=re.escape(expected)):
             validate_config({**base, "train": {**base["train"], "stages": [stage, {"name": "main"}]}})
+
+
+def test_letter_share_names_its_own_scenes_and_needs_describe(tmp_path):
+    stage = {"name": "see", "steps": 4, "objective": "scene", "train": ["vision"],
+             "data": {"num_examples": 64, "letter_share": 0.5}}
+    cfg = validate_config({"run_dir": str(tmp_path), "train": {"steps": 8, "batch_size": 16,
+                                                               "stages": [stage, {"name": "main"}]}})
+    assert cfg.stage_path(cfg.train.stages[0]).name == "see-4obj-64-describe-letters0.5"
+    answer = {**stage, "objective": "answer", "train": ["llm"]}
+    with pytest.raises(ConfigError, match=r"train.stages.0.data.letter_share = 0.5: it shapes `describe` scenes"):
+        validate_config({"train": {"steps": 8, "batch_size": 16, "stages": [answer, {"name": "main"}]}})
+    with pytest.raises(ConfigError, match="letter_share"):
+        validate_config({"train": {"steps": 8, "batch_size": 16, "stages": [
+            {**stage, "data": {"num_examples": 64, "letter_share": 1.5}}, {"name": "main"}]}})
