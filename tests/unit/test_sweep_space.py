@@ -275,7 +275,7 @@ def test_stage_fields_are_sweepable_and_trials_share_the_sweeps_stage_scenes(tmp
     raw["sweep"]["space"]["train.stages.0.steps"]["high"] = 8
     validate_space(raw, validate_config(raw))
     shared = {"easy": {"path": str(tmp_path / "shared-easy"), "key": {"max_objects": 1, "num_examples": 64,
-                                                                     "qtypes": None}}}
+                                                                     "qtypes": None, "letter_share": None}}}
     ctx = {"raw": raw, "name": "sw", "run_dir": str(tmp_path), "data_path": str(tmp_path / "data"),
            "stage_scenes": shared}
     cfg = trial_config(ctx, {"train.stages.0.steps": 6}, "abc_00001")
