@@ -95,7 +95,7 @@ def stage_errors(t: TrainConfig, data_qtypes: list[str] | None) -> list[str]:
     if len(set(names)) != len(names):
         errs.append(f"train.stages = {names}: stage names must be unique (they name checkpoints and data)")
     for i, st in enumerate(stages):
-        where = f"train.stages.{i}"
+        where, qtypes = f"train.stages.{i}", stage_qtypes(st, data_qtypes)
         if st.steps is None and i != len(stages) - 1:
             errs.append(f"{where}.steps = None: only the last stage may leave its steps open "
                         "(it runs up to train.steps)")
@@ -106,14 +106,14 @@ def stage_errors(t: TrainConfig, data_qtypes: list[str] | None) -> list[str]:
                 errs.append(f"{where}.data.num_examples = {st.data.num_examples}: fewer than one batch "
                             f"(train.batch_size = {t.batch_size})")
             errs += qtype_errors(f"{where}.data.qtypes", st.data.qtypes)
-            if st.data.letter_share is not None and DESCRIBE not in (stage_qtypes(st, data_qtypes) or []):
+            if st.data.letter_share is not None and DESCRIBE not in (qtypes or []):
                 errs.append(f"{where}.data.letter_share = {st.data.letter_share}: it shapes `describe` "
-                            f"scenes, and this stage asks {stage_qtypes(st, data_qtypes)}")
+                            f"scenes, and this stage asks {qtypes}")
         if st.objective == "scene":
             if st.data is None:
                 errs.append(f"{where}.data = None: a scene stage reads the targets from its own synthetic "
                             "`describe` scenes; give it data: {num_examples: N}")
-            elif stage_qtypes(st, data_qtypes) != [DESCRIBE]:
+            elif qtypes != [DESCRIBE]:
                 errs.append(f"{where}.data.qtypes = {st.data.qtypes}: a scene stage needs [describe] (or leave it out)")
             if "vision" not in st.train:
                 errs.append(f"{where}.train = {st.train}: a scene stage trains the vision tower; include vision")

@@ -169,12 +169,12 @@ class _Run:
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.stages)
         state = _resume(self.model, self.optimizer, self.scheduler, self.stages)
-        self.resumed, self.state = state is not None, state or ckpt.TrainerState()
+        resumed, self.state = state is not None, state or ckpt.TrainerState()
         self.tracker = _open_tracker(self.cfg, self.rank, config)
-        _announce(self.model, self.tracker, self.state, self.resumed, self.world, self.device)
+        _announce(self.model, self.tracker, self.state, resumed, self.world, self.device)
         self.launched_at = config.get("launched_at", entered)
         # A fresh run reports its start-up phases with every eval, from its first step on.
-        self.startup = None if self.resumed else startup_phases(config, entered)
+        self.startup = None if resumed else startup_phases(config, entered)
         self.extra: dict[str, float] = {}  # reported with every eval: start-up, a sweep's cost
         self.per_worker = t.batch_size // self.world
         self.suppressed = [self.model.image_token_id, self.model.pad_token_id]
