@@ -87,13 +87,10 @@ def run_train_bench(out: Path, size: str, quick: bool) -> dict:
     peak = matmul_peak_gflops()
     flops = step_gflops(cfg)
 
-    tr_json = out / "torchrun.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what Ray gives a worker with <= 1 CPU
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                    "--master-port", "29517", "-m", "raybench.bench.train_torchrun", "--config", str(cfg_path),
-                    "--warmup", "5", "--steps", str(cfg.train.steps - 10), "--out", str(tr_json)],
-                   check=True, env=env)
-    torchrun = json.loads(tr_json.read_text())
+    torchrun = _torchrun(cfg_path, out / "torchrun.json", cfg.train.steps - 10)
+    # FSDP2 wrapping: the CPU default (the whole model as one unit) against per-block units,
+    # the GPU default, with the same torchrun code in the same run.
+    block = {} if quick else _torchrun(cfg_path, out / "torchrun-block.json", cfg.train.steps - 10, "block")
 
     windows = _ray_windows(cfg, dashboard=True)
     ray_sps = statistics.median(windows[1:] or windows)  # the first window holds warm-up
@@ -107,7 +104,8 @@ def run_train_bench(out: Path, size: str, quick: bool) -> dict:
         w = _ray_windows(nodash, dashboard=False)
         sps = statistics.median(w[1:] or w)
         extra = {"ray_nodash_windows_samples_per_s": w, "ray_nodash_samples_per_s": sps,
-                 "ray_nodash_over_torchrun": sps / torchrun["samples_per_s"]}
+                 "ray_nodash_over_torchrun": sps / torchrun["samples_per_s"], "torchrun_block": block,
+                 "root_over_block": torchrun["samples_per_s"] / block["samples_per_s"]}
 
     kept = windows[1:] or windows
     result = {
@@ -119,6 +117,15 @@ def run_train_bench(out: Path, size: str, quick: bool) -> dict:
         "ray_over_torchrun": ray_sps / torchrun["samples_per_s"], **extra,
     }
     return {**result, "mfu_ray": mfu_of(result, ray_sps), "mfu_torchrun": mfu_of(result, torchrun["samples_per_s"])}
+
+
+def _torchrun(cfg_path: Path, out: Path, steps: int, wrap: str | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what Ray gives a worker with <= 1 CPU
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                    "--master-port", "29517", "-m", "raybench.bench.train_torchrun", "--config", str(cfg_path),
+                    "--warmup", "5", "--steps", str(steps), "--out", str(out),
+                    *(["--fsdp-wrap", wrap] if wrap else [])], check=True, env=env)
+    return json.loads(out.read_text())
 
 
 def _ray_windows(cfg, dashboard: bool) -> list[float]:
@@ -173,7 +180,11 @@ def markdown_section(r: dict) -> str:
         f"{claim(r['ray_over_torchrun'] >= goal)}) | |",
         *([f"| Ray Train, same run on a Ray started without its dashboard | {r['ray_nodash_samples_per_s']:.0f} "
            f"({r['ray_nodash_over_torchrun']:.2f}x torchrun) | {mfu_of(r, r['ray_nodash_samples_per_s']):.1%} |"]
-          if "ray_nodash_samples_per_s" in r else []), "",
+          if "ray_nodash_samples_per_s" in r else []),
+        *([f"| plain `torchrun`, FSDP2 per block (`train.fsdp_wrap: block`, the GPU default) instead of "
+           f"the whole model as one unit (`auto` on CPU: `root`) | {r['torchrun_block']['samples_per_s']:.0f} "
+           f"(root / block = {r['root_over_block']:.2f}x) | {mfu_of(r, r['torchrun_block']['samples_per_s']):.1%} |"]
+          if "root_over_block" in r else []), "",
         f"MFU = FLOPs of one fwd+bwd step (FlopCounterMode, {r['step_gflops']:.1f} GFLOP at batch "
         f"{t['batch_size']}) x steps/s over a fp32 2048² `torch.matmul` peak of "
         f"{r['matmul_peak_gflops']:.0f} GFLOP/s measured in the same run (it varies "

@@ -26,6 +26,7 @@ from raybench.data.prepare import tokenizer_dir
 from raybench.data.tokenizer import load_tokenizer
 from raybench.train.data import COLUMNS, CollateNumpy, preprocess, to_model_batch
 from raybench.train.loop import build_optimizer, build_scheduler, train_step
+from raybench.train.parallel import resolve_wrap
 from raybench.train.worker import build_sharded_model
 
 
@@ -35,11 +36,13 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--out", required=True)
+    p.add_argument("--fsdp-wrap", choices=["auto", "block", "root"], default=None,
+                   help="override train.fsdp_wrap (default: the config's)")
     args = p.parse_args()
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, [f"train.fsdp_wrap={args.fsdp_wrap}"] if args.fsdp_wrap else [])
     t = cfg.train
     per_worker = t.batch_size // world
     tok_dir = tokenizer_dir(cfg)
@@ -65,7 +68,7 @@ def main() -> None:
     elapsed = time.perf_counter() - t0
     if rank == 0:
         Path(args.out).write_text(json.dumps({
-            "world_size": world, "steps": args.steps, "seconds": elapsed,
+            "world_size": world, "steps": args.steps, "fsdp_wrap": resolve_wrap(t.fsdp_wrap, "cpu"), "seconds": elapsed,
             "samples_per_s": args.steps * t.batch_size / elapsed,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}))
     dist.destroy_process_group()

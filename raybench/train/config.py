@@ -68,6 +68,12 @@ class TrainConfig(Strict):
     stages: list[Stage] | None = None
     # Ray Train (`raybench train` without --local)
     num_workers: int = Field(2, ge=1)
+    # What FSDP2 shards as one unit. block: every ViT block / decoder layer / projector
+    # (torchtitan's wrapping: a big model never holds all its parameters at once). root: the
+    # whole model is one unit, gathered once per step and kept for backward - for models that
+    # fit anyway, where per-block collectives are pure overhead (gloo on CPU pays for each).
+    # auto: block on GPU, root on CPU (BENCHMARKS.md "Training" has the measured gap).
+    fsdp_wrap: Literal["auto", "block", "root"] = "auto"
     # Fractional on small machines: Ray Data's tasks (read, decode, split) need one whole
     # free CPU next to the workers; 2 x 0.45 (+ a sweep's 0.01 driver) leaves it on 2 cores.
     cpus_per_worker: float = Field(0.45, gt=0)

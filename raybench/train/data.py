@@ -85,10 +85,12 @@ class DeterministicSplit(DataConfig):
 
 
 class CollateNumpy(NumpyBatchCollateFn):
-    """`iter_torch_batches` collate: numeric columns to tensors, qtype stays a list of str."""
+    """`iter_torch_batches` collate: numeric columns to tensors, qtype stays a list of str.
+    Ray hands read-only views of the object store; a tensor over one would be written in
+    place by nothing today, but torch warns (rightly): copy those, a few MB per batch."""
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict:
-        return {k: (list(v) if k == "qtype" else torch.from_numpy(np.ascontiguousarray(v)))
+        return {k: (list(v) if k == "qtype" else torch.from_numpy(np.require(v, requirements=["C", "W"])))
                 for k, v in batch.items()}
 
 

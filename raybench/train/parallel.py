@@ -1,9 +1,11 @@
 """FSDP2 applied from outside the model (torchtitan's pattern).
 
-`fully_shard` per ViT block, per decoder layer, on the projector (VET / merger /
-Q-Former) and the DeepStack mergers, then on the root, so each unit's parameters are
-all-gathered just before it runs and freed after. CPU: gloo, fp32 (gloo has no bf16
-collectives). GPU: bf16 parameters/activations with fp32 gradient reduction.
+`wrap="block"`: `fully_shard` per ViT block, per decoder layer, on the projector (VET /
+merger / Q-Former) and the DeepStack mergers, then on the root, so each unit's parameters
+are all-gathered just before it runs and freed after. `wrap="root"`: the root only, kept
+gathered from forward to backward: one all-gather and one reduce-scatter per step, for
+models small enough to hold whole. CPU: gloo, fp32 (gloo has no bf16 collectives). GPU:
+bf16 parameters/activations with fp32 gradient reduction.
 """
 
 from __future__ import annotations
@@ -26,16 +28,25 @@ def mixed_precision(device_type: str) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
 
 
+def resolve_wrap(wrap: str, device_type: str) -> str:
+    """`train.fsdp_wrap`'s auto: per block on GPU, the root alone on CPU."""
+    if wrap != "auto":
+        return wrap
+    return "block" if device_type == "cuda" else "root"
+
+
 def parallelize(model: HybridVLM, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy,
-                compile: bool = False) -> HybridVLM:
+                compile: bool = False, wrap: str = "block") -> HybridVLM:
     kw = {"mesh": mesh, "mp_policy": mp_policy}
     for unit in model.units():
         if compile:
             # Per block, after sharding decisions: FSDP's hooks stay outside the graph.
             unit.compile()
-        fully_shard(unit, **kw)
-    fully_shard(model, **kw)
-    # Pruning reads the next decoder layer's q/k outside its forward: gather it first
-    # (its own forward then reshards it as usual).
-    model.before_scoring = lambda layer: layer.unshard()
+        if wrap == "block":
+            fully_shard(unit, **kw)
+    fully_shard(model, reshard_after_forward=wrap == "block", **kw)
+    if wrap == "block":
+        # Pruning reads the next decoder layer's q/k outside its forward: gather it first
+        # (its own forward then reshards it as usual). Root-wrapped, it is gathered already.
+        model.before_scoring = lambda layer: layer.unshard()
     return model

@@ -24,7 +24,7 @@ from raybench.train import checkpoint as ckpt
 from raybench.train.data import CollateNumpy, group_shuffled, to_model_batch
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_counts, format_eval,
                                  merge_counts, train_step)
-from raybench.train.parallel import build_mesh, mixed_precision, parallelize
+from raybench.train.parallel import build_mesh, mixed_precision, parallelize, resolve_wrap
 from raybench.train.stages import plan, set_trainable, stage_at
 
 
@@ -32,7 +32,7 @@ def build_sharded_model(cfg: RunConfig, tokenizer, world_size: int, device: torc
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank, before sharding
     model = HybridVLM.for_tokenizer(cfg.model, tokenizer).to(device)
     return parallelize(model, build_mesh(world_size, device.type), mixed_precision(device.type),
-                       compile=cfg.train.compile)
+                       compile=cfg.train.compile, wrap=resolve_wrap(cfg.train.fsdp_wrap, device.type))
 
 
 SHUFFLE_CHUNK_BATCHES = 8  # group shuffle: a buffer of 8 batches (Ray's row shuffle: >= 256 rows)
