@@ -9,6 +9,7 @@ the epoch) and the LR scheduler state, written by rank 0.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +57,60 @@ def load(directory: Path, model, optimizer, scheduler) -> TrainerState:
     meta = json.loads((directory / TRAINER_STATE).read_text())
     scheduler.load_state_dict(meta.pop("scheduler"))
     return TrainerState(**meta)
+
+
+class PartialAppState(AppState):
+    """Only the parameters of some top-level modules, with their optimizer moments: a sweep's
+    shared scene stages (the tower), loaded into trials whose other modules differ in shape
+    or exist only there. The param groups stay the loading optimizer's own."""
+
+    def __init__(self, model, optimizer, modules: tuple[str, ...]):
+        super().__init__(model, optimizer)
+        self.modules = modules
+
+    def _ours(self, fqn: str) -> bool:
+        return fqn.removeprefix("_orig_mod.").split(".", 1)[0] in self.modules
+
+    def state_dict(self):
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        self.param_groups = optim_sd["param_groups"]
+        return {"model": {k: v for k, v in model_sd.items() if self._ours(k)},
+                "optim": {"state": {k: v for k, v in optim_sd["state"].items() if self._ours(k)}}}
+
+    def load_state_dict(self, state_dict):
+        set_state_dict(self.model, self.optimizer, model_state_dict=state_dict["model"],
+                       optim_state_dict={"state": state_dict["optim"]["state"],
+                                         "param_groups": self.param_groups},
+                       options=StateDictOptions(strict=False))
+
+
+SHARED_READY = "shared_stage.json"
+
+
+def save_shared(directory: Path, model, optimizer, modules: tuple[str, ...], rank: int, meta: dict) -> None:
+    """The end state of a sweep's shared stages: `modules`' weights and moments. Every rank
+    writes its shards; rank 0 writes `shared_stage.json` last (the caller makes the whole
+    directory appear atomically)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dcp.save({"app": PartialAppState(model, optimizer, modules)}, checkpoint_id=str(directory))
+    if rank == 0:
+        (directory / SHARED_READY).write_text(json.dumps({**meta, "modules": list(modules)}))
+
+
+def load_shared(directory: Path, model, optimizer, scheduler) -> TrainerState:
+    """Start a run where `save_shared` left off, in a model whose other modules may differ:
+    the shared modules' weights and moments, the LR schedule at that step (from this run's own
+    train.lr), the rest at their initial weights."""
+    meta = json.loads((directory / SHARED_READY).read_text())
+    modules = tuple(meta["modules"])
+    for name, p in model.named_parameters():  # DCP creates moments for exactly these, then loads them
+        p.requires_grad_(name.removeprefix("_orig_mod.").split(".", 1)[0] in modules)
+    dcp.load({"app": PartialAppState(model, optimizer, modules)}, checkpoint_id=str(directory))
+    with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": no step was skipped
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.last_epoch = meta["step"] - 1
+        scheduler.step()
+    return TrainerState(step=meta["step"])
 
 
 def saved_step(directory: Path) -> int:

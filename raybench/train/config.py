@@ -43,6 +43,10 @@ class Stage(Strict):
     # Multiplies train.lr (and its schedule) per module, e.g. {vision: 0.3} for a tower that
     # must not forget what an earlier stage taught it.
     lr_scale: dict[Module, float] = Field(default_factory=dict)
+    # This stage's peak learning rate in place of train.lr (the warm-up + cosine shape stays
+    # the run's). A sweep over train.lr then leaves this stage alone, so its trials can share
+    # it (sweep.share_scene_stages).
+    lr: float | None = Field(None, gt=0)
     data: StageData | None = None  # None: the training set
     # answer: the next-token loss on answers (every other stage). scene: the vision tower
     # learns each quadrant's shape and colour and the background directly, from the stage's

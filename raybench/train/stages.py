@@ -23,6 +23,10 @@ from raybench.config import RunConfig
 from raybench.train.config import MODULES, Stage, StageData
 
 
+# All a `scene` stage can change: the tower and its scene head (the LLM side does not run).
+SCENE_MODULES = ("vision", "scene_head")
+
+
 @dataclass(frozen=True)
 class PlannedStage:
     name: str
@@ -33,6 +37,7 @@ class PlannedStage:
     data: StageData | None = None   # None: the training set
     data_path: Path | None = None
     objective: str = "answer"       # or "scene": the tower's dense scene loss (scene_head.py)
+    lr_ratio: float = 1.0           # the stage's own peak lr over train.lr (Stage.lr)
 
     @property
     def dataset(self) -> str:
@@ -40,7 +45,7 @@ class PlannedStage:
         return f"stage-{self.name}" if self.data is not None else "train"
 
     def scale(self, module: str) -> float:
-        return self.lr_scale.get(module, 1.0) if module in self.train else 0.0
+        return self.lr_ratio * self.lr_scale.get(module, 1.0) if module in self.train else 0.0
 
 
 def plan(cfg: RunConfig) -> list[PlannedStage]:
@@ -49,8 +54,9 @@ def plan(cfg: RunConfig) -> list[PlannedStage]:
     out, start = [], 0
     for st in stages:
         end = start + st.steps if st.steps is not None else cfg.train.steps
+        ratio = st.lr / cfg.train.lr if st.lr is not None else 1.0
         out.append(PlannedStage(st.name, start, end, frozenset(st.train), dict(st.lr_scale), st.data,
-                                cfg.stage_path(st), st.objective))
+                                cfg.stage_path(st), st.objective, ratio))
         start = end
     return out
 

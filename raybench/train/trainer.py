@@ -93,11 +93,13 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
                   parent_run_id: str | None = None, tags: dict | None = None,
                   tokenizer: Path | None = None,
                   launched_at: float | None = None, driver_entered_at: float | None = None,
-                  cost_metric: str | None = None, datasets: dict | None = None):
+                  cost_metric: str | None = None, datasets: dict | None = None,
+                  shared_stage: dict | None = None):
     """A `TorchTrainer` for `cfg`. A sweep trial passes its Tune callback, the sweep's MLflow
     store and parent run, the inference-cost metric its workers measure and report with every
-    eval (a Pareto sweep's second objective), and the sweep's already materialised `datasets`
-    (used when their `key` matches this config)."""
+    eval (a Pareto sweep's second objective), the sweep's already materialised `datasets`
+    (used when their `key` matches this config) and where its shared scene stages' end state
+    is or goes (raybench/tune/shared_stage.py)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -119,7 +121,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
                            "model_dir": str((cfg.run_path / "model").resolve()),
                            "tracking_uri": tracking_uri or _default_tracking_uri(cfg),
                            "parent_run_id": parent_run_id, "tags": tags or {},
-                           "cost_metric": cost_metric,
+                           "cost_metric": cost_metric, "shared_stage": shared_stage,
                            # wall clock when this run (or sweep trial) was launched: the worker
                            # reports `startup_s`, the fixed cost before the first step
                            "launched_at": launched_at, "driver_entered_at": driver_entered_at,

@@ -7,6 +7,7 @@ trainer and the `torchrun` baseline use. Only rank 0 talks to MLflow.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from raybench.train.data import CollateNumpy, group_shuffled, to_model_batch
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_counts, format_eval,
                                  merge_counts, train_step)
 from raybench.train.parallel import build_mesh, mixed_precision, parallelize, resolve_wrap
-from raybench.train.stages import plan, set_trainable, stage_at
+from raybench.train.stages import SCENE_MODULES, plan, set_trainable, stage_at
 
 
 def build_sharded_model(cfg: RunConfig, tokenizer, world_size: int, device: torch.device) -> HybridVLM:
@@ -96,6 +97,44 @@ def _resume(model, optimizer, scheduler, stages) -> ckpt.TrainerState | None:
         # The resumed stage's modules first: DCP creates optimizer state only for what learns.
         set_trainable(model, stage_at(stages, ckpt.saved_step(Path(d))))
         return ckpt.load(Path(d), model, optimizer, scheduler)
+
+
+def _start_shared(model, optimizer, scheduler, shared: dict | None) -> ckpt.TrainerState | None:
+    """A sweep trial whose leading scene stages another trial already ran (see
+    raybench/tune/shared_stage.py) starts at their end."""
+    if not shared:
+        return None
+    path = Path(shared["path"])
+    ready = [(path / ckpt.SHARED_READY).is_file()]
+    dist.broadcast_object_list(ready, src=0)  # rank 0's view: every rank loads, or none
+    return ckpt.load_shared(path, model, optimizer, scheduler) if ready[0] else None
+
+
+def _save_shared(run, stage) -> None:
+    """The first trial to finish the shared stages leaves their end state for the others. All
+    ranks write into a directory of their own, which rank 0 renames into place: a reader sees
+    a whole checkpoint or none, and when two trials race the loser's copy is dropped."""
+    shared = run.config.get("shared_stage")
+    if not shared or stage.end != shared["end"]:
+        return
+    final = Path(shared["path"])
+    ready = [(final / ckpt.SHARED_READY).is_file()]
+    dist.broadcast_object_list(ready, src=0)  # rank 0's view: every rank saves, or none
+    if ready[0]:  # another trial already left it
+        return
+    tmp = final.with_name(f".{final.name}.{run.cfg.name}")
+    ckpt.save_shared(tmp, run.model, run.optimizer, SCENE_MODULES, run.rank,
+                     {"stage": stage.name, "step": stage.end, "trial": run.cfg.name})
+    dist.barrier()
+    if run.rank == 0:
+        try:
+            tmp.rename(final)
+            print(f"[raybench] step {stage.end}: stages up to {stage.name} saved for the sweep's other "
+                  f"trials at {final}", flush=True)
+            if run.tracker:
+                run.tracker.client.set_tag(run.tracker.run_id, "raybench.shared_stage", f"saved {final}")
+        except OSError:  # another trial got there first: theirs is the same state
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _announce(model, tracker, state, resumed: bool, world: int, device) -> None:
@@ -169,9 +208,17 @@ class _Run:
         self.optimizer = build_optimizer(self.model, t)
         self.scheduler = build_scheduler(self.optimizer, t, self.stages)
         state = _resume(self.model, self.optimizer, self.scheduler, self.stages)
-        resumed, self.state = state is not None, state or ckpt.TrainerState()
+        resumed = state is not None
+        self.shared_from = None if resumed else _start_shared(self.model, self.optimizer, self.scheduler,
+                                                              config.get("shared_stage"))
+        self.state = state or self.shared_from or ckpt.TrainerState()
         self.tracker = _open_tracker(self.cfg, self.rank, config)
         _announce(self.model, self.tracker, self.state, resumed, self.world, self.device)
+        if self.shared_from and self.tracker:
+            shared = config["shared_stage"]
+            print(f"[raybench] step {shared['end']}: starting after the sweep's shared stages (up to "
+                  f"{shared['name']}) from {shared['path']}", flush=True)
+            self.tracker.client.set_tag(self.tracker.run_id, "raybench.shared_stage", f"loaded {shared['path']}")
         self.launched_at = config.get("launched_at", entered)
         # A fresh run reports its start-up phases with every eval, from its first step on.
         self.startup = None if resumed else startup_phases(config, entered)
@@ -197,6 +244,7 @@ class _Run:
 
     def end_stage(self, stage) -> None:  # the next stage starts at its own epoch 0, batch 0
         self.state.epoch, self.state.batch_in_epoch = 0, 0
+        _save_shared(self, stage)
         if self.tracker:
             print(f"[raybench] step {self.state.step}: stage {stage.name} done", flush=True)
             self.tracker.log_metrics({f"stage_end/{stage.name}": self.state.step}, step=self.state.step)

@@ -25,7 +25,7 @@ class Dimension(Strict):
 
 
 class ASHAConfig(Strict):
-    grace_period: int = Field(1, ge=1)  # in evaluations (Tune iterations), not steps
+    grace_period: int = Field(1, ge=1)  # in evaluations (x train.eval_every steps)
     reduction_factor: float = Field(2.0, gt=1)
 
 
@@ -49,6 +49,10 @@ class SweepConfig(Strict):
     asha: ASHAConfig = Field(default_factory=ASHAConfig)
     tpe: TPEConfig = Field(default_factory=TPEConfig)
     seed: int = 0
+    # Leading `scene` stages (the tower's pretraining, the LLM side frozen) run once: a trial
+    # whose config does not change them starts from the first trial's end state of them
+    # (raybench/tune/shared_stage.py). Off: every trial trains them itself.
+    share_scene_stages: bool = True
     trial_max_failures: int = Field(1, ge=-1)  # Tune-level trial restarts
     driver_cpus: float = Field(0.01, gt=0)  # the per-trial driver function; 0 is refused by Tune
     storage: str | None = None  # Optuna RDB URL; None: sqlite:///<run_dir>/optuna.db

@@ -40,8 +40,8 @@ def _rows(sweep, grid) -> list[TrialRow]:
         evals = int(m.get("training_iteration", 0))
         if result.error is not None:
             state = "error"
-        elif evals < sweep.evals_per_trial:
-            state = "pruned"  # stopped by ASHA before its last eval
+        elif int(m.get("step", 0)) < sweep.cfg.train.steps:
+            state = "pruned"  # stopped by ASHA before its last step
         else:
             state = "completed"
         rows.append(TrialRow(

@@ -8,6 +8,7 @@ Layout of a sweep's run directory (`runs/<name>`, one folder to inspect or delet
     mlflow.db mlartifacts/  MLflow: one parent run, one child run per trial
     tune/<name>/    Tune's experiment state (`Tuner.restore`)
     trials/<id>/    each trial's Train checkpoints and final model
+    shared-stages/  the leading scene stages' end state, run once for all trials (shared_stage.py)
     summary/        trials table, best config, plots (also on the parent MLflow run)
 
 Single objective (`accuracy`): OptunaSearch + ASHA on the per-eval validation accuracy.
@@ -47,11 +48,6 @@ class Sweep:
     @property
     def study_storage(self) -> str:
         return self.cfg.sweep.storage or f"sqlite:///{self.run_dir / 'optuna.db'}"
-
-    @property
-    def evals_per_trial(self) -> int:
-        t = self.cfg.train
-        return math.ceil(t.steps / (t.checkpoint_every or t.eval_every))
 
     @property
     def num_trials(self) -> int:
@@ -116,8 +112,11 @@ def _tuner(sweep: Sweep, trainable, resume: bool):
                                   resume_unfinished=True, resume_errored=True)
     metrics, modes = sweep.metrics
     single = len(metrics) == 1
-    scheduler = (ASHAScheduler(time_attr="training_iteration", metric="accuracy", mode="max",
-                               max_t=sweep.evals_per_trial, grace_period=s.asha.grace_period,
+    # Rungs in training steps, not reports: a trial that starts after shared scene stages
+    # skips their evals, and must still be compared with the others at the same step.
+    every = sweep.cfg.train.checkpoint_every or sweep.cfg.train.eval_every
+    scheduler = (ASHAScheduler(time_attr="step", metric="accuracy", mode="max",
+                               max_t=sweep.cfg.train.steps, grace_period=s.asha.grace_period * every,
                                reduction_factor=s.asha.reduction_factor)
                  if s.scheduler == "asha" else FIFOScheduler())
     run_config = tune.RunConfig(name=sweep.cfg.name, storage_path=str(sweep.experiment_dir.parent),
@@ -168,6 +167,8 @@ def run_sweep(sweep: Sweep, resume: bool = False):
            "data_path": str(cfg.data_path.resolve()), "tokenizer": str(tokenizer_dir(cfg).resolve()),
            "tracking_uri": uri, "parent_run_id": parent.run_id, "cost_metric": cfg.sweep.cost_metric,
            "driver_cpus": cfg.sweep.driver_cpus,
+           # The tower's pretraining (leading scene stages) once: later trials start after it.
+           "share_scene_stages": cfg.sweep.share_scene_stages,
            # Each stage's own scenes, made once: a trial whose stage asks for the same scenes
            # reads these instead of rendering its own.
            "stage_scenes": {st.name: {"path": str(cfg.stage_path(st).resolve()),

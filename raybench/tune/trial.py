@@ -58,6 +58,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raybench.train.trainer import fit
+    from raybench.tune.shared_stage import shared_stage
 
     launched_at = min(process_started_at(), entered_at)
     trial_id = tune.get_context().get_trial_id()
@@ -69,6 +70,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
                  tags={"raybench.sweep": ctx["name"], "raybench.trial_id": trial_id},
                  cost_metric=ctx["cost_metric"], reserved_cpus=ctx["driver_cpus"], launched_at=launched_at,
                  driver_entered_at=entered_at,
-                 datasets=ctx.get("datasets"))
+                 datasets=ctx.get("datasets"),
+                 shared_stage=shared_stage(cfg, Path(ctx["run_dir"])) if ctx.get("share_scene_stages") else None)
     if result.error:
         raise result.error

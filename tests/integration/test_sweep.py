@@ -82,7 +82,9 @@ def _children(client: MlflowClient, parent_id: str):
 def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path, data_dir, ray_session,
                                                                       monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    stages = [{"name": "easy", "steps": 4, "data": {"num_examples": 64}}, {"name": "main"}]
+    # The tower's own stage at its own lr: no searched value changes it, so it runs once.
+    stages = [{"name": "easy", "steps": 4, "objective": "scene", "train": ["vision"], "lr": 0.005,
+               "data": {"num_examples": 64}}, {"name": "main"}]
     # Trial 1 is the config as written (its own model/train values), then TPE proposes.
     sweep = load_sweep(write_config(tmp_path, "sw", data_dir, num_samples=2, stages=stages,
                                     points_to_evaluate=[{}]), [])
@@ -108,8 +110,18 @@ def test_sweep_tracks_every_trial_and_registers_a_champion_that_answers(tmp_path
         # Every trial starts on the sweep's one set of first-stage scenes, made once.
         easy = sweep.cfg.train.stages[0]
         assert child.data.params["train.stages.0.data.path"] == str(sweep.cfg.stage_path(easy).resolve())
-        assert child.data.metrics["stage_end/easy"] == 4
     assert not list((run_dir / "trials").glob("*/easy-*"))
+    # The first trial trained the scene stage and left its end state; the other started there.
+    first, second = sorted(children, key=lambda c: c.info.start_time)
+    (shared,) = (run_dir / "shared-stages").glob("easy-*")
+    assert json.loads((shared / "shared_stage.json").read_text())["trial"] == first.data.tags[RUN_NAME_TAG]
+    assert first.data.tags["raybench.shared_stage"] == f"saved {shared}"
+    assert first.data.metrics["stage_end/easy"] == 4
+    assert second.data.tags["raybench.shared_stage"] == f"loaded {shared}"
+    assert "stage_end/easy" not in second.data.metrics
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "train_loss")][:1] == [1]
+    assert min(m.step for m in client.get_metric_history(second.info.run_id, "train_loss")) == 5
+    assert min(m.step for m in client.get_metric_history(second.info.run_id, "accuracy")) == 6
 
     # The champion alias points at the best completed trial's exported model.
     champion = summary["champion"]

@@ -82,6 +82,22 @@ def test_each_module_learns_at_its_stage_scale_and_a_resumed_schedule_agrees(tmp
     assert lrs(again) == seen[8]
 
 
+def test_a_stage_lr_replaces_train_lr_there_and_keeps_the_schedule_shape(tmp_path):
+    cfg = tiny(tmp_path, [{"name": "align", "steps": 4, "train": ["projector", "llm"], "lr": 1e-3,
+                           "lr_scale": {"llm": 0.5}}, {"name": "tune"}], steps=10)
+    model = HybridVLM(cfg.model, vocab_size=64, image_token_id=3, pad_token_id=0, eos_token_id=2)
+    scheduler = build_scheduler(build_optimizer(model, cfg.train), cfg.train, plan(cfg))
+    seen = []
+    for _ in range(10):
+        seen.append({g["module"]: g["lr"] for g in scheduler.optimizer.param_groups})
+        scheduler.optimizer.step()
+        scheduler.step()
+    factor = [lr_factor(s, cfg.train) for s in range(10)]
+    assert seen[2]["projector"] == pytest.approx(1e-3 * factor[2]) and seen[2]["vision"] == 0.0
+    assert seen[2]["llm"] == pytest.approx(0.5e-3 * factor[2])
+    assert seen[6]["projector"] == pytest.approx(cfg.train.lr * factor[6])  # the next stage: train.lr
+
+
 def test_a_scene_stage_trains_the_tower_directly_and_the_export_drops_its_head(tmp_path):
     cfg = tiny(tmp_path, [{"name": "see", "steps": 3, "objective": "scene", "data": {"num_examples": 48}},
                           {"name": "main"}])
