@@ -185,7 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--quick", action="store_true", help="fewer repeats, tiny inputs (a minute or two)")
     p.add_argument("--steps", type=int, default=None,
-                   help="seeds: training steps per preset (default: jobs/configs/default.yaml's, 600)")
+                   help="seeds: training steps per preset (default: jobs/configs/default.yaml's train.steps)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds: train every preset on this many seeds (train.seed 0..N-1); mean and range")
     p.add_argument("--write-benchmarks-md", action="store_true",
                    help="all / report: also copy the rendered page over ./BENCHMARKS.md")
     p.set_defaults(fn=_cmd_bench)

@@ -74,12 +74,13 @@ def _raw_config(out: Path, size: str, quick: bool, steps: int | None) -> dict:
             "model": {"size": size}, "data": {**data, "path": str(out / "seeds-data")}, "train": train}
 
 
-def _preset_config(raw: dict, preset: str):
+def _preset_config(raw: dict, preset: str, seed: int = 0):
     from raybench.config import set_path, validate_config
 
     raw = set_path(raw, ["model", "preset"], preset)
     raw = set_path(raw, ["name"], f"bench-seeds-{preset}")
-    return validate_config(set_path(raw, ["run_dir"], f"{raw['run_dir']}/{preset}"))
+    where = f"{raw['run_dir']}/{preset}" + (f"-seed{seed}" if seed else "")
+    return validate_config(set_path(raw, ["run_dir"], where))
 
 
 def _throughput(cfg) -> dict:
@@ -89,26 +90,30 @@ def _throughput(cfg) -> dict:
     return {"median": statistics.median(kept), "min": min(kept), "max": max(kept), "samples": windows}
 
 
-def train_and_measure(cfg, batch: int, repeats: int) -> dict:
+def train_and_measure(cfg, batch: int, repeats: int, measure_cost: bool = True) -> dict:
     from raybench.bench.fusion import measure
     from raybench.model.vlm import HybridVLM
     from raybench.train.local import train_local
 
     t0 = time.perf_counter()
-    metrics = train_local(cfg, log=lambda line: print(f"  [{cfg.model.preset}] {line}", flush=True))
+    tag = f"{cfg.model.preset} seed {cfg.train.seed}"
+    metrics = train_local(cfg, log=lambda line: print(f"  [{tag}] {line}", flush=True))
     train_s = time.perf_counter() - t0
-    model = HybridVLM.from_pretrained(cfg.run_path / "model").requires_grad_(False)
-    cost = measure(model, batch, repeats)
-    return {"preset": cfg.model.preset, "train_s": train_s, "train_samples_per_s": _throughput(cfg),
-            "accuracy": metrics["accuracy"], "val_loss": metrics["val_loss"],
-            "acc": {k[4:]: v for k, v in metrics.items() if k.startswith("acc/")},
-            "params_m": cost["params_m"], "image_tokens": cost["image_tokens"],
-            "prefill_ms": cost["latency_ms"], "gflops_per_sample": cost["gflops_per_sample"],
-            "peak_rss_growth_mib": cost["peak_rss_growth_mib"], "seeds": SEEDS_CLAIMS[cfg.model.preset]}
+    row = {"preset": cfg.model.preset, "seed": cfg.train.seed, "train_s": train_s,
+           "train_samples_per_s": _throughput(cfg), "accuracy": metrics["accuracy"], "val_loss": metrics["val_loss"],
+           "acc": {k[4:]: v for k, v in metrics.items() if k.startswith("acc/")},
+           "seeds": SEEDS_CLAIMS[cfg.model.preset]}
+    if measure_cost:
+        model = HybridVLM.from_pretrained(cfg.run_path / "model").requires_grad_(False)
+        cost = measure(model, batch, repeats)
+        row.update(params_m=cost["params_m"], image_tokens=cost["image_tokens"], prefill_ms=cost["latency_ms"],
+                   gflops_per_sample=cost["gflops_per_sample"], peak_rss_growth_mib=cost["peak_rss_growth_mib"])
+    return row
 
 
 def run_seeds_bench(out: Path, size: str = "small", quick: bool = False, steps: int | None = None,
-                    repeats: int = 7, presets: tuple[str, ...] = PRESETS) -> dict:
+                    repeats: int = 7, presets: tuple[str, ...] = PRESETS, seeds: int = 1) -> dict:
+    from raybench.config import set_path
     from raybench.data.prepare import ensure_tokenizer, tokenizer_dir
     from raybench.data.synthetic import QTYPES, chance_accuracy, write_curriculum, write_synthetic
 
@@ -134,22 +139,65 @@ def run_seeds_bench(out: Path, size: str = "small", quick: bool = False, steps: 
     ensure_tokenizer(first)
     rows = []
     for preset in presets:
-        cfg = _preset_config(raw, preset)
-        if cfg.run_path != first.run_path:
-            shutil.copytree(tokenizer_dir(first), tokenizer_dir(cfg))
-        rows.append(train_and_measure(cfg, batch, repeats))
+        runs = []
+        for seed in range(seeds):  # train.seed: the initial weights and the batch order
+            cfg = _preset_config(set_path(raw, ["train", "seed"], seed), preset, seed)
+            if cfg.run_path != first.run_path:
+                shutil.copytree(tokenizer_dir(first), tokenizer_dir(cfg), dirs_exist_ok=True)
+            # FLOPs and prefill latency don't depend on the weights: measured once, on seed 0.
+            runs.append(train_and_measure(cfg, batch, repeats, measure_cost=seed == 0))
+        rows.append(_over_seeds(runs))
     qtypes = [q for q in QTYPES if any(q in r["acc"] for r in rows)]
     cmd = f"raybench bench seeds --size {raw['model']['size']}" + (" --quick" if quick else "")
     if steps:
         cmd += f" --steps {steps}"
+    if seeds > 1:
+        cmd += f" --seeds {seeds}"
     return {"bench": "seeds", "quick": quick, "command": cmd, "config": raw, "batch": batch,
-            "repeats": repeats, "qtypes": qtypes, "chance": {q: chance_accuracy(q) for q in qtypes},
-            "rows": rows}
+            "repeats": repeats, "seeds": seeds, "qtypes": qtypes,
+            "chance": {q: chance_accuracy(q) for q in qtypes}, "rows": rows}
+
+
+def _over_seeds(runs: list[dict]) -> dict:
+    """One preset's row: seed 0's cost, the accuracies' mean over seeds (`by_seed` keeps each)."""
+    row = dict(runs[0])
+    qtypes = sorted({q for r in runs for q in r["acc"]})
+    row["accuracy"] = statistics.fmean(r["accuracy"] for r in runs)
+    row["val_loss"] = statistics.fmean(r["val_loss"] for r in runs)
+    row["acc"] = {q: statistics.fmean(r["acc"].get(q, float("nan")) for r in runs) for q in qtypes}
+    row["train_s"] = statistics.fmean(r["train_s"] for r in runs)
+    row["by_seed"] = [{"accuracy": r["accuracy"], "acc": r["acc"], "val_loss": r["val_loss"]} for r in runs]
+    return row
 
 
 def _fine(r: dict) -> float:
     vals = [r["acc"][q] for q in FINE_DETAIL if q in r["acc"]]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _runs(row: dict) -> list[dict]:
+    """Each seed's accuracies (a result from before --seeds has only the one)."""
+    return row.get("by_seed") or [{"accuracy": row["accuracy"], "acc": row["acc"]}]
+
+
+def _mean_range(row: dict, value, digits: int) -> str:
+    vals = [value(run) for run in _runs(row)]
+    mean = f"{statistics.fmean(vals):.{digits}f}"
+    return mean if len(vals) == 1 else f"{mean} ({min(vals):.{digits}f}-{max(vals):.{digits}f})"
+
+
+def _verdict(diffs: list[float], threshold: float = 0.0) -> str:
+    """A claim "a beats b by more than `threshold`" from paired per-seed differences: every
+    seed agrees (holds / fails) or the seeds disagree (within noise). One seed decides alone."""
+    if all(d > threshold for d in diffs):
+        return "**holds**" + (f" on all {len(diffs)} seeds" if len(diffs) > 1 else " (one seed)")
+    if all(d <= threshold for d in diffs):
+        return "**fails**" + (f" on all {len(diffs)} seeds" if len(diffs) > 1 else " (one seed)")
+    return "**within noise** (the seeds disagree)"
+
+
+def _paired(a: dict, b: dict, value) -> list[float]:
+    return [value(x) - value(y) for x, y in zip(_runs(a), _runs(b))]
 
 
 def markdown_table(r: dict) -> str:
@@ -163,7 +211,8 @@ def markdown_table(r: dict) -> str:
     cells = [{"preset": row["preset"], "family": row["seeds"]["family"], "cost": row["seeds"]["cost"],
               "params": f"{row['params_m']:.2f}", "prefill": spread(row["prefill_ms"]),
               "gflops": f"{row['gflops_per_sample']:.3g}", "train": f"{row['train_samples_per_s']['median']:.0f}",
-              "accuracy": f"{row['accuracy']:.3f}", **{q: f"{row['acc'].get(q, float('nan')):.2f}" for q in qs},
+              "accuracy": _mean_range(row, lambda run: run["accuracy"], 3),
+              **{q: _mean_range(row, lambda run, q=q: run["acc"].get(q, float("nan")), 2) for q in qs},
               "fine": f"{_fine(row):.2f}"} for row in r["rows"]]
     chance = r["chance"]
     cells.append({"preset": "chance", **{q: f"{chance[q]:.2f}" for q in qs},
@@ -173,8 +222,6 @@ def markdown_table(r: dict) -> str:
 
 def claims(r: dict) -> list[str]:
     """The seeds' qualitative statements, each turned into a number from this run."""
-    from raybench.bench.report import claim
-
     by = {row["preset"]: row for row in r["rows"]}
     out = []
     ranked = [row for row in r["rows"] if row["seeds"]["level"] is not None]
@@ -187,22 +234,26 @@ def claims(r: dict) -> list[str]:
     if pairs:
         out.append(f"- cost order (Low < Low-Medium < Medium < Medium-High): measured GFLOP/sample "
                    f"{order}; {agree} of {len(pairs)} pairs the seeds rank differently agree")
+    def points(diffs: list[float]) -> str:
+        return ", ".join(f"{d * 100:+.1f}" for d in diffs) + " points" + (" (per seed)" if len(diffs) > 1 else "")
+
     if "deepstack" in by and len(r["rows"]) > 1:
         best = max((row for row in r["rows"] if row["preset"] != "deepstack"), key=_fine)
+        diffs = _paired(by["deepstack"], best, _fine)
         out.append(f"- DeepStack \"best detail capture\": fine-detail accuracy {_fine(by['deepstack']):.2f}, "
-                   f"best of the others {best['preset']} {_fine(best):.2f} — "
-                   + claim(_fine(by["deepstack"]) > _fine(best)))
+                   f"best of the others {best['preset']} {_fine(best):.2f}: {points(diffs)} — " + _verdict(diffs))
     if "ovis" in by and "llava" in by:  # alignment itself is not observable here; accuracy is
-        out.append(f"- Ovis \"best alignment, moderate cost\": accuracy "
-                   f"{(by['ovis']['accuracy'] - by['llava']['accuracy']) * 100:+.1f} points and GFLOP/sample "
-                   f"x{by['ovis']['gflops_per_sample'] / by['llava']['gflops_per_sample']:.2f} vs llava")
+        diffs = _paired(by["ovis"], by["llava"], lambda run: run["accuracy"])
+        out.append(f"- Ovis \"best alignment, moderate cost\": accuracy vs llava {points(diffs)} — "
+                   f"{_verdict(diffs)}; GFLOP/sample x{by['ovis']['gflops_per_sample'] / by['llava']['gflops_per_sample']:.2f}")
     if "dense_sparse" in by and "llava" in by:
         ds, dense = by["dense_sparse"], by["llava"]  # llava = dense_sparse without pruning
-        glyph = ds["acc"].get("glyph", float("nan")) - dense["acc"].get("glyph", float("nan"))
+        glyph = _paired(ds, dense, lambda run: run["acc"].get("glyph", float("nan")))
         out.append(f"- dense-sparse \"+15% OCR\" (glyph, vs llava = the same model unpruned): "
-                   f"{glyph * 100:+.1f} points — " + claim(glyph >= 0.15))
-        out.append(f"- dense-sparse \"comparable accuracy\" at lower cost: accuracy "
-                   f"{(ds['accuracy'] - dense['accuracy']) * 100:+.1f} points, GFLOP/sample "
+                   f"{points(glyph)} — " + _verdict(glyph, threshold=0.15 - 1e-9))
+        acc = _paired(ds, dense, lambda run: run["accuracy"])
+        out.append(f"- dense-sparse \"comparable accuracy\" at lower cost: accuracy {points(acc)} "
+                   f"(within 2 points: {_verdict([-abs(d) for d in acc], threshold=-0.02)}), GFLOP/sample "
                    f"x{ds['gflops_per_sample'] / dense['gflops_per_sample']:.2f}, prefill "
                    f"x{ds['prefill_ms']['median'] / dense['prefill_ms']['median']:.2f} vs llava")
     return out
@@ -230,8 +281,11 @@ def markdown_section(r: dict) -> str:
         f"{r['batch']}, {r['repeats']} repeats) and FLOPs. `seeds' cost` is the research "
         "document's column (section 10); `chance` is a uniform guess over the type's answers.", "",
         markdown_table(r), "", *claims(r), "",
-        "One short run per preset on one seed: accuracy differences of a few points are within "
-        "run-to-run noise; the cost columns are the stable part.",
+        ("One run per preset on one seed: accuracy differences of a few points are within "
+         "run-to-run noise; the cost columns are the stable part." if r.get("seeds", 1) == 1 else
+         f"Accuracy: the mean over {r['seeds']} seeds (`train.seed`: initial weights and batch order; "
+         "the same data), with the lowest and highest seed in brackets; a claim holds or fails "
+         "only when every seed says so. Cost: seed 0's model (it does not depend on the weights)."),
     ]) + "\n"
 
 
@@ -264,7 +318,7 @@ def main(args) -> int:
 
     out = Path(args.out)
     result = run_seeds_bench(out, size=args.size, quick=args.quick, steps=getattr(args, "steps", None),
-                             repeats=args.repeats)
+                             repeats=args.repeats, seeds=getattr(args, "seeds", 1))
     write_result(out, "seeds", result, markdown_row(result), _plot)
     print(markdown_table(result))
     return 0

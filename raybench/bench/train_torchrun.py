@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import time
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from raybench.config import load_config
 from raybench.data.loader import read_split
 from raybench.data.prepare import tokenizer_dir
 from raybench.data.tokenizer import load_tokenizer
+from raybench.train.config import TrainConfig
 from raybench.train.data import COLUMNS, CollateNumpy, preprocess, to_model_batch
 from raybench.train.loop import build_optimizer, build_scheduler, train_step
 from raybench.train.parallel import resolve_wrap
@@ -36,7 +38,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--out", required=True)
-    p.add_argument("--fsdp-wrap", choices=["auto", "block", "root"], default=None,
+    p.add_argument("--fsdp-wrap", choices=typing.get_args(TrainConfig.model_fields["fsdp_wrap"].annotation),
+                   default=None,
                    help="override train.fsdp_wrap (default: the config's)")
     args = p.parse_args()
 

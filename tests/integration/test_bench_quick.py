@@ -8,11 +8,13 @@ start Ray; their --quick runs are in test_bench_quick_ray.py, checked with the s
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from raybench.bench import compile as compile_bench
+from raybench.bench import seeds as seeds_bench
 from raybench.bench.common import write_result
 from raybench.bench.report import check_written, normalize, validate_result, write_report
 from raybench.cli import main
@@ -26,7 +28,7 @@ QUICK = ("fusion", "compile", "seeds")
 def quick_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bench")
     assert main(["bench", "fusion", "--quick", "--out", str(out)]) == 0
-    assert main(["bench", "seeds", "--quick", "--out", str(out)]) == 0
+    assert main(["bench", "seeds", "--quick", "--seeds", "2", "--out", str(out)]) == 0
     # Dynamo tracing without inductor: the same code path, minus minutes of C++ builds.
     result = compile_bench.run_compile_bench(quick=True, backend="eager")
     write_result(out, "compile", result, compile_bench.markdown_row(result), compile_bench._plot)
@@ -48,6 +50,16 @@ def test_seeds_scores_every_preset_and_qtype_on_one_data_set(quick_out):
                                                      "hybrid"]
     assert all(set(r["acc"]) == set(result["qtypes"]) for r in result["rows"])
     assert result["config"]["data"]["path"] == str(quick_out / "seeds-data")
+    # Two seeds each: the row is their mean, each seed's own figures kept beside it.
+    assert result["seeds"] == 2 and result["command"].endswith("--seeds 2")
+    for row in result["rows"]:
+        assert len(row["by_seed"]) == 2
+        assert row["accuracy"] == pytest.approx(sum(s["accuracy"] for s in row["by_seed"]) / 2)
+    section = seeds_bench.markdown_section(result)
+    assert "mean over 2 seeds" in section
+    # Each claim is judged from both seeds' paired differences.
+    verdicts = [line for line in section.splitlines() if "+15% OCR" in line or "best detail" in line]
+    assert len(verdicts) == 2 and all(re.search(r"\*\*(holds|fails|within noise)", v) for v in verdicts)
 
 
 def test_compile_counts_graph_breaks_of_the_pruning_path(quick_out):
