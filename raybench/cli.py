@@ -143,6 +143,23 @@ def _cmd_bench(args) -> int:
     return rc
 
 
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
+    p.add_argument("which", choices=[*BENCHMARKS, "report", "all"],
+                   help="report: render DIR/BENCHMARKS.md from the JSON files already in --out")
+    p.add_argument("--out", default="bench-out")
+    p.add_argument("--size", default="small", choices=["tiny", "small"])
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="fewer repeats, tiny inputs (a minute or two)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="seeds: training steps per preset (default: jobs/configs/default.yaml's train.steps)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="seeds: train every preset on this many seeds (train.seed 0..N-1); mean and range")
+    p.add_argument("--write-benchmarks-md", action="store_true",
+                   help="all / report: also copy the rendered page over ./BENCHMARKS.md")
+    p.set_defaults(fn=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raybench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,20 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=8)
     p.set_defaults(fn=_cmd_ask)
 
-    p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
-    p.add_argument("which", choices=[*BENCHMARKS, "report", "all"],
-                   help="report: render DIR/BENCHMARKS.md from the JSON files already in --out")
-    p.add_argument("--out", default="bench-out")
-    p.add_argument("--size", default="small", choices=["tiny", "small"])
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="fewer repeats, tiny inputs (a minute or two)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="seeds: training steps per preset (default: jobs/configs/default.yaml's train.steps)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="seeds: train every preset on this many seeds (train.seed 0..N-1); mean and range")
-    p.add_argument("--write-benchmarks-md", action="store_true",
-                   help="all / report: also copy the rendered page over ./BENCHMARKS.md")
-    p.set_defaults(fn=_cmd_bench)
+    _add_bench_parser(sub)
 
     # Commands that live with their subsystem register themselves.
     from raybench.serve.cli import register as register_serve

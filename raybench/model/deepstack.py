@@ -37,11 +37,11 @@ class DeepStackMergers(nn.Module):
         return out
 
 
-def deepstack_process(hidden_states: torch.Tensor, visual_pos_masks: torch.Tensor,
+def deepstack_process(hidden_states: torch.Tensor, visual_positions: torch.Tensor,
                       visual_embeds: torch.Tensor) -> torch.Tensor:
-    """hidden[visual_pos_masks] += embeds, out of place (autograd-safe). embeds [B, N_vis, D]."""
-    hidden_states = hidden_states.clone()
-    local = hidden_states[visual_pos_masks] + visual_embeds.reshape(-1, visual_embeds.shape[-1]).to(
-        hidden_states.dtype)
-    hidden_states[visual_pos_masks] = local
-    return hidden_states
+    """hidden[b, visual_positions[b, j]] += embeds[b, j], out of place (autograd-safe).
+
+    `visual_positions` [B, N_vis] (`sparsity.true_positions`), embeds [B, N_vis, D]. A
+    scatter_add, not boolean-mask indexing: static shapes, so `torch.compile` does not break."""
+    index = visual_positions.unsqueeze(-1).expand(-1, -1, hidden_states.shape[-1])
+    return hidden_states.scatter_add(1, index, visual_embeds.to(hidden_states.dtype))

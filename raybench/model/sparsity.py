@@ -48,8 +48,9 @@ def keep_counts(num_visual: int, schedule: str, final_keep_ratio: float, num_sta
 
 @torch.no_grad()
 def visual_relevance(next_layer, hidden: torch.Tensor, position_embeddings, query_index: torch.Tensor,
-                     key_valid: torch.Tensor, visual_pos_masks: torch.Tensor) -> torch.Tensor:
-    """Query-token attention over the image tokens, from the next layer's q/k: [B, N_vis]."""
+                     key_valid: torch.Tensor, visual_positions: torch.Tensor) -> torch.Tensor:
+    """Query-token attention over the image tokens, from the next layer's q/k: [B, N_vis].
+    `visual_positions` [B, N_vis]: each image token's sequence index (`true_positions`)."""
     attn = next_layer.self_attn
     x = next_layer.input_layernorm(hidden.detach())
     b, t, _ = x.shape
@@ -68,20 +69,28 @@ def visual_relevance(next_layer, hidden: torch.Tensor, position_embeddings, quer
     causal = torch.arange(t, device=x.device)[None, :] <= query_index[:, None]
     scores = scores.masked_fill(~(causal & key_valid)[:, None, :], float("-inf"))
     probs = scores.float().softmax(-1).mean(1)  # [B, T]
-    return probs[visual_pos_masks].view(b, -1)
+    return probs.gather(1, visual_positions)
 
 
-def kept_indices(scores: torch.Tensor, keep: int, visual_pos_masks: torch.Tensor
+def true_positions(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """The indices of the `count` True entries of each row of mask [B, T], in order: [B, count].
+
+    Every row must hold exactly `count` (a Python int the caller knows: the visual-token count
+    from the embeds' shape, the keep count from the schedule). A sort rather than `nonzero`:
+    the output shape is static, so `torch.compile` traces through it without a graph break."""
+    t = mask.shape[1]
+    arange = torch.arange(t, device=mask.device)
+    return torch.where(mask, arange, arange + t).sort(dim=1).values[:, :count]
+
+
+def kept_indices(scores: torch.Tensor, keep: int, visual_positions: torch.Tensor, seq_len: int
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k visual tokens per sample -> (kept visual-relative ids [B,k], kept sequence ids [B,T'])."""
-    b, t = visual_pos_masks.shape
+    b, n_vis = visual_positions.shape
     kept_vis = scores.topk(keep, dim=-1).indices.sort(-1).values
-    vis_pos = visual_pos_masks.nonzero()[:, 1].view(b, -1)  # sequence index of each visual token
-    drop = torch.ones_like(vis_pos, dtype=torch.bool).scatter_(1, kept_vis, False)
-    keep_seq = torch.ones(b, t, dtype=torch.bool, device=scores.device)
-    keep_seq[torch.arange(b, device=scores.device)[:, None].expand_as(vis_pos)[drop], vis_pos[drop]] = False
-    seq_idx = keep_seq.nonzero()[:, 1].view(b, -1)
-    return kept_vis, seq_idx
+    keep_seq = torch.ones(b, seq_len, dtype=torch.bool, device=scores.device)
+    keep_seq = keep_seq.scatter(1, visual_positions, False).scatter(1, visual_positions.gather(1, kept_vis), True)
+    return kept_vis, true_positions(keep_seq, seq_len - n_vis + keep)
 
 
 def gather_seq(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

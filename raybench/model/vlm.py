@@ -30,7 +30,7 @@ from raybench.model.llm import KVCache, attention_mask, build_causal_lm
 from raybench.model.merger import PatchMerger
 from raybench.model.qformer import QFormer
 from raybench.model.scene_head import SceneHead
-from raybench.model.sparsity import gather_seq, keep_counts, kept_indices, visual_relevance
+from raybench.model.sparsity import gather_seq, keep_counts, kept_indices, true_positions, visual_relevance
 from raybench.model.vet import VETProjector
 from raybench.model.vision import VisionTower, build_siglip
 
@@ -56,11 +56,20 @@ class DecoderState:
     query_mask: torch.Tensor      # [B, T] the token whose attention ranks image tokens
     keep_index: torch.Tensor      # [B, T] index into the unpruned sequence
     deepstack_embeds: list[torch.Tensor]  # [B, N_vis, D] each, aligned with visual tokens
+    # Image tokens per row, a Python int (every row has the same count): known from the
+    # embeds' shape and the keep schedule, never read back from a tensor, so the decoder
+    # loop has no host syncs and `torch.compile` traces it whole.
+    num_visual: int = 0
+
+    def visual_positions(self) -> torch.Tensor:
+        """[B, num_visual]: each image token's index in the current sequence."""
+        return true_positions(self.visual_pos_masks, self.num_visual)
 
     def gather(self, seq_idx: torch.Tensor, kept_vis: torch.Tensor) -> None:
         for name in ("hidden", "position_ids", "key_valid", "visual_pos_masks", "query_mask", "keep_index"):
             setattr(self, name, gather_seq(getattr(self, name), seq_idx))
         self.deepstack_embeds = [gather_seq(e, kept_vis) for e in self.deepstack_embeds]
+        self.num_visual = kept_vis.shape[1]
 
 
 class HybridVLM(nn.Module):
@@ -145,10 +154,12 @@ class HybridVLM(nn.Module):
                 raise ValueError("prompt has <image> tokens but no image was given")
             return embeds, visual_pos_masks
         n_vis = visual_embeds.shape[1]
-        counts = visual_pos_masks.sum(1)
-        if (counts != n_vis).any():
-            raise ValueError(f"each prompt needs exactly {n_vis} <image> tokens for one image, "
-                             f"got {counts.tolist()}")
+        # Checked eagerly; a compiled caller (bench compile) has its inputs from probe_inputs.
+        if not torch.compiler.is_compiling():
+            counts = visual_pos_masks.sum(1)
+            if (counts != n_vis).any():
+                raise ValueError(f"each prompt needs exactly {n_vis} <image> tokens for one image, "
+                                 f"got {counts.tolist()}")
         embeds = embeds.masked_scatter(visual_pos_masks.unsqueeze(-1), visual_embeds.to(embeds.dtype))
         return embeds, visual_pos_masks
 
@@ -158,7 +169,8 @@ class HybridVLM(nn.Module):
         rotary = self.llm.model.rotary_emb
         pe = rotary(state.hidden, state.position_ids)
         layers = self.decoder_layers
-        has_visual = bool(state.visual_pos_masks.any())
+        has_visual = state.num_visual > 0
+        vis_pos = state.visual_positions() if has_visual else None
         for i, layer in enumerate(layers):
             key_valid = state.key_valid
             if cache is not None:
@@ -169,19 +181,17 @@ class HybridVLM(nn.Module):
             state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=pe,
                                  position_ids=state.position_ids, cache=cache)
             if has_visual and i < len(state.deepstack_embeds):
-                state.hidden = deepstack_process(state.hidden, state.visual_pos_masks,
-                                                 state.deepstack_embeds[i])
+                state.hidden = deepstack_process(state.hidden, vis_pos, state.deepstack_embeds[i])
             if prune and has_visual and i in self.stage_layers:
                 keep = self.stage_keep[self.stage_layers.index(i)]
-                n_vis = int(state.visual_pos_masks[0].sum())
-                if keep < n_vis:
+                if keep < state.num_visual:
                     if self.before_scoring is not None:
                         self.before_scoring(layers[i + 1])
                     scores = visual_relevance(layers[i + 1], state.hidden, pe,
-                                              state.query_mask.float().argmax(1), state.key_valid,
-                                              state.visual_pos_masks)
-                    kept_vis, seq_idx = kept_indices(scores, keep, state.visual_pos_masks)
+                                              state.query_mask.float().argmax(1), state.key_valid, vis_pos)
+                    kept_vis, seq_idx = kept_indices(scores, keep, vis_pos, state.hidden.shape[1])
                     state.gather(seq_idx, kept_vis)
+                    vis_pos = state.visual_positions()
                     pe = rotary(state.hidden, state.position_ids)
         return state
 
@@ -196,6 +206,7 @@ class HybridVLM(nn.Module):
             hidden=embeds, position_ids=position_ids, key_valid=key_valid,
             visual_pos_masks=visual_pos_masks, query_mask=arange[None, :] == query_index[:, None],
             keep_index=arange[None, :].expand(b, t), deepstack_embeds=list(deepstack_embeds),
+            num_visual=0 if visual_embeds is None else visual_embeds.shape[1],
         )
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -257,7 +268,7 @@ class HybridVLM(nn.Module):
                              max_new_tokens: int = 8, temperature: float = 0.0, top_p: float = 1.0,
                              use_cache: bool = True, generator: torch.Generator | None = None
                              ) -> torch.Tensor:
-        if not bool(attention_mask[:, -1].all()):
+        if not torch.compiler.is_compiling() and not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
         b, t = input_ids.shape
         query_index = torch.full((b,), t - 1, device=input_ids.device)
@@ -275,7 +286,7 @@ class HybridVLM(nn.Module):
             token = token.masked_fill(done, self.eos_token_id)
             out.append(token)
             done |= token == self.eos_token_id
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if step == max_new_tokens - 1 or bool(done.all()):  # the last step needs no sync
                 break
             if use_cache:
                 state = DecoderState(

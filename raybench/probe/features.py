@@ -98,7 +98,7 @@ class _DecoderTap:
             hidden = args[0] if args else kwargs["hidden_states"]
             vis = s.visual_pos_masks
             mass = visual_relevance(module, hidden, kwargs["position_embeddings"],
-                                    s.query_mask.float().argmax(1), s.key_valid, vis).sum(-1)
+                                    s.query_mask.float().argmax(1), s.key_valid, s.visual_positions()).sum(-1)
             self.rows["attn_image"][i].append(mass)
             # What uniform attention would give: the image share of the keys the query sees.
             self.rows["image_keys"][i].append((vis & s.key_valid).sum(1) / s.key_valid.sum(1))

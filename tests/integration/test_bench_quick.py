@@ -62,9 +62,13 @@ def test_seeds_scores_every_preset_and_qtype_on_one_data_set(quick_out):
     assert len(verdicts) == 2 and all(re.search(r"\*\*(holds|fails|within noise)", v) for v in verdicts)
 
 
-def test_compile_counts_graph_breaks_of_the_pruning_path(quick_out):
+def test_compile_traces_prefill_whole_and_keeps_the_answers(quick_out):
     row = _load(quick_out, "compile")["rows"][0]
-    assert row["preset"] == "hybrid" and row["prefill"]["graph_breaks"] > 0
+    # Pruning and DeepStack included: one graph, no breaks, the eager greedy tokens.
+    assert row["preset"] == "hybrid" and row["prefill"]["graph_breaks"] == 0 and row["prefill"]["graphs"] == 1
+    assert row["prefill"]["same_tokens"] is True
+    # The train step does break (the loss selects the answer positions): the counter counts.
+    assert row["train_step"]["graph_breaks"] > 0
 
 
 def test_report_renders_every_section_and_says_what_is_missing(quick_out, capsys):

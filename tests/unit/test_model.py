@@ -7,7 +7,7 @@ from torch import nn
 from raybench.config import validate_config
 from raybench.model.deepstack import deepstack_process
 from raybench.model.presets import PRESETS
-from raybench.model.sparsity import keep_counts, keep_ratios, kept_indices
+from raybench.model.sparsity import keep_counts, keep_ratios, kept_indices, true_positions
 from raybench.model.vet import VETProjector, VisualEmbeddingTable
 from raybench.model.vlm import HybridVLM
 from raybench.train.loop import answer_exact_match
@@ -97,9 +97,10 @@ def test_deepstack_process_touches_only_visual_positions():
     mask = torch.zeros(2, 7, dtype=torch.bool)
     mask[:, 1:4] = True
     embeds = torch.randn(2, 3, 4)
-    out = deepstack_process(hidden, mask, embeds)
+    out = deepstack_process(hidden, true_positions(mask, 3), embeds)
     assert torch.equal(out[~mask], hidden[~mask])
-    torch.testing.assert_close(out[mask], hidden[mask] + embeds.reshape(-1, 4))
+    # Bit-identical to the boolean-mask form it replaced (one float add per visual position).
+    assert torch.equal(out[mask], hidden[mask] + embeds.reshape(-1, 4))
 
 
 def test_deepstack_injects_after_layers_0_to_k_minus_1_at_visual_positions_only():
@@ -158,9 +159,35 @@ def test_kept_indices_never_drop_text_and_keep_order():
     visual = torch.zeros(2, 9, dtype=torch.bool)
     visual[:, 2:7] = True  # 5 visual tokens at positions 2..6
     scores = torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.0], [0.5, 0.4, 0.3, 0.2, 0.1]])
-    kept_vis, seq = kept_indices(scores, 2, visual)
+    kept_vis, seq = kept_indices(scores, 2, true_positions(visual, 5), 9)
     assert kept_vis.tolist() == [[1, 3], [0, 1]]
     assert seq.tolist() == [[0, 1, 3, 5, 7, 8], [0, 1, 2, 3, 7, 8]]
+
+
+def _kept_indices_with_nonzero(scores, keep, visual_pos_masks):
+    """The boolean-mask / `nonzero` implementation the shape-static one replaced."""
+    b, t = visual_pos_masks.shape
+    kept_vis = scores.topk(keep, dim=-1).indices.sort(-1).values
+    vis_pos = visual_pos_masks.nonzero()[:, 1].view(b, -1)
+    drop = torch.ones_like(vis_pos, dtype=torch.bool).scatter_(1, kept_vis, False)
+    keep_seq = torch.ones(b, t, dtype=torch.bool)
+    keep_seq[torch.arange(b)[:, None].expand_as(vis_pos)[drop], vis_pos[drop]] = False
+    return kept_vis, keep_seq.nonzero()[:, 1].view(b, -1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_shape_static_pruning_selects_what_nonzero_selected(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, t, n_vis = 3, 40, 12
+    visual = torch.zeros(b, t, dtype=torch.bool)
+    for row in range(b):  # scattered, not one span: each row's image tokens anywhere
+        visual[row, torch.randperm(t, generator=g)[:n_vis]] = True
+    pos = true_positions(visual, n_vis)
+    assert torch.equal(pos, visual.nonzero()[:, 1].view(b, -1))
+    for keep in (1, 5, n_vis - 1):
+        scores = torch.rand(b, n_vis, generator=g)
+        new, old = kept_indices(scores, keep, pos, t), _kept_indices_with_nonzero(scores, keep, visual)
+        assert torch.equal(new[0], old[0]) and torch.equal(new[1], old[1])
 
 
 @pytest.mark.parametrize("schedule", ["constant", "linear", "exponential", "step"])
