@@ -1,9 +1,11 @@
 """`raybench bench compile`: `torch.compile` against eager, on the same model and inputs.
 
-Two workloads per preset, each timed eager and compiled in the same run:
+Three workloads per preset, each timed eager and compiled in the same run:
 
     prefill      what `bench fusion` measures: ViT + projection + LLM prefill + the first
                  token (`model.generate(..., max_new_tokens=1)`), compiled as one function
+    decode       ms per generated token: `model.decode_step` on the static KV cache
+                 (`StaticKVCache`), 8 steps after an untimed prefill, eager vs compiled
     train step   `raybench.train.loop.train_step` (forward + backward + clip + AdamW step)
                  on a compiled copy of the same model (same initial weights, same batch)
 
@@ -13,7 +15,8 @@ eager and compiled calls interleaved so the machine's drift hits both alike. Hyb
 decoder loop keeps token counts as Python ints and selects tokens with shape-static sorts
 and gathers, so prefill is meant to trace as one graph; the graph-break count and reasons
 come from Dynamo's own counters (tests/unit/test_graph_breaks.py pins prefill at 0), and
-`same_tokens` says whether the compiled prefill chose the eager one's greedy tokens. The seeds claim ~1.8x for inference; this reports what we get.
+`same_tokens` says whether the compiled prefill chose the eager one's greedy tokens. The
+seeds claim ~1.8x for inference; this reports what we get.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch
 from torch._inductor.utils import fresh_cache
 
 PRESETS = ("hybrid", "llava")  # the searched family, and plain late fusion for contrast
+WORKLOADS = ("prefill", "decode", "train_step")
 SEEDS_CLAIM = 1.8  # "Overall inference: 1.8x faster vs eager mode" (docs/architecture.md)
 
 
@@ -104,6 +108,56 @@ def bench_prefill(preset: str, size: str, batch: int, repeats: int, warmup: int,
             **timing, "same_tokens": bool(torch.equal(prefill(), compiled()))}
 
 
+DECODE_STEPS = 8  # tokens per timed decode run (after an untimed prefill)
+
+
+def bench_decode(preset: str, size: str, batch: int, repeats: int, warmup: int, backend: str) -> dict:
+    """ms per generated token: eager `decode_step` vs a compiled one, both on the static KV
+    cache (the growing cache changes shapes every step; a compiled step would recompile)."""
+    from torch._dynamo.utils import counters
+
+    from raybench.bench.common import summarize
+    from raybench.config import validate_config
+    from raybench.cost import probe_inputs, probe_model
+    from raybench.model.llm import StaticKVCache
+
+    model = probe_model(validate_config({"model": {"preset": preset, "size": size}}).model)
+    ids, mask, pixels = probe_inputs(model, batch)
+    with torch.no_grad():
+        visual, deepstack = model.project(*model.encode_images(pixels))
+    compiled = torch.compile(model.decode_step, backend=backend)
+
+    @torch.no_grad()
+    def per_token_ms(step) -> float:
+        cache = StaticKVCache(len(model.decoder_layers), DECODE_STEPS)
+        logits, pos = model.prefill(ids, mask, visual, deepstack, cache)
+        token = logits.argmax(-1)
+        t0 = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            token = step(token, pos, cache).argmax(-1)
+            cache.advance()
+            pos = pos + 1
+        return (time.perf_counter() - t0) * 1000 / DECODE_STEPS
+
+    counters.clear()
+    t0 = time.perf_counter()
+    per_token_ms(compiled)
+    compile_s = time.perf_counter() - t0
+    breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
+    for _ in range(warmup):
+        per_token_ms(model.decode_step)
+        per_token_ms(compiled)
+    eager, fast = [], []
+    for _ in range(repeats):
+        eager.append(per_token_ms(model.decode_step))
+        fast.append(per_token_ms(compiled))
+    return {"steps": DECODE_STEPS, "compile_s": compile_s, "eager_ms": summarize(eager),
+            "compiled_ms": summarize(fast), "speedup": statistics.median(eager) / statistics.median(fast),
+            "graphs": graphs, "graph_breaks": sum(breaks.values()),
+            "recompiles": counters["stats"]["unique_graphs"] - graphs,
+            "graph_break_reasons": {k.splitlines()[0][:120]: v for k, v in breaks.items()}}
+
+
 def bench_train_step(preset: str, size: str, batch: int, repeats: int, warmup: int, backend: str) -> dict:
     from raybench.config import TrainConfig, validate_config
     from raybench.model.vlm import HybridVLM
@@ -147,7 +201,7 @@ def run_compile_bench(size: str = "small", quick: bool = False, repeats: int = 7
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     for preset in presets:
         row = {"preset": preset}
-        for name, fn in (("prefill", bench_prefill), ("train_step", bench_train_step)):
+        for name, fn in (("prefill", bench_prefill), ("decode", bench_decode), ("train_step", bench_train_step)):
             torch._dynamo.reset()
             try:
                 # A cold compile every time: inductor's on-disk caches (kept across runs in
@@ -181,7 +235,7 @@ def markdown_table(r: dict) -> str:
     cells = [{"preset": row["preset"], "workload": name.replace("_", " "), "eager": spread(w["eager_ms"]),
               "compiled": spread(w["compiled_ms"]), "speedup": f"**{w['speedup']:.2f}x**",
               "compile_s": f"{w['compile_s']:.1f}", "graphs": w["graphs"], "breaks": w["graph_breaks"]}
-             for row in r["rows"] for name, w in ((n, row.get(n)) for n in ("prefill", "train_step")) if w]
+             for row in r["rows"] for name, w in ((n, row.get(n)) for n in WORKLOADS) if w]
     return table(cells, COMPILE_COLUMNS)
 
 
@@ -190,7 +244,7 @@ def markdown_row(r: dict) -> str:
         return f"| compile | failed: {r['error']} |"
     parts = [f"{row['preset']} {name.replace('_', ' ')} {row[name]['speedup']:.2f}x "
              f"(compile {row[name]['compile_s']:.0f} s)"
-             for row in r["rows"] for name in ("prefill", "train_step")]
+             for row in r["rows"] for name in WORKLOADS if name in row]
     return f"| compile ({r['config']['size']}, eager/compiled) | " + ", ".join(parts) + " |"
 
 
@@ -207,8 +261,10 @@ def markdown_section(r: dict) -> str:
             "Eager and compiled run the same model on the same inputs in one process, calls "
             "interleaved; `compile s` is the compiled function's first call (Dynamo tracing, "
             "inductor code generation, the C++ build and one run). Prefill is the function "
-            "`bench fusion` times; the train step is `train_step` (forward, backward, clip, AdamW) "
-            "on a compiled copy of the model, the optimizer step itself eager.",
+            "`bench fusion` times; decode is ms per generated token, `decode_step` on the static "
+            "KV cache (fixed-size buffers written in place: the same shapes every step), 8 steps "
+            "after an untimed prefill; the train step is `train_step` (forward, backward, clip, "
+            "AdamW) on a compiled copy of the model, the optimizer step itself eager.",
             "",
             f"- seeds' claim, inference {r['seeds_claim_speedup']}x faster compiled: measured "
             + ", ".join(f"{s:.2f}x" for s in prefill) + " — "
@@ -221,13 +277,17 @@ def markdown_section(r: dict) -> str:
             "loss's: it projects only the answer positions onto the vocabulary (a boolean-mask "
             "select whose size depends on the batch), which costs far less than projecting "
             "every position."]
+    recompiles = [f"{row['preset']} {row['decode']['recompiles']}" for row in r["rows"] if "decode" in row]
+    if recompiles:
+        text.append("\nCompiled decode, graphs compiled after its first call (a recompile per step "
+                    "would show here): " + ", ".join(recompiles) + ".")
     same = [f"{row['preset']} {row['prefill']['same_tokens']}" for row in r["rows"]
             if "same_tokens" in row.get("prefill", {})]
     if same:
         text.append("\nCompiled prefill chose the same greedy tokens as eager: " + ", ".join(same) + ".")
     reasons: dict[str, int] = {}
     for row in r["rows"]:
-        for name in ("prefill", "train_step"):
+        for name in WORKLOADS:
             for k, v in row.get(name, {}).get("graph_break_reasons", {}).items():
                 reasons[k] = reasons.get(k, 0) + v
     if reasons:
@@ -240,8 +300,9 @@ def _plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, name in zip(axes, ("prefill", "train_step")):
+    names = [n for n in WORKLOADS if any(n in row for row in r["rows"])] or list(WORKLOADS)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.5), squeeze=False)
+    for ax, name in zip(axes[0], names):
         rows = [row for row in r["rows"] if name in row]
         for k, mode in enumerate(("eager_ms", "compiled_ms")):
             xs = [i + 0.4 * k for i in range(len(rows))]

@@ -26,7 +26,7 @@ from torch import nn
 
 from raybench.model.config import ModelConfig
 from raybench.model.deepstack import DeepStackMergers, deepstack_process
-from raybench.model.llm import KVCache, attention_mask, build_causal_lm
+from raybench.model.llm import KVCache, StaticKVCache, attention_mask, build_causal_lm
 from raybench.model.merger import PatchMerger
 from raybench.model.qformer import QFormer
 from raybench.model.scene_head import SceneHead
@@ -172,12 +172,8 @@ class HybridVLM(nn.Module):
         has_visual = state.num_visual > 0
         vis_pos = state.visual_positions() if has_visual else None
         for i, layer in enumerate(layers):
-            key_valid = state.key_valid
-            if cache is not None:
-                past = cache.key_valid[i]
-                key_valid = key_valid if past is None else torch.cat([past, key_valid], dim=1)
-                cache.key_valid[i] = key_valid
-            mask = attention_mask(key_valid, state.hidden.shape[1], state.hidden.dtype)
+            mask = (attention_mask(state.key_valid, state.hidden.shape[1], state.hidden.dtype)
+                    if cache is None else cache.mask(i, state.key_valid, state.hidden.dtype))
             state.hidden = layer(state.hidden, attention_mask=mask, position_embeddings=pe,
                                  position_ids=state.position_ids, cache=cache)
             if has_visual and i < len(state.deepstack_embeds):
@@ -266,17 +262,18 @@ class HybridVLM(nn.Module):
     @torch.no_grad()
     def generate_from_visual(self, input_ids, attention_mask, visual_embeds, deepstack_embeds, *,
                              max_new_tokens: int = 8, temperature: float = 0.0, top_p: float = 1.0,
-                             use_cache: bool = True, generator: torch.Generator | None = None
-                             ) -> torch.Tensor:
+                             use_cache: bool = True, static_cache: bool = False,
+                             generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prefill, then one token at a time. `static_cache`: fixed-size KV buffers
+        (`StaticKVCache`), so a compiled `decode_step` has the same shapes every step."""
         if not torch.compiler.is_compiling() and not bool(attention_mask[:, -1].all()):
             raise ValueError("generate() needs left-padded prompts (the last column must be real tokens)")
-        b, t = input_ids.shape
-        query_index = torch.full((b,), t - 1, device=input_ids.device)
-        cache = KVCache(len(self.decoder_layers)) if use_cache else None
-        state = self.run_decoder(self._prefill_state(input_ids, attention_mask, visual_embeds,
-                                                     deepstack_embeds, query_index), cache)
-        next_pos = state.position_ids[:, -1] + 1
-        logits = self.logits(state.hidden[:, -1])
+        b = input_ids.shape[0]
+        n_layers = len(self.decoder_layers)
+        cache = None
+        if use_cache:
+            cache = StaticKVCache(n_layers, max_new_tokens) if static_cache else KVCache(n_layers)
+        logits, next_pos = self.prefill(input_ids, attention_mask, visual_embeds, deepstack_embeds, cache)
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         out = []
         for step in range(max_new_tokens):
@@ -289,23 +286,41 @@ class HybridVLM(nn.Module):
             if step == max_new_tokens - 1 or bool(done.all()):  # the last step needs no sync
                 break
             if use_cache:
-                state = DecoderState(
-                    hidden=self.llm.get_input_embeddings()(token[:, None]), position_ids=next_pos[:, None],
-                    key_valid=torch.ones(b, 1, dtype=torch.bool, device=token.device),
-                    visual_pos_masks=torch.zeros(b, 1, dtype=torch.bool, device=token.device),
-                    query_mask=torch.ones(b, 1, dtype=torch.bool, device=token.device),
-                    keep_index=torch.zeros(b, 1, dtype=torch.long, device=token.device), deepstack_embeds=[])
-                state = self.run_decoder(state, cache, prune=False)
+                logits = self.decode_step(token, next_pos, cache)
+                cache.advance()
                 next_pos = next_pos + 1
-                logits = self.logits(state.hidden[:, -1])
             else:  # full recompute: the reference the KV cache must reproduce
                 ids = torch.cat([input_ids, torch.stack(out, 1)], 1)
                 mask = torch.cat([attention_mask, torch.ones(b, len(out), dtype=attention_mask.dtype,
                                                              device=ids.device)], 1)
-                state = self.run_decoder(self._prefill_state(ids, mask, visual_embeds, deepstack_embeds,
-                                                             query_index))
-                logits = self.logits(state.hidden[:, -1])
+                # Pruned by the question's end, as the cached path was at prefill.
+                logits, _ = self.prefill(ids, mask, visual_embeds, deepstack_embeds,
+                                         query_index=torch.full((b,), input_ids.shape[1] - 1,
+                                                                 device=ids.device))
         return torch.stack(out, 1)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual_embeds,
+                deepstack_embeds, cache: KVCache | None = None, query_index: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 3's prompt pass over left-padded prompts (injection, pruning, `cache` filled)
+        -> (next-token logits [B, V], the next token's positions [B]). Pruning ranks image
+        tokens by the attention of `query_index` (default: the last column, the question's end)."""
+        b, t = input_ids.shape
+        if query_index is None:
+            query_index = torch.full((b,), t - 1, device=input_ids.device)
+        state = self.run_decoder(self._prefill_state(input_ids, attention_mask, visual_embeds,
+                                                     deepstack_embeds, query_index), cache)
+        return self.logits(state.hidden[:, -1]), state.position_ids[:, -1] + 1
+
+    def decode_step(self, token: torch.Tensor, position_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row [B] at positions [B] through the cached decoder -> logits [B, V]."""
+        b = token.shape[0]
+        ones = torch.ones(b, 1, dtype=torch.bool, device=token.device)
+        state = DecoderState(
+            hidden=self.llm.get_input_embeddings()(token[:, None]), position_ids=position_ids[:, None],
+            key_valid=ones, visual_pos_masks=~ones, query_mask=ones,
+            keep_index=torch.zeros(b, 1, dtype=torch.long, device=token.device), deepstack_embeds=[])
+        return self.logits(self.run_decoder(state, cache, prune=False).hidden[:, -1])
 
     # ----------------------------------------------------------------- save / load
 

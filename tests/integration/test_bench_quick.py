@@ -67,6 +67,8 @@ def test_compile_traces_prefill_whole_and_keeps_the_answers(quick_out):
     # Pruning and DeepStack included: one graph, no breaks, the eager greedy tokens.
     assert row["preset"] == "hybrid" and row["prefill"]["graph_breaks"] == 0 and row["prefill"]["graphs"] == 1
     assert row["prefill"]["same_tokens"] is True
+    # Decode on the static KV cache: one graph for every step, nothing recompiled.
+    assert row["decode"]["graph_breaks"] == 0 and row["decode"]["recompiles"] == 0
     # The train step does break (the loss selects the answer positions): the counter counts.
     assert row["train_step"]["graph_breaks"] > 0
 

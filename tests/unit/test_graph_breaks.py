@@ -4,6 +4,7 @@ tokens with shape-static sorts and gathers, so `torch.compile` has nothing to br
 
 import pytest
 import torch
+from torch._dynamo.testing import CompileCounter
 
 from raybench.config import validate_config
 from raybench.cost import probe_inputs, probe_model
@@ -38,3 +39,19 @@ def test_traced_prefill_answers_as_eager():
     _, prefill = _prefill("hybrid")
     torch._dynamo.reset()
     assert torch.equal(torch.compile(prefill, backend="eager")(), prefill())
+
+
+def test_a_compiled_decode_step_with_the_static_cache_compiles_once():
+    model, _ = _prefill("hybrid")
+    ids, mask, pixels = probe_inputs(model, 2)
+    model.eos_token_id = -1  # never "done": every one of the steps runs
+    eager = model.generate(ids, mask, pixels, max_new_tokens=6)
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    model.decode_step = torch.compile(model.decode_step, backend=counter)
+    static = model.generate(ids, mask, pixels, max_new_tokens=6, static_cache=True)
+    assert torch.equal(static, eager)
+    assert counter.frame_count == 1  # 5 decode steps, one graph
+    # The growing cache changes shapes every step: Dynamo has to trace it again.
+    model.generate(ids, mask, pixels, max_new_tokens=6)
+    assert counter.frame_count > 1

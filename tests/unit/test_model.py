@@ -240,8 +240,9 @@ def test_kv_cache_greedy_equals_full_recompute(preset):
         mask[i, -len(row):] = 1
     cached = model.generate(ids, mask, px, max_new_tokens=6)
     recomputed = model.generate(ids, mask, px, max_new_tokens=6, use_cache=False)
+    static = model.generate(ids, mask, px, max_new_tokens=6, static_cache=True)
     assert cached.shape[1] >= 1
-    assert torch.equal(cached, recomputed)
+    assert torch.equal(cached, recomputed) and torch.equal(static, cached)
     assert not (cached == IMG).any()
 
 
