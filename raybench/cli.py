@@ -116,15 +116,21 @@ def _cmd_ask(args) -> int:
 
 # Each benchmark is a module `raybench.bench.<name>` with `main(args) -> int`; `report`
 # renders BENCHMARKS.md from their JSON files and `all` runs every benchmark, then `report`.
-BENCHMARKS = ("fusion", "train", "sweep", "serve", "compile", "seeds")
+BENCHMARKS = ("fusion", "pruning", "train", "sweep", "serve", "compile", "seeds")
 
 
 def _cmd_bench(args) -> int:
     import importlib
 
     names = BENCHMARKS if args.which == "all" else (args.which,)
+    if args.size == "gpu" and args.which != "pruning":
+        raise ConfigError("bench --size gpu: only `bench pruning` measures the gpu architecture "
+                          "(with --random-init); the others run CPU-sized models (tiny, small)")
     rc = 0
     for name in names:
+        # pruning measures the gpu architecture (random weights: costs do not depend on them)
+        bench_args = argparse.Namespace(**{**vars(args), "size": args.size or ("gpu" if name == "pruning" else "small"),
+                                           "random_init": args.random_init or args.which == "all"})
         try:
             module = importlib.import_module(f"raybench.bench.{name}")
         except ModuleNotFoundError as err:
@@ -133,7 +139,7 @@ def _cmd_bench(args) -> int:
             if args.which != "all":
                 raise ConfigError(f"bench {name!r} is not in this build yet") from None
             continue
-        rc = module.main(args) or rc
+        rc = module.main(bench_args) or rc
     if args.which == "all":
         from raybench.bench.report import write_report
 
@@ -148,8 +154,11 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("which", choices=[*BENCHMARKS, "report", "all"],
                    help="report: render DIR/BENCHMARKS.md from the JSON files already in --out")
     p.add_argument("--out", default="bench-out")
-    p.add_argument("--size", default="small", choices=["tiny", "small"])
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--size", default=None, choices=["tiny", "small", "gpu"],
+                   help="model size (default: small; pruning: gpu)")
+    p.add_argument("--random-init", action="store_true",
+                   help="pruning: the size's architecture with random weights, no checkpoint needed")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (default: 7; pruning: 3)")
     p.add_argument("--quick", action="store_true", help="fewer repeats, tiny inputs (a minute or two)")
     p.add_argument("--steps", type=int, default=None,
                    help="seeds: training steps per preset (default: jobs/configs/default.yaml's train.steps)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import platform
@@ -72,3 +74,23 @@ def markdown_table(rows: list[dict], columns: dict[str, str] | None = None) -> s
 def spread(stats: dict, fmt: str = ".2f") -> str:
     """A timing record (`summarize`) as one cell: "median (min-max)"."""
     return f"{stats['median']:{fmt}} ({stats['min']:{fmt}}-{stats['max']:{fmt}})"
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss_growth_mib(fn) -> float:
+    """Peak resident memory above the starting point while `fn` runs (Linux only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed pages back so the baseline is honest
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    except OSError:
+        return float("nan")
+    base = _rss_kib("VmRSS")
+    fn()
+    return (_rss_kib("VmHWM") - base) / 1024

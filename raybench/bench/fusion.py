@@ -10,38 +10,16 @@ dense->sparse is also compared with the identical model with sparsity switched o
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import statistics
 from pathlib import Path
 
 import torch
 
-from raybench.bench.common import timed_ms, markdown_table as table, spread, summarize, write_result
+from raybench.bench.common import peak_rss_growth_mib, timed_ms, markdown_table as table, spread, summarize, write_result
 from raybench.config import validate_config
 from raybench.cost import PROMPT_TEXT_TOKENS, gflops_per_sample, prefill_fn, probe_model
 from raybench.model.presets import PRESETS
 from raybench.model.vlm import HybridVLM
-
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _peak_rss_growth_mib(fn) -> float:
-    """Peak resident memory above the starting point while `fn` runs (Linux only)."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed pages back so the baseline is honest
-        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    except OSError:
-        return float("nan")
-    base = _rss_kib("VmRSS")
-    fn()
-    return (_rss_kib("VmHWM") - base) / 1024
-
 
 def _build(preset: str, size: str, image_size: int, sparsity: bool | None = None) -> HybridVLM:
     model: dict = {"preset": preset, "size": size, "vision": {"image_size": image_size}}
@@ -54,7 +32,7 @@ def measure(model: HybridVLM, batch: int, repeats: int, warmup: int = 2) -> dict
     prefill = prefill_fn(model, batch)
     samples = timed_ms(prefill, repeats, warmup)
     flops = gflops_per_sample(prefill, batch)
-    mem = [_peak_rss_growth_mib(prefill) for _ in range(3)]
+    mem = [peak_rss_growth_mib(prefill) for _ in range(3)]
     return {"latency_ms": summarize(samples),
             "gflops_per_sample": flops,
             "peak_rss_growth_mib": statistics.median(mem),
@@ -177,6 +155,6 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(args) -> int:
-    run_fusion_bench(out_dir=Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
+    run_fusion_bench(out_dir=Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats or 7)
     return 0
 

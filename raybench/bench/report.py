@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 # Page order; each is `raybench.bench.<name>` writing `<name>.json`.
-SECTIONS = ("train", "fusion", "seeds", "compile", "serve", "sweep")
-TITLES = {"train": "Training", "fusion": "Fusion", "seeds": "The seeds' comparison",
+SECTIONS = ("train", "fusion", "pruning", "seeds", "compile", "serve", "sweep")
+TITLES = {"train": "Training", "fusion": "Fusion", "pruning": "Dense->sparse at depth", "seeds": "The seeds' comparison",
           "compile": "torch.compile", "serve": "Serving", "sweep": "Sweeps"}
 MACHINE_KEYS = ("platform", "python", "torch")
 STATS_KEYS = ("median", "min", "max", "samples")
@@ -31,6 +31,11 @@ SCHEMA: dict[str, dict[str, list[str]]] = {
                         "rows[].gflops_per_sample", "rows[].peak_rss_growth_mib", "rows[].params_m",
                         "rows[].latency_vs_llava"],
                "stats": ["rows[].latency_ms"]},
+    "pruning": {"keys": ["size", "runtime_s", "rows[].schedule", "rows[].batch", "rows[].image_tokens",
+                         "rows[].kept_after_stages", "rows[].llm_gflops_per_sample", "rows[].kv_cache_mib",
+                         "rows[].peak_rss_growth_mib", "rows[].llm_speedup", "rows[].llm_flops_bound",
+                         "rows[].efficiency", "rows[].e2e_speedup", "rows[].kv_vs_dense"],
+                "stats": ["rows[].llm_ms", "rows[].e2e_ms"]},
     "compile": {"keys": ["seeds_claim_speedup", "rows[].preset", "rows[].prefill.compile_s",
                          "rows[].prefill.speedup", "rows[].prefill.graph_breaks",
                          "rows[].train_step.compile_s", "rows[].train_step.speedup"],

@@ -63,7 +63,7 @@ def _config(out: Path, size: str, quick: bool) -> dict:
         "name": "bench-train", "run_dir": str(out / "bench-train-run"),
         "model": {"preset": "hybrid", "size": "tiny" if quick else size},
         "data": {"num_train": 1024 if quick else 4096, "num_val": 64},
-        "train": {"steps": 30 if quick else 90, "batch_size": 32 if quick else 64,
+        "train": {"steps": 30 if quick else 120, "batch_size": 32 if quick else 64,
                   "eval_every": 10 if quick else 30, "eval_samples": 64, "log_every": 10,
                   "num_workers": 2, "warmup_steps": 5},
     }

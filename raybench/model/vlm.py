@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
-from raybench.model.config import ModelConfig
+from raybench.model.config import ModelConfig, SparsityConfig
 from raybench.model.deepstack import DeepStackMergers, deepstack_process
 from raybench.model.llm import KVCache, StaticKVCache, attention_mask, build_causal_lm
 from raybench.model.merger import PatchMerger
@@ -95,13 +95,21 @@ class HybridVLM(nn.Module):
         self.deepstack_visual_indexes = config.deepstack_visual_indexes
         self.deepstack = (DeepStackMergers(len(self.deepstack_visual_indexes), hv, d, f.spatial_merge_size)
                           if self.deepstack_visual_indexes else None)
-        sp = f.sparsity
-        self.stage_layers = list(sp.stage_layers) if sp.enabled else []
         # Pruning scores with the *next* layer's q/k outside that layer's forward; a wrapper
         # that shards layers (FSDP) sets this to gather that layer's weights first.
         self.before_scoring: Callable[[nn.Module], None] | None = None
-        self.stage_keep = (keep_counts(config.num_image_tokens, sp.schedule, sp.final_keep_ratio,
-                                       len(self.stage_layers)) if sp.enabled else [])
+        self.set_pruning(f.sparsity)
+
+    def set_pruning(self, sparsity: SparsityConfig) -> None:
+        """Which layers end a pruning stage and how many image tokens survive each. Pruning has
+        no weights of its own (it scores with the next layer's q/k), so one set of weights can
+        run any schedule, or none: `bench pruning` compares schedules on the same model."""
+        fusion = self.config.fusion.model_copy(update={"sparsity": sparsity})
+        self.config = self.config.model_copy(update={"fusion": fusion})  # the caller's stays as it was
+        self.stage_layers = list(sparsity.stage_layers) if sparsity.enabled else []
+        self.stage_keep = (keep_counts(self.config.num_image_tokens, sparsity.schedule,
+                                       sparsity.final_keep_ratio, len(self.stage_layers))
+                           if sparsity.enabled else [])
 
     @classmethod
     def for_tokenizer(cls, config: ModelConfig, tokenizer) -> "HybridVLM":

@@ -177,7 +177,8 @@ def _measure_cost(config: dict, cfg: RunConfig, rank: int, extra: dict) -> None:
 
 
 class _Window:
-    """Training loss and throughput since the last eval (eval time excluded)."""
+    """Training loss and throughput of the steps since the last boundary (eval, checkpoint
+    and report excluded: a window opens after one boundary and closes before the next)."""
 
     def __init__(self):
         self.start, self.samples, self.tokens, self.losses = time.perf_counter(), 0, 0, []
@@ -261,12 +262,14 @@ class _Run:
         self.exported = True
 
     def checkpoint_and_report(self) -> None:
+        # The window holds training steps only: it closes before this boundary's work (cost,
+        # export, eval, checkpoint, report) and the next one opens after it; `eval_s` times it.
+        throughput, started = self.window.metrics(), time.perf_counter()
         _measure_cost(self.config, self.cfg, self.rank, self.extra)
         if self.state.step == self.t.steps:
             self.export()
-        throughput, self.window = self.window.metrics(), _Window()
         metrics = _evaluate(self.model, self.val_shard, self.per_worker, self.suppressed, self.device)
-        metrics.update(step=self.state.step, **throughput, **self.extra)
+        metrics.update(step=self.state.step, **throughput, **self.extra, eval_s=time.perf_counter() - started)
         if self.tracker:
             print(format_eval(self.state.step, self.t.steps, metrics["train_loss"], metrics,
                               metrics["samples_per_s"]), flush=True)
@@ -277,6 +280,7 @@ class _Run:
         with tempfile.TemporaryDirectory(prefix="raybench-ckpt-") as tmp:
             ckpt.save(Path(tmp), self.model, self.optimizer, self.scheduler, self.state, self.rank)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        self.window = _Window()
 
 
 def train_loop_per_worker(config: dict) -> None:
