@@ -192,15 +192,15 @@ def markdown_section(r: dict) -> str:
         + ", ".join(f"{w:.0f}" for w in r["ray_windows_samples_per_s"]) + " samples/s.", "",
         "What differs between the two: the baseline steps through batches prebuilt in memory; the Ray "
         "workers pull each batch from Ray Data (`iter_torch_batches`, local shuffle, collate) and rank 0 "
-        "logs to MLflow every `log_every` steps. The input side is not the gap: iterating a worker's shard "
-        "as training does (shuffle, collate, `to_model_batch`) costs ~2-3 ms per batch against a ~350 ms "
-        "step, and `prefetch_batches` 1/2/4 changes nothing measurable. The likely cause is the machine: ten "
-        "Ray processes (raylet, GCS, dashboard and its agent, the Train controller and its helper actors) "
-        "each take ~1% of a core at normal priority while the workers run at nice 15, and every "
-        "interruption of one rank stalls both at the next all-reduce (`top` shows ~10% of the 2 cores idle "
-        "during Ray training; not measured under torchrun). The dashboard row "
-        "switches off the one piece a user can; within the window-to-window noise (see the windows) it is "
-        "not the lever.",
+        "logs to MLflow every `log_every` steps. A Ray window holds training steps only: it closes before "
+        "an eval boundary (eval, DCP checkpoint, `ray.train.report`; their time is the `eval_s` metric) "
+        "and the next opens after it. Ray's process environment is not the gap: torchrun's own loop run "
+        "inside 2 Ray Train workers (nice 15, 1 thread) keeps torchrun's speed. Inside the same 2 workers, "
+        "`train_step` over Ray Data's iterator against the same batches collected into a list first gave "
+        "160 vs 174 samples/s in one run: waiting for a batch is 4-5 ms, but each step is ~30 ms slower "
+        "while the iterator's background thread works beside it on the same 2 cores; a second run of "
+        "that experiment was within its noise (150-157 both ways). The dashboard row switches off the one "
+        "piece of Ray a user can; within the window-to-window noise it is not the lever.",
     ]) + "\n"
 
 
