@@ -195,12 +195,14 @@ def markdown_section(r: dict) -> str:
         "logs to MLflow every `log_every` steps. A Ray window holds training steps only: it closes before "
         "an eval boundary (eval, DCP checkpoint, `ray.train.report`; their time is the `eval_s` metric) "
         "and the next opens after it. Ray's process environment is not the gap: torchrun's own loop run "
-        "inside 2 Ray Train workers (nice 15, 1 thread) keeps torchrun's speed. Inside the same 2 workers, "
-        "`train_step` over Ray Data's iterator against the same batches collected into a list first gave "
-        "160 vs 174 samples/s in one run: waiting for a batch is 4-5 ms, but each step is ~30 ms slower "
-        "while the iterator's background thread works beside it on the same 2 cores; a second run of "
-        "that experiment was within its noise (150-157 both ways). The dashboard row switches off the one "
-        "piece of Ray a user can; within the window-to-window noise it is not the lever.",
+        "inside 2 Ray Train workers (nice 15, 1 thread) kept torchrun's speed (87 vs 86-93 samples/s at a "
+        "larger batch; alternating runs at this config, 147 and 162 vs 173 and 163, are within the "
+        "machine's noise). Nor is the input: inside "
+        "the same 2 workers, 50 steps of `train_step` over Ray Data's iterator, over the iterator without "
+        "prefetching and over the same batches collected into a list first, interleaved three times, gave "
+        "166-173, 168-174 and 158-173 samples/s (a batch waits 4-5 ms; runs drift more than the modes "
+        "differ). The dashboard row switches off the one piece of Ray a user can; within the "
+        "window-to-window noise it is not the lever.",
     ]) + "\n"
 
 
