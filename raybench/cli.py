@@ -128,8 +128,11 @@ def _cmd_bench(args) -> int:
                           "(with --random-init); the others run CPU-sized models (tiny, small)")
     rc = 0
     for name in names:
-        # pruning measures the gpu architecture (random weights: costs do not depend on them)
-        bench_args = argparse.Namespace(**{**vars(args), "size": args.size or ("gpu" if name == "pruning" else "small"),
+        # pruning measures the gpu architecture (random weights: costs do not depend on them),
+        # each repeat a full prefill of a 28-layer LLM: fewer repeats
+        pruning = name == "pruning"
+        bench_args = argparse.Namespace(**{**vars(args), "size": args.size or ("gpu" if pruning else "small"),
+                                           "repeats": args.repeats or (3 if pruning else 7),
                                            "random_init": args.random_init or args.which == "all"})
         try:
             module = importlib.import_module(f"raybench.bench.{name}")

@@ -324,7 +324,7 @@ def main(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result = run_compile_bench(size=args.size, quick=args.quick, repeats=args.repeats or 7)
+    result = run_compile_bench(size=args.size, quick=args.quick, repeats=args.repeats)
     write_result(out, "compile", result, markdown_row(result), _plot)
     if result["error"]:
         print(f"raybench: bench compile failed: {result['error']} (recorded in {out / 'compile.json'})",

@@ -155,6 +155,6 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(args) -> int:
-    run_fusion_bench(out_dir=Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats or 7)
+    run_fusion_bench(out_dir=Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
     return 0
 

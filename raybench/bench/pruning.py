@@ -26,7 +26,7 @@ import torch
 
 from raybench.bench.common import markdown_table, peak_rss_growth_mib, spread, summarize, write_result
 from raybench.config import ConfigError, validate_config
-from raybench.cost import PROMPT_TEXT_TOKENS, probe_inputs, probe_model
+from raybench.cost import PROMPT_TEXT_TOKENS, gflops_per_sample, probe_inputs, probe_model
 from raybench.model.config import SparsityConfig
 from raybench.model.llm import KVCache
 from raybench.model.presets import model_defaults
@@ -92,13 +92,6 @@ class _Prefill:
         self.llm(visual)
         return (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
 
-    def gflops(self, part) -> float:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            part()
-        return counter.get_total_flops() / self.batch / 1e9
-
 
 def _kv_mib(cache: KVCache) -> float:
     return sum(k.nbytes + v.nbytes for k, v in zip(cache.keys, cache.values)) / 2**20
@@ -118,7 +111,7 @@ def measure_point(model: HybridVLM, batch: int, variants: dict[str, SparsityConf
                 vit_ms[name].append(v)
                 llm_ms[name].append(t)
     visual = run.visual()
-    vit_gflops = run.gflops(run.visual)
+    vit_gflops = gflops_per_sample(run.visual, batch)
     rows = []
     for name, sp in variants.items():
         model.set_pruning(sp or SparsityConfig())
@@ -128,7 +121,7 @@ def measure_point(model: HybridVLM, batch: int, variants: dict[str, SparsityConf
             "stage_layers": model.stage_layers, "kept_after_stages": model.stage_keep,
             "llm_ms": summarize(llm_ms[name]),
             "e2e_ms": summarize([a + b for a, b in zip(vit_ms[name], llm_ms[name])]),
-            "llm_gflops_per_sample": run.gflops(lambda: run.llm(visual)),
+            "llm_gflops_per_sample": gflops_per_sample(lambda: run.llm(visual), batch),
             "vit_gflops_per_sample": vit_gflops,
             "kv_cache_mib": _kv_mib(cache),
             "peak_rss_growth_mib": peak_rss_growth_mib(lambda: run.llm(visual)),
@@ -231,12 +224,13 @@ def markdown_section(r: dict) -> str:
     from raybench.bench.report import claim, heading
 
     cfg = r["config"]
+    stage_layers = next(row["stage_layers"] for row in r["rows"] if row["schedule"] != "dense")
     head = heading(r, f"size `{r['size']}`{' with random weights' if r.get('random_init') else ''}, "
                    f"{cfg['num_layers']}-layer LLM, {cfg['threads']} threads, {r['repeats']} repeats after "
                    f"{r['warmup']} warm-up, interleaved; {r['runtime_s'] / 60:.0f} min")
     lines = [head, "", table(r["rows"]), "",
              "Every schedule prunes after each quarter of the LLM (layers "
-             f"{r['rows'][1]['stage_layers']}); `pyramiddrop` is PyramidDrop's own schedule (lambda 0.5: keep 1, "
+             f"{stage_layers}); `pyramiddrop` is PyramidDrop's own schedule (lambda 0.5: keep 1, "
              "1/2, 1/4, 1/8 of the image tokens), `constant` cuts once (FastV-like), `step` halfway. "
              "LLM prefill = embedding + decoder with pruning + first-token logits, the KV cache filled; "
              "end to end adds ViT and projection, which pruning does not touch. **FLOPs bound** = dense / "
@@ -282,5 +276,5 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 def main(args) -> int:
     run_pruning_bench(Path(args.out), size=args.size, random_init=args.random_init, quick=args.quick,
-                      repeats=args.repeats or 3)
+                      repeats=args.repeats)
     return 0

@@ -480,5 +480,5 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(args) -> int:
-    run_serve_bench(Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats or 7)
+    run_serve_bench(Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
     return 0

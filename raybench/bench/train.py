@@ -193,16 +193,10 @@ def markdown_section(r: dict) -> str:
         "What differs between the two: the baseline steps through batches prebuilt in memory; the Ray "
         "workers pull each batch from Ray Data (`iter_torch_batches`, local shuffle, collate) and rank 0 "
         "logs to MLflow every `log_every` steps. A Ray window holds training steps only: it closes before "
-        "an eval boundary (eval, DCP checkpoint, `ray.train.report`; their time is the `eval_s` metric) "
-        "and the next opens after it. Ray's process environment is not the gap: torchrun's own loop run "
-        "inside 2 Ray Train workers (nice 15, 1 thread) kept torchrun's speed (87 vs 86-93 samples/s at a "
-        "larger batch; alternating runs at this config, 147 and 162 vs 173 and 163, are within the "
-        "machine's noise). Nor is the input: inside "
-        "the same 2 workers, 50 steps of `train_step` over Ray Data's iterator, over the iterator without "
-        "prefetching and over the same batches collected into a list first, interleaved three times, gave "
-        "166-173, 168-174 and 158-173 samples/s (a batch waits 4-5 ms; runs drift more than the modes "
-        "differ). The dashboard row switches off the one piece of Ray a user can; within the "
-        "window-to-window noise it is not the lever.",
+        "an eval boundary (eval, DCP checkpoint, `ray.train.report`) and the next opens after it. Where "
+        "the rest of the gap goes (Ray's processes on the same 2 cores, or raybench's worker loop) is not "
+        "established yet; the window-to-window spread above is the noise any explanation must beat. The "
+        "dashboard row switches off the one piece of Ray a user can; within that noise it is not the lever.",
     ]) + "\n"
 
 

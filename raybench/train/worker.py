@@ -263,7 +263,8 @@ class _Run:
 
     def checkpoint_and_report(self) -> None:
         # The window holds training steps only: it closes before this boundary's work (cost,
-        # export, eval, checkpoint, report) and the next one opens after it; `eval_s` times it.
+        # export, eval, checkpoint, report) and the next one opens after it. `eval_s` times the
+        # part before the report (cost, export, eval); the checkpoint and report come after it.
         throughput, started = self.window.metrics(), time.perf_counter()
         _measure_cost(self.config, self.cfg, self.rank, self.extra)
         if self.state.step == self.t.steps:
