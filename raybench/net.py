@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 import urllib.error
@@ -9,10 +10,27 @@ import urllib.request
 from typing import Callable
 
 
+# Ports the OS never hands out for bind(0)/connect() (below Linux's default ephemeral range,
+# 32768-60999) and that Ray leaves alone (its workers take 10002-19999). A port from the
+# ephemeral range can be free when picked yet taken a second later by one of the dozens of
+# sockets a starting Ray opens, before the caller's server binds it: CI once lost a deploy
+# test that way ("Failed to bind to address '127.0.0.1:39355'").
+_QUIET_PORTS = range(20000, 32768)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (the OS picks it; another process may still take
-    it before the caller binds, which is why callers pass it straight to their server)."""
-    with socket.socket() as s:
+    """A port nothing listens on right now, outside the ranges the OS and Ray draw from, so
+    that it is still free when the caller's server binds it a few seconds later."""
+    rng = random.Random()
+    for _ in range(64):
+        port = rng.choice(_QUIET_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # every try taken: fall back to the OS's pick
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -1,5 +1,6 @@
 """raybench.net: the one free-port and wait-until-it-answers helper (servers, Serve, MLflow)."""
 
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -54,3 +55,12 @@ def test_nothing_listening_times_out_and_check_stops_early():
     with pytest.raises(RuntimeError, match="server exited"):
         wait_http(url, 30, interval_s=0.01, check=check)
     assert len(calls) == 3
+
+
+def test_free_port_stays_out_of_the_ranges_the_os_and_ray_draw_from():
+    ports = {free_port() for _ in range(20)}
+    assert all(20000 <= p < 32768 for p in ports)  # not ephemeral (32768+), not Ray's workers (10002-19999)
+    assert len(ports) > 1  # picked at random, so two callers rarely collide
+    for p in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))  # and free
