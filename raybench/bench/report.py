@@ -49,7 +49,7 @@ SCHEMA: dict[str, dict[str, list[str]]] = {
               "stats": ["ray_samples_per_s_stats"]},
     "sweep": {"keys": ["trials[].trial_id", "trials[].startup_s", "trials[].training_s", "sweep_wall_s",
                        "sum_training_s", "wall_over_training", "empty_trainer.train_fn_entry_s",
-                       "empty_trainer.fit_s"],
+                       "empty_trainer.fit_s", "empty_trainer_imports.imported_s", "over_floor_s"],
               "stats": ["startup_s"]},
     "serve": {"keys": ["goals.pipeline_added_ms_at_c1", "goals.batched_over_unbatched_req_s_at_c32",
                        "rows[].config", "rows[].concurrency", "rows[].p50_ms", "rows[].p99_ms",

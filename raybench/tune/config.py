@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from raybench.schema import Strict
 
@@ -55,6 +55,12 @@ class SweepConfig(Strict):
     share_scene_stages: bool = True
     trial_max_failures: int = Field(1, ge=-1)  # Tune-level trial restarts
     driver_cpus: float = Field(0.01, gt=0)  # the per-trial driver function; 0 is refused by Tune
+    # A finished trial's driver process runs the next trial (Tune's `reuse_actors`): the next
+    # one skips the process start and the torch / Ray Train imports. None: on with the FIFO
+    # scheduler only. A trial ASHA stops is still running its TorchTrainer when Tune hands its
+    # process to the next trial, and Tune then fails that next trial instead of starting it
+    # afresh ("Could not re-use actor"), so ASHA refuses it.
+    reuse_trial_drivers: bool | None = None
     storage: str | None = None  # Optuna RDB URL; None: sqlite:///<run_dir>/optuna.db
     registered_model: str = Field("raybench-vlm", min_length=1)
     alias: str = Field("champion", pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")
@@ -64,3 +70,14 @@ class SweepConfig(Strict):
     # own value, so `[{}]` makes trial 1 the config as written - a known-good start that
     # the champion can only improve on. Optuna search only.
     points_to_evaluate: list[dict[str, Any]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _reuse_needs_fifo(self) -> SweepConfig:
+        if self.reuse_trial_drivers and self.scheduler == "asha":
+            raise ValueError("sweep.reuse_trial_drivers = true needs sweep.scheduler = fifo: a trial ASHA "
+                             "stops is still training when Tune would hand its driver to the next trial")
+        return self
+
+    @property
+    def reuses_drivers(self) -> bool:
+        return self.scheduler == "fifo" if self.reuse_trial_drivers is None else self.reuse_trial_drivers

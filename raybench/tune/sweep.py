@@ -124,7 +124,8 @@ def _tuner(sweep: Sweep, trainable, resume: bool):
     if s.search == "grid":  # every combination once; the summary writes them into the study
         return tune.Tuner(trainable, param_space=grid_space(s.space), run_config=run_config,
                           tune_config=tune.TuneConfig(scheduler=scheduler, num_samples=1,
-                                                      max_concurrent_trials=s.max_concurrent_trials))
+                                                      max_concurrent_trials=s.max_concurrent_trials,
+                                                      reuse_actors=s.reuses_drivers))
     searcher = DistinctOptunaSearch(
         s, space=optuna_space(s.space), metric=metrics[0] if single else metrics,
         mode=modes[0] if single else modes, study_name=sweep.cfg.name,
@@ -134,7 +135,8 @@ def _tuner(sweep: Sweep, trainable, resume: bool):
     return tune.Tuner(
         trainable, run_config=run_config,
         tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=s.num_samples,
-                                    max_concurrent_trials=s.max_concurrent_trials),
+                                    max_concurrent_trials=s.max_concurrent_trials,
+                                    reuse_actors=s.reuses_drivers),
     )
 
 

@@ -40,10 +40,13 @@ def trial_config(ctx: dict[str, Any], params: dict[str, Any], trial_id: str):
     return validate_config(raw)
 
 
+_TRIALS_RUN_HERE = 0  # trials this driver process has run (Tune reuses finished drivers)
+
+
 def process_started_at() -> float:
-    """Wall-clock time this process started. Tune starts a fresh driver process for every
-    trial, so this is the trial's launch: start-up counts the process, its imports and Tune's
-    set-up too. From /proc's uptime-relative start (10 ms ticks); elsewhere, now."""
+    """Wall-clock time this process started. A trial that gets a fresh driver process is
+    launched then: start-up counts the process, its imports and Tune's set-up too. From
+    /proc's uptime-relative start (10 ms ticks); elsewhere, now."""
     try:
         ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
         uptime = float(Path("/proc/uptime").read_text().split()[0])
@@ -60,7 +63,11 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from raybench.train.trainer import fit
     from raybench.tune.shared_stage import shared_stage
 
-    launched_at = min(process_started_at(), entered_at)
+    global _TRIALS_RUN_HERE
+    # A reused driver (`sweep.reuse_trial_drivers`) was launched for an earlier trial: this
+    # one starts when Tune hands it the new config, i.e. here.
+    launched_at = min(process_started_at(), entered_at) if _TRIALS_RUN_HERE == 0 else entered_at
+    _TRIALS_RUN_HERE += 1
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(ctx, config, trial_id)
     # The inference cost (Pareto objective, MLflow compare view) is measured by rank 0 and

@@ -70,6 +70,9 @@ def test_sweep_times_every_trial_and_its_start_up_phases(results):
         assert 0 <= order[0] and order == sorted(order), p
         assert t["startup_s"] == p["startup_s"] and t["training_s"] > 0
         assert t["total_s"] == pytest.approx(t["startup_s"] + t["training_s"])
+    # FIFO: the second trial ran in the first one's driver process (sweep.reuse_trial_drivers),
+    # so its launch is its function's entry: no process start or Tune set-up before it.
+    assert sorted(t["phases"]["startup_trial_s"] == 0 for t in trials) == [False, True]
     # Trials run one after another (max_concurrent_trials 1): the wall holds all of them.
     assert r["sweep_wall_s"] >= sum(t["total_s"] for t in trials)
     assert r["wall_over_training"] == pytest.approx(r["sweep_wall_s"] / r["sum_training_s"])
@@ -77,6 +80,11 @@ def test_sweep_times_every_trial_and_its_start_up_phases(results):
     floor = r["empty_trainer"]
     assert floor["repeats"] == len(floor["samples"]["fit_s"]) == len(floor["samples"]["train_fn_entry_s"]) == 1
     assert 0 < floor["train_fn_entry_s"] < floor["fit_s"]
+    assert r["over_floor_s"] == pytest.approx(r["startup_s"]["median"] - floor["train_fn_entry_s"])
+    # The same empty trainer, importing what a trial's workers import: done after it entered.
+    imports = r["empty_trainer_imports"]
+    assert len(imports["samples"]["imported_s"]) == 1
+    assert 0 < imports["train_fn_entry_s"] < imports["imported_s"] < imports["fit_s"]
 
 
 def test_serve_answers_every_load_point_without_errors(results):

@@ -203,6 +203,20 @@ def test_trial_launch_is_the_process_start_not_the_call():
     assert process_started_at() <= time.time()
 
 
+def test_trial_drivers_are_reused_under_fifo_only(tmp_path):
+    def sweep(**fields):
+        path = tmp_path / "s.yaml"
+        raw = _raw({"train.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-2}})
+        raw["sweep"].update(fields)
+        path.write_text(yaml.safe_dump(raw))
+        return load_sweep(path, []).cfg.sweep
+
+    assert sweep(scheduler="fifo").reuses_drivers and not sweep(scheduler="asha").reuses_drivers
+    assert not sweep(scheduler="fifo", reuse_trial_drivers=False).reuses_drivers
+    with pytest.raises(ConfigError, match="reuse_trial_drivers = true needs sweep.scheduler = fifo"):
+        sweep(scheduler="asha", reuse_trial_drivers=True)
+
+
 POINT_SPACE = {
     "vet_vocab_size": {"type": "logint", "low": 32, "high": 256},
     "model.fusion.sparsity.schedule": {"type": "choice", "values": ["constant", "linear", "exponential", "step"]},
