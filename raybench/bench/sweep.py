@@ -176,7 +176,7 @@ def markdown_section(r: dict) -> str:
                      "training": f"{tr['training_s']:.1f} s",
                      "accuracy": f"{tr['accuracy']:.3f}" if tr.get("accuracy") is not None else ""}
                     for tr in r["trials"]],
-                   {"trial": "trial", "startup": "start-up (driver process start → first step)",
+                   {"trial": "trial", "startup": "start-up (launch → first step)",
                     "training": "training + evals + checkpoints", "accuracy": "accuracy"})]
     floor = r.get("empty_trainer")
     over = f" (**{r['over_floor_s']:.1f} s** over the empty trainer's floor below, against the goal of <= " \
