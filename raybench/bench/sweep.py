@@ -83,12 +83,12 @@ def empty_trainer_floor(out: Path, repeats: int, num_workers: int, cpus_per_work
         entered, done = queue.get(timeout=60)
         entry.append(entered - t0)
         imported.append(done - t0)
-    out = {"repeats": repeats, "num_workers": num_workers, "train_fn_entry_s": statistics.median(entry),
-           "fit_s": statistics.median(fit_s), "samples": {"train_fn_entry_s": entry, "fit_s": fit_s}}
+    floor = {"repeats": repeats, "num_workers": num_workers, "train_fn_entry_s": statistics.median(entry),
+             "fit_s": statistics.median(fit_s), "samples": {"train_fn_entry_s": entry, "fit_s": fit_s}}
     if tracking_uri:
-        out["imported_s"] = statistics.median(imported)
-        out["samples"]["imported_s"] = imported
-    return out
+        floor["imported_s"] = statistics.median(imported)
+        floor["samples"]["imported_s"] = imported
+    return floor
 
 
 def run_sweep_bench(out: Path, quick: bool) -> dict:
