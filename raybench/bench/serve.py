@@ -38,6 +38,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from ray import serve
 
+from raybench.bench.load import BATCH_HEADER, batch_histograms, median_batch, open_loop_point, parse_batch_sizes
 from raybench.net import free_port, wait_http
 
 CONCURRENCY = (1, 8, 32)
@@ -187,12 +188,13 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, n: int, warmup:
     import aiohttp
 
     lat: list[float] = []
-    errors, batch_max, counter = 0, 0, iter(range(n + warmup))
+    answers: list[dict[str, int]] = []
+    errors, counter = 0, iter(range(n + warmup))
     connector = aiohttp.TCPConnector(limit=concurrency)
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         async def client():
-            nonlocal errors, batch_max
+            nonlocal errors
             for i in counter:
                 t = time.perf_counter()
                 try:
@@ -200,7 +202,7 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, n: int, warmup:
                                             headers={"Content-Type": "application/json"}) as r:
                         await r.read()
                         ok = r.status == 200
-                        sizes = r.headers.get("x-raybench-batch-sizes", "")
+                        sizes = r.headers.get(BATCH_HEADER, "")
                 except aiohttp.ClientError:
                     ok, sizes = False, ""
                 if i < warmup:
@@ -209,13 +211,21 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, n: int, warmup:
                     errors += 1
                     continue
                 lat.append((time.perf_counter() - t) * 1000)
-                for kv in filter(None, sizes.split(",")):
-                    batch_max = max(batch_max, int(kv.split("=")[1]))
+                answers.append(parse_batch_sizes(sizes))
 
         t0 = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-    return _summary(lat, elapsed, errors, {"largest_batch": batch_max or None})
+    return _summary(lat, elapsed, errors, _batches(answers))
+
+
+def _batches(answers: list[dict[str, int]]) -> dict:
+    """The stages' batch sizes over a load point's answers: a histogram and the median per
+    stage, and the largest anywhere."""
+    hist = batch_histograms(answers)
+    largest = max((size for h in hist.values() for size in h), default=0)
+    return {"largest_batch": largest or None, "batch_histograms": hist,
+            "median_batch": {stage: median_batch(h) for stage, h in hist.items()}}
 
 
 def http_point(url: str, bodies: list[bytes], concurrency: int, n: int) -> dict:
@@ -266,10 +276,39 @@ def _run_serve_configs(names: list[str], apps: dict, port: int, bodies, quick, r
         serve.delete("bench")
 
 
+OPEN_LOOP_CONFIGS = ("3-stage, batched", "3-stage, unbatched")
+OPEN_LOOP_RATES = (2.0, 4.0)  # x the unbatched pipeline's closed-loop req/s at the top concurrency
+OPEN_LOOP_SECONDS = 4.0  # of arrivals per point (bounded: 24 to 240 requests)
+
+
+def open_loop_rates(rows: list[dict], quick: bool) -> list[float]:
+    """Arrival rates past what the unbatched pipeline sustains (measured in this run, closed
+    loop at the top concurrency), so an unbatched queue grows and a batched one can batch."""
+    base = next(r["req_per_s"] for r in rows
+                if r["config"] == "3-stage, unbatched" and r["concurrency"] == max(CONCURRENCY))
+    return [round(base * k, 1) for k in (OPEN_LOOP_RATES[:1] if quick else OPEN_LOOP_RATES)]
+
+
+def _run_open_loop(apps: dict, port: int, bodies, quick: bool, rows: list[dict]) -> None:
+    rates = open_loop_rates(rows, quick)
+    for name in OPEN_LOOP_CONFIGS:
+        serve.run(apps[name](), name="bench", route_prefix="/")
+        url = f"http://127.0.0.1:{port}{PATH}"
+        for rate in rates:
+            n = 16 if quick else int(min(240, max(24, rate * OPEN_LOOP_SECONDS)))
+            p = open_loop_point(url, bodies, rate, n)
+            rows.append({"config": f"{name}, open loop", "concurrency": f"{rate:g}/s", "offered_req_s": rate,
+                         **_summary(p["lat"], p["elapsed"], p["errors"], _batches(p["answers"]))})
+            _print_row(rows[-1])
+        serve.delete("bench")
+
+
 def _print_row(r: dict) -> None:
-    print(f"  {r['config']:>48} c={r['concurrency']:<3} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
+    print(f"  {r['config']:>48} c={r['concurrency']!s:<3} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
           f"{r['req_per_s']:7.1f} req/s  errors {r['errors']}"
-          + (f"  largest batch {r['largest_batch']}" if r.get("largest_batch") else ""), flush=True)
+          + (f"  largest batch {r['largest_batch']}" if r.get("largest_batch") else "")
+          + (f"  LLM median batch {r['median_batch']['llm']:g}" if "llm" in r.get("median_batch", {}) else ""),
+          flush=True)
 
 
 def _start_ray(port: int, throughput_optimized: bool) -> None:
@@ -317,6 +356,7 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
         _start_ray(port, throughput_optimized=False)
         try:
             _run_serve_configs(names, apps, port, bodies, quick, repeats, rows)
+            _run_open_loop(apps, port, bodies, quick, rows)
         finally:
             _stop_ray()
         if not quick:
@@ -375,6 +415,16 @@ def goals(rows: list[dict]) -> dict:
     floor = get("serve no-op, 3 hops", 1, "p50_ms")
     pipe = get("3-stage, batched", 1, "p50_ms")
     ratio = get("3-stage, batched", 32, "req_per_s") / get("3-stage, unbatched", 32, "req_per_s")
+    open_rows = {(r["config"], r.get("offered_req_s")): r for r in rows if r["config"].endswith(", open loop")}
+    top_rate = max((rate for _, rate in open_rows), default=float("nan"))
+
+    def open_get(name, key):
+        r = open_rows.get((f"{name}, open loop", top_rate))
+        return r[key] if r else float("nan")
+
+    def llm_batch(r):
+        return (r or {}).get("median_batch", {}).get("llm", float("nan"))
+
     return {
         "in_process_p50_ms": model, "noop_3hop_p50_ms": floor, "pipeline_p50_ms": pipe,
         "pipeline_added_ms_at_c1": pipe - (model + floor), "added_goal_ms": 3.0,
@@ -382,11 +432,20 @@ def goals(rows: list[dict]) -> dict:
         "throughput_optimized_noop_3hop_p50_ms": get("serve no-op, 3 hops [THROUGHPUT_OPTIMIZED]", 1, "p50_ms"),
         "values_via_ingress_p50_ms_at_c1": get("3-stage, batched, values via ingress", 1, "p50_ms"),
         "single_deployment_p50_ms_at_c1": get("single deployment, batched", 1, "p50_ms"),
+        "llm_median_batch_at_c32": llm_batch(at.get(("3-stage, batched", max(CONCURRENCY)))),
+        # open loop, at the highest arrival rate offered
+        "open_loop_rate": top_rate,
+        "open_batched_req_s": open_get("3-stage, batched", "req_per_s"),
+        "open_unbatched_req_s": open_get("3-stage, unbatched", "req_per_s"),
+        "open_batched_over_unbatched_req_s": open_get("3-stage, batched", "req_per_s")
+        / open_get("3-stage, unbatched", "req_per_s"),
+        "open_llm_median_batch": llm_batch(open_rows.get(("3-stage, batched, open loop", top_rate))),
+        "median_batch_goal": 8,
     }
 
 
-ROW_COLUMNS = {"config": "config", "concurrency": "concurrency", "p50": "p50 ms", "p99": "p99 ms",
-               "rps": "req/s", "errors": "errors", "batch": "largest batch"}
+ROW_COLUMNS = {"config": "config", "concurrency": "concurrency / arrivals", "p50": "p50 ms", "p99": "p99 ms",
+               "rps": "req/s", "errors": "errors", "batch": "largest batch", "llm": "LLM batch (median)"}
 
 
 def rows_table(rows: list[dict]) -> str:
@@ -394,7 +453,9 @@ def rows_table(rows: list[dict]) -> str:
 
     return table([{"config": r["config"], "concurrency": r["concurrency"], "p50": f"{r['p50_ms']:.2f}",
                    "p99": f"{r['p99_ms']:.2f}", "rps": f"{r['req_per_s']:.1f}", "errors": r["errors"],
-                   "batch": r.get("largest_batch") or r.get("batch") or ""} for r in rows], ROW_COLUMNS)
+                   "batch": r.get("largest_batch") or r.get("batch") or "",
+                   "llm": f"{r['median_batch']['llm']:g}" if "llm" in r.get("median_batch", {}) else ""}
+                  for r in rows], ROW_COLUMNS)
 
 
 def markdown_table(rows: list[dict], g: dict) -> str:
@@ -432,7 +493,9 @@ def markdown_section(r: dict) -> str:
         f"3-hop floor {g['noop_3hop_p50_ms']:.2f} + **{added:+.2f} ms** (goal <= {g['added_goal_ms']:.0f} ms: "
         f"{claim(added <= g['added_goal_ms'] if finite(added) else None)})",
         f"- batched / unbatched req/s at c={top}: **{ratio:.2f}x** (goal >= {g['batching_goal']:.0f}x: "
-        f"{claim(ratio >= g['batching_goal'] if finite(ratio) else None)})", "",
+        f"{claim(ratio >= g['batching_goal'] if finite(ratio) else None)}); the LLM stage's median batch "
+        f"there: {num(g.get('llm_median_batch_at_c32', float('nan')))} (goal >= {g.get('median_batch_goal', 8)})",
+        *_open_loop_lines(g, claim, finite, num), "",
         "Reading it:",
         f"- Closed-loop HTTP clients on the same {cpus} cores as the server. Serve's own per-request CPU "
         "work (proxy, ingress, three hops, plus the load client) can saturate before the model does, "
@@ -453,13 +516,23 @@ def markdown_section(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _open_loop_lines(g: dict, claim, finite, num) -> list[str]:
+    if not finite(g.get("open_loop_rate", float("nan"))):
+        return []  # results from before the open-loop mode
+    ratio, llm = g["open_batched_over_unbatched_req_s"], g["open_llm_median_batch"]
+    return [f"- open loop at {g['open_loop_rate']:g} requests/s offered (fixed arrivals, latency from each "
+            f"request's scheduled send): batched {num(g['open_batched_req_s'])} vs unbatched "
+            f"{num(g['open_unbatched_req_s'])} req/s = **{num(ratio)}x**; the LLM stage's median batch "
+            f"**{num(llm)}** (goal >= {g['median_batch_goal']}: {claim(llm >= g['median_batch_goal'] if finite(llm) else None)})"]
+
+
 def _plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    configs = list(dict.fromkeys(r["config"] for r in rows))
+    configs = list(dict.fromkeys(r["config"] for r in rows if r["concurrency"] in CONCURRENCY))
     at = {(r["config"], r["concurrency"]): r for r in rows}
     fig, axes = plt.subplots(1, 2, figsize=(15, 6))
     width = 0.8 / len(CONCURRENCY)

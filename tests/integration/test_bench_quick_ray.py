@@ -97,7 +97,17 @@ def test_serve_answers_every_load_point_without_errors(results):
             assert row["errors"] == 0, (config, c)
             assert row["requests"] == n_requests(c, True, r["repeats"])
             assert 0 < row["p50_ms"] <= row["p99_ms"]
+    # Open loop: fixed arrivals past the unbatched pipeline's closed-loop rate, every request
+    # answered, and each answer's batch sizes counted per stage.
+    unbatched_top = points[("3-stage, unbatched", max(CONCURRENCY))]["req_per_s"]
+    for config in ("3-stage, batched, open loop", "3-stage, unbatched, open loop"):
+        (row,) = [x for x in r["rows"] if x["config"] == config]
+        assert row["offered_req_s"] == pytest.approx(2 * unbatched_top, abs=0.1)
+        assert row["errors"] == 0 and row["requests"] == 16
+        assert sum(row["batch_histograms"]["llm"].values()) == 16
+        assert 1 <= row["median_batch"]["llm"] <= row["largest_batch"]
     g = r["goals"]
+    assert g["open_loop_rate"] == pytest.approx(2 * unbatched_top, abs=0.1)
     assert g["pipeline_added_ms_at_c1"] == pytest.approx(
         g["pipeline_p50_ms"] - g["in_process_p50_ms"] - g["noop_3hop_p50_ms"])
     assert g["batched_over_unbatched_req_s_at_c32"] > 0
