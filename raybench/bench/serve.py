@@ -15,6 +15,11 @@ request when the last returns) at concurrency 1, 8, 32; p50 / p99 latency and re
     throughput-optimized  the 3-hop no-op and the batched pipeline again on a fresh Ray with
                           RAY_SERVE_THROUGHPUT_OPTIMIZED=1
 
+Then an open loop (raybench/bench/load.py) on the batched and unbatched pipeline: fixed
+arrival rates at 2x and 4x what the unbatched pipeline sustained closed-loop at the top
+concurrency, so saturation is measured rather than self-limited. Every load point counts the
+batch sizes each stage ran its requests in (histogram and median per stage).
+
 Goals from the serving issue, computed in the same run: the pipeline adds <= 3 ms p50 over
 (in-process + 3-hop no-op floor) at concurrency 1; batched >= 4x unbatched req/s at 32.
 The load generator shares the 2 cores with the server; its own cost is in every Serve row.
