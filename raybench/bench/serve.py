@@ -264,8 +264,9 @@ def _serve_apps(model_dir: Path) -> dict:
                                                         NoopStage.options(name="Noop3").bind()),
         "single deployment, batched": lambda: build_application(validate_serve_config(
             {**base, "topology": "single", "vision": stage, "projection": stage, "llm": stage})),
-        "3-stage, batched": pipeline(),
+        # unbatched first: its closed-loop rate sets the open loop's arrival rates
         "3-stage, unbatched": pipeline(vision=unbatched, projection=unbatched, llm=unbatched),
+        "3-stage, batched": pipeline(),
         "3-stage, batched, values via ingress": pipeline(chain_responses=False),
     }
 
@@ -278,10 +279,12 @@ def _run_serve_configs(names: list[str], apps: dict, port: int, bodies, quick, r
             r = http_point(url, bodies, c, n_requests(c, quick, repeats))
             rows.append({"config": name + tag, "concurrency": c, **r})
             _print_row(rows[-1])
+        if name in OPEN_LOOP_CONFIGS and not tag:  # on the same deployment: no second start
+            _run_open_loop(name, url, bodies, quick, rows)
         serve.delete("bench")
 
 
-OPEN_LOOP_CONFIGS = ("3-stage, batched", "3-stage, unbatched")
+OPEN_LOOP_CONFIGS = ("3-stage, unbatched", "3-stage, batched")
 OPEN_LOOP_RATES = (2.0, 4.0)  # x the unbatched pipeline's closed-loop req/s at the top concurrency
 OPEN_LOOP_SECONDS = 4.0  # of arrivals per point (bounded: 24 to 240 requests)
 
@@ -294,18 +297,13 @@ def open_loop_rates(rows: list[dict], quick: bool) -> list[float]:
     return [round(base * k, 1) for k in (OPEN_LOOP_RATES[:1] if quick else OPEN_LOOP_RATES)]
 
 
-def _run_open_loop(apps: dict, port: int, bodies, quick: bool, rows: list[dict]) -> None:
-    rates = open_loop_rates(rows, quick)
-    for name in OPEN_LOOP_CONFIGS:
-        serve.run(apps[name](), name="bench", route_prefix="/")
-        url = f"http://127.0.0.1:{port}{PATH}"
-        for rate in rates:
-            n = 16 if quick else int(min(240, max(24, rate * OPEN_LOOP_SECONDS)))
-            p = open_loop_point(url, bodies, rate, n)
-            rows.append({"config": f"{name}, open loop", "concurrency": f"{rate:g}/s", "offered_req_s": rate,
-                         **_summary(p["lat"], p["elapsed"], p["errors"], _batches(p["answers"]))})
-            _print_row(rows[-1])
-        serve.delete("bench")
+def _run_open_loop(name: str, url: str, bodies, quick: bool, rows: list[dict]) -> None:
+    for rate in open_loop_rates(rows, quick):
+        n = 16 if quick else int(min(240, max(24, rate * OPEN_LOOP_SECONDS)))
+        p = open_loop_point(url, bodies, rate, n)
+        rows.append({"config": f"{name}, open loop", "concurrency": f"{rate:g}/s", "offered_req_s": rate,
+                     **_summary(p["lat"], p["elapsed"], p["errors"], _batches(p["answers"]))})
+        _print_row(rows[-1])
 
 
 def _print_row(r: dict) -> None:
@@ -361,7 +359,6 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
         _start_ray(port, throughput_optimized=False)
         try:
             _run_serve_configs(names, apps, port, bodies, quick, repeats, rows)
-            _run_open_loop(apps, port, bodies, quick, rows)
         finally:
             _stop_ray()
         if not quick:
