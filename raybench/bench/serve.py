@@ -314,26 +314,35 @@ def _print_row(r: dict) -> None:
           flush=True)
 
 
-def _start_ray(port: int, throughput_optimized: bool) -> None:
+def _start_ray(port: int, throughput_optimized: bool) -> bool:
+    """Serve on `port` in a fresh local Ray, or in the Ray this process already runs in (a test
+    session; Serve must not be running there yet). True when this call started Ray."""
     from raybench.runtime import init_ray
 
     if throughput_optimized:
         os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"  # read by every Serve process at start
     else:
         os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
-    init_ray("local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    owned = init_ray("local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return owned
 
 
-def _stop_ray() -> None:
+def _stop_ray(owned: bool) -> None:
     import ray
 
     serve.shutdown()
-    ray.shutdown()
+    if owned:
+        ray.shutdown()
     os.environ.pop("RAY_SERVE_THROUGHPUT_OPTIMIZED", None)
 
 
 def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, repeats: int = 7) -> dict:
+    import ray
+
+    if not quick and ray.is_initialized():
+        # RAY_SERVE_THROUGHPUT_OPTIMIZED is read when Ray starts: the full run starts its own.
+        raise RuntimeError("bench serve (full) starts its own local Rays: run it outside a running Ray")
     if quick:
         size, repeats = "tiny", 2
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -356,18 +365,18 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
         # --quick: the rows the goals need, one Ray start; the full run adds the floor-lowering
         # variants (values via the ingress, a fresh Ray in throughput-optimized mode).
         names = [n for n in apps if not (quick and n == "3-stage, batched, values via ingress")]
-        _start_ray(port, throughput_optimized=False)
+        owned = _start_ray(port, throughput_optimized=False)
         try:
             _run_serve_configs(names, apps, port, bodies, quick, repeats, rows)
         finally:
-            _stop_ray()
+            _stop_ray(owned)
         if not quick:
-            _start_ray(port, throughput_optimized=True)
+            owned = _start_ray(port, throughput_optimized=True)
             try:
                 _run_serve_configs(["serve no-op, 3 hops", "3-stage, batched"], apps, port, bodies, quick,
                                    repeats, rows, tag=" [THROUGHPUT_OPTIMIZED]")
             finally:
-                _stop_ray()
+                _stop_ray(owned)
     from raybench.bench.common import write_result
 
     report = {"bench": "serve", "quick": quick, "size": size, "max_tokens": MAX_TOKENS, "repeats": repeats,

@@ -105,6 +105,7 @@ def run_sweep_bench(out: Path, quick: bool) -> dict:
     shutil.rmtree(cfg["run_dir"], ignore_errors=True)
     cfg_path.write_text(yaml.safe_dump(cfg))
     sweep = load_sweep(cfg_path, [])
+    owned = not ray.is_initialized()  # else: a Ray this process runs in (a test session) stays up
     t0 = time.perf_counter()
     try:
         run_sweep(sweep)
@@ -114,7 +115,8 @@ def run_sweep_bench(out: Path, quick: bool) -> dict:
         floor = empty_trainer_floor(out, repeats, workers, cpw)
         floor_imports = empty_trainer_floor(out, repeats, workers, cpw, tracking_uri=tracking_uri(sweep.run_dir))
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
     trials = []
     for tdir in sorted((sweep.experiment_dir).glob("run_trial_*")):
         lines = [json.loads(x) for x in (tdir / "result.json").read_text().splitlines() if x.strip()]

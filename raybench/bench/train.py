@@ -75,6 +75,12 @@ def run_train_bench(out: Path, size: str, quick: bool) -> dict:
     from raybench.config import load_config
     from raybench.data.prepare import ensure_data, ensure_tokenizer
 
+    import ray
+
+    if not quick and (ray.is_initialized() or os.environ.get("RAY_ADDRESS")):
+        # The full run compares Ray with and without its dashboard: each needs a Ray of its own.
+        raise RuntimeError("bench train (full) starts its own local Rays: run it without RAY_ADDRESS, "
+                           "outside a running Ray")
     out.mkdir(parents=True, exist_ok=True)
     raw = _config(out, size, quick)
     shutil.rmtree(raw["run_dir"], ignore_errors=True)
@@ -129,7 +135,8 @@ def _torchrun(cfg_path: Path, out: Path, steps: int, wrap: str | None = None) ->
 
 
 def _ray_windows(cfg, dashboard: bool) -> list[float]:
-    """Fit `cfg` on a fresh local Ray; the samples/s of each eval window, from MLflow."""
+    """Fit `cfg` on a fresh local Ray (or the one this process already runs in, which is then
+    left running); the samples/s of each eval window, from MLflow."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -138,11 +145,12 @@ def _ray_windows(cfg, dashboard: bool) -> list[float]:
     from raybench.train.trainer import fit
 
     os.environ.pop("MLFLOW_TRACKING_URI", None)
-    init_ray(include_dashboard=dashboard)
+    owned = init_ray(include_dashboard=dashboard)
     try:
         result = fit(cfg)
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
     if result.error:
         raise result.error
     client = MlflowClient(tracking_uri(cfg.run_path))

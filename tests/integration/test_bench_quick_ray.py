@@ -1,6 +1,7 @@
-"""The benches that start Ray, in their --quick form, through the real CLI: `bench train`
-(Ray Train vs torchrun), `bench sweep` (a real Tune sweep) and `bench serve` (real Serve over
-real HTTP). The Ray-free ones (fusion, seeds, compile) are in test_bench_quick.py.
+"""The benches that use Ray, in their --quick form, through the real CLI entry point, in this
+session's local Ray (a bench leaves a Ray it did not start running): `bench train` (Ray Train
+vs torchrun), `bench sweep` (a real Tune sweep) and `bench serve` (real Serve over real HTTP).
+The Ray-free ones (fusion, seeds, compile) are in test_bench_quick.py.
 
 What is checked is the JSON `bench report` renders and that each figure was really measured
 (every trial timed, every load point answered), never the numbers against their goals:
@@ -10,15 +11,13 @@ those live in BENCHMARKS.md.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from raybench.bench.report import check_written
 from raybench.bench.serve import CONCURRENCY, n_requests
+from raybench.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -26,13 +25,13 @@ RAY_BENCHES = ("train", "sweep", "serve")
 
 
 @pytest.fixture(scope="module")
-def out(tmp_path_factory) -> Path:
+def out(tmp_path_factory, ray_session) -> Path:
+    import ray
+
     out = tmp_path_factory.mktemp("bench-ray")
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    for name in RAY_BENCHES:  # one at a time: each starts (and stops) its own local Ray
-        done = subprocess.run([sys.executable, "-m", "raybench.cli", "bench", name, "--quick", "--out", str(out)],
-                              capture_output=True, text=True, env=env, timeout=400)
-        assert done.returncode == 0, f"bench {name} --quick: {(done.stdout + done.stderr)[-3000:]}"
+    for name in RAY_BENCHES:  # one at a time, each in the session's Ray (3 Ray starts saved)
+        assert main(["bench", name, "--quick", "--out", str(out)]) == 0, name
+        assert ray.is_initialized(), f"bench {name} shut down a Ray it did not start"
     return out
 
 
