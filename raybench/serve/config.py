@@ -56,7 +56,7 @@ class DeploymentConfig(Strict):
 
 
 class StageConfig(DeploymentConfig):
-    """A model stage: a deployment plus its `@serve.batch` settings."""
+    """A model stage: a deployment plus its batching settings (serve/batching.py)."""
     max_batch_size: int = Field(16, ge=1, le=1024)
     # 0: no added wait. A batch is whatever queued while the previous one ran (the stage runs
     # one batch at a time), so batches grow with load and an idle server adds no latency.

@@ -1,6 +1,6 @@
-"""The three model stages. Each is a plain class with one `@serve.batch` method, so the same
-code runs as its own Serve deployment (topology `pipeline`) or in-process inside one
-deployment (topology `single`):
+"""The three model stages. Each is a plain class with one `@batch` method (serve/batching.py:
+a batch forms when the model is free), so the same code runs as its own Serve deployment
+(topology `pipeline`) or in-process inside one deployment (topology `single`):
 
     VisionStage.encode      image bytes -> decode, resize, normalize -> ViT patches + DeepStack taps
     ProjectionStage.project patches, taps -> visual embeds + DeepStack embeds (LLM space)
@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
-from ray import serve
 
 from raybench.data.loader import DataError, decode_rgb_uint8, normalize_pixels
 from raybench.model.vlm import HybridVLM
+from raybench.serve.batching import batch
 from raybench.serve.model_source import resolve_model_dir
 
 log = logging.getLogger("ray.serve")
@@ -171,7 +171,7 @@ class VisionStage(_Stage):
         with torch.inference_mode():
             self.model.encode_images(torch.zeros(2, 3, s, s, device=self.device))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def encode(self, images: list[bytes]) -> list[VisionOut | StageError]:
         # Decode per item first: a bad image is that request's 400, not the batch's failure.
         decoded = await asyncio.to_thread(self._decode_all, images)
@@ -204,7 +204,7 @@ class ProjectionStage(_Stage):
         with torch.inference_mode():
             self.model.project(z, [z] * len(cfg.deepstack_visual_indexes))
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def project(self, features: list[VisionOut | StageError]) -> list[ProjectionOut | StageError]:
         return await self._run_batch(features, self._project)
 
@@ -233,7 +233,7 @@ class LLMStage(_Stage):
             m.generate_from_visual(ids, torch.ones_like(ids), z, [z] * len(m.config.deepstack_visual_indexes),
                                    max_new_tokens=2)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def generate(self, projected: list[ProjectionOut | StageError],
                        requests: list[GenRequest]) -> list[GenOut | StageError]:
         pairs = [p if isinstance(p, StageError) else (p, r) for p, r in zip(projected, requests)]
