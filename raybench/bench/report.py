@@ -52,6 +52,7 @@ SCHEMA: dict[str, dict[str, list[str]]] = {
                        "empty_trainer.fit_s", "empty_trainer_imports.imported_s", "over_floor_s"],
               "stats": ["startup_s"]},
     "serve": {"keys": ["goals.pipeline_added_ms_at_c1", "goals.batched_over_unbatched_req_s_at_c32",
+                       "goals.decode_batched_over_unbatched_req_s", "goals.decode_llm_median_batch",
                        "rows[].config", "rows[].concurrency", "rows[].p50_ms", "rows[].p99_ms",
                        "rows[].req_per_s", "rows[].errors"],
               "stats": ["rows[].latency_ms"]},

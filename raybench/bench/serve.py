@@ -17,8 +17,10 @@ request when the last returns) at concurrency 1, 8, 32; p50 / p99 latency and re
 
 Then an open loop (raybench/bench/load.py) on the batched and unbatched pipeline: fixed
 arrival rates at 2x and 4x what the unbatched pipeline sustained closed-loop at the top
-concurrency, so saturation is measured rather than self-limited. Every load point counts the
-batch sizes each stage ran its requests in (histogram and median per stage).
+concurrency, so saturation is measured rather than self-limited; and the top concurrency
+again with DECODE_TOKENS per answer, where the LLM stage, not Serve, is the bottleneck. Every
+load point counts the batch sizes each stage ran its requests in (histogram and median per
+stage); at the top concurrency each Serve process's share of the cores is recorded too.
 
 Goals from the serving issue, computed in the same run: the pipeline adds <= 3 ms p50 over
 (in-process + 3-hop no-op floor) at concurrency 1; batched >= 4x unbatched req/s at 32.
@@ -43,10 +45,12 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from ray import serve
 
-from raybench.bench.load import BATCH_HEADER, batch_histograms, median_batch, open_loop_point, parse_batch_sizes
+from raybench.bench.serve_report import (CONCURRENCY, DECODE_TOKENS, goals, markdown_row,  # noqa: F401
+                                         markdown_section, markdown_table, plot_rows)
+from raybench.bench.load import (BATCH_HEADER, batch_histograms, cores_by_process, cpu_snapshot, median_batch,
+                                 open_loop_point, parse_batch_sizes)
 from raybench.net import free_port, wait_http
 
-CONCURRENCY = (1, 8, 32)
 MAX_TOKENS = 4
 PATH = "/v1/chat/completions"
 
@@ -276,12 +280,30 @@ def _run_serve_configs(names: list[str], apps: dict, port: int, bodies, quick, r
         serve.run(apps[name](), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}{PATH}"
         for c in CONCURRENCY:
-            r = http_point(url, bodies, c, n_requests(c, quick, repeats))
-            rows.append({"config": name + tag, "concurrency": c, **r})
+            rows.append({"config": name + tag, "concurrency": c,
+                         **_measured_point(url, bodies, c, n_requests(c, quick, repeats))})
             _print_row(rows[-1])
         if name in OPEN_LOOP_CONFIGS and not tag:  # on the same deployment: no second start
             _run_open_loop(name, url, bodies, quick, rows)
+            c = max(CONCURRENCY)
+            rows.append({"config": f"{name}, {DECODE_TOKENS} tokens", "concurrency": c,
+                         **_measured_point(url, with_max_tokens(bodies, DECODE_TOKENS), c,
+                                           n_requests(c, quick, repeats))})
+            _print_row(rows[-1])
         serve.delete("bench")
+
+
+def _measured_point(url: str, bodies: list[bytes], c: int, n: int) -> dict:
+    """A closed-loop point; at the top concurrency also the cores each process used meanwhile."""
+    if c != max(CONCURRENCY):
+        return http_point(url, bodies, c, n)
+    before, t0 = cpu_snapshot(), time.perf_counter()
+    r = http_point(url, bodies, c, n)
+    return {**r, "cpu_cores": cores_by_process(before, cpu_snapshot(), time.perf_counter() - t0, os.getpid())}
+
+
+def with_max_tokens(bodies: list[bytes], n: int) -> list[bytes]:
+    return [json.dumps({**json.loads(b), "max_tokens": n}).encode() for b in bodies]
 
 
 OPEN_LOOP_CONFIGS = ("3-stage, unbatched", "3-stage, batched")
@@ -386,16 +408,9 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
               "rows": rows, "goals": goals(rows)}
     table = markdown_table(rows, report["goals"])
     (out_dir / "serve.md").write_text(table + "\n")
-    write_result(out_dir, "serve", report, markdown_row(report), lambda r, path: _plot(r["rows"], path))
+    write_result(out_dir, "serve", report, markdown_row(report), lambda r, path: plot_rows(r["rows"], path))
     print(table)
     return report
-
-
-def markdown_row(r: dict) -> str:
-    g = r["goals"]
-    return (f"| serve ({r['size']}) | pipeline adds {g['pipeline_added_ms_at_c1']:+.1f} ms p50 at c=1 (goal <= "
-            f"{g['added_goal_ms']:.0f}) | batched/unbatched {g['batched_over_unbatched_req_s_at_c32']:.2f}x at "
-            f"c=32 (goal >= {g['batching_goal']:.0f}x) |")
 
 
 def _plain_fastapi(bodies, quick, repeats) -> list[dict]:
@@ -413,154 +428,6 @@ def _plain_fastapi(bodies, quick, repeats) -> list[dict]:
         proc.terminate()
         proc.wait(timeout=20)
     return rows
-
-
-def goals(rows: list[dict]) -> dict:
-    at = {(r["config"], r["concurrency"]): r for r in rows}
-
-    def get(name, c, key):
-        r = at.get((name, c))
-        return r[key] if r else float("nan")
-
-    model = get("in-process, unbatched", 1, "p50_ms")
-    floor = get("serve no-op, 3 hops", 1, "p50_ms")
-    pipe = get("3-stage, batched", 1, "p50_ms")
-    ratio = get("3-stage, batched", 32, "req_per_s") / get("3-stage, unbatched", 32, "req_per_s")
-    open_rows = {(r["config"], r.get("offered_req_s")): r for r in rows if r["config"].endswith(", open loop")}
-    top_rate = max((rate for _, rate in open_rows), default=float("nan"))
-
-    def open_get(name, key):
-        r = open_rows.get((f"{name}, open loop", top_rate))
-        return r[key] if r else float("nan")
-
-    def llm_batch(r):
-        return (r or {}).get("median_batch", {}).get("llm", float("nan"))
-
-    return {
-        "in_process_p50_ms": model, "noop_3hop_p50_ms": floor, "pipeline_p50_ms": pipe,
-        "pipeline_added_ms_at_c1": pipe - (model + floor), "added_goal_ms": 3.0,
-        "batched_over_unbatched_req_s_at_c32": ratio, "batching_goal": 4.0,
-        "throughput_optimized_noop_3hop_p50_ms": get("serve no-op, 3 hops [THROUGHPUT_OPTIMIZED]", 1, "p50_ms"),
-        "values_via_ingress_p50_ms_at_c1": get("3-stage, batched, values via ingress", 1, "p50_ms"),
-        "single_deployment_p50_ms_at_c1": get("single deployment, batched", 1, "p50_ms"),
-        "llm_median_batch_at_c32": llm_batch(at.get(("3-stage, batched", max(CONCURRENCY)))),
-        # open loop, at the highest arrival rate offered
-        "open_loop_rate": top_rate,
-        "open_batched_req_s": open_get("3-stage, batched", "req_per_s"),
-        "open_unbatched_req_s": open_get("3-stage, unbatched", "req_per_s"),
-        "open_batched_over_unbatched_req_s": open_get("3-stage, batched", "req_per_s")
-        / open_get("3-stage, unbatched", "req_per_s"),
-        "open_llm_median_batch": llm_batch(open_rows.get(("3-stage, batched, open loop", top_rate))),
-        "median_batch_goal": 8,
-    }
-
-
-ROW_COLUMNS = {"config": "config", "concurrency": "concurrency / arrivals", "p50": "p50 ms", "p99": "p99 ms",
-               "rps": "req/s", "errors": "errors", "batch": "largest batch", "llm": "LLM batch (median)"}
-
-
-def rows_table(rows: list[dict]) -> str:
-    from raybench.bench.common import markdown_table as table
-
-    return table([{"config": r["config"], "concurrency": r["concurrency"], "p50": f"{r['p50_ms']:.2f}",
-                   "p99": f"{r['p99_ms']:.2f}", "rps": f"{r['req_per_s']:.1f}", "errors": r["errors"],
-                   "batch": r.get("largest_batch") or r.get("batch") or "",
-                   "llm": f"{r['median_batch']['llm']:g}" if "llm" in r.get("median_batch", {}) else ""}
-                  for r in rows], ROW_COLUMNS)
-
-
-def markdown_table(rows: list[dict], g: dict) -> str:
-    lines = [rows_table(rows), "", f"- pipeline p50 at c=1: {g['pipeline_p50_ms']:.2f} ms = in-process {g['in_process_p50_ms']:.2f} + "
-              f"3-hop floor {g['noop_3hop_p50_ms']:.2f} + **{g['pipeline_added_ms_at_c1']:+.2f} ms** "
-              f"(goal <= {g['added_goal_ms']:.0f} ms)",
-              f"- batched / unbatched req/s at c=32: **{g['batched_over_unbatched_req_s_at_c32']:.2f}x** "
-              f"(goal >= {g['batching_goal']:.0f}x)"]
-    return "\n".join(lines)
-
-
-def markdown_section(r: dict) -> str:
-    from raybench.bench.report import claim, finite, heading
-
-    g, rows = r["goals"], r["rows"]
-    at = {(x["config"], x["concurrency"]): x for x in rows}
-
-    def num(x: float) -> str:  # the --quick run skips the floor-lowering variants
-        return f"{x:.1f}" if finite(x) else "not measured"
-
-    def ms(x: float) -> str:
-        return f"{x:.1f} ms" if finite(x) else "not measured"
-
-    def rps(name: str, c: int) -> float:
-        return at[(name, c)]["req_per_s"] if (name, c) in at else float("nan")
-
-    added, ratio = g["pipeline_added_ms_at_c1"], g["batched_over_unbatched_req_s_at_c32"]
-    noop_top = max((x["req_per_s"] for x in rows if x["config"] == "serve no-op, 3 hops"), default=float("nan"))
-    top = max(CONCURRENCY)
-    cpus = r.get("machine", {}).get("cpus", "?")
-    lines = [
-        heading(r, f"hybrid `{r['size']}`, {r['repeats']} repeats, {r['max_tokens']} tokens per answer"),
-        "", rows_table(rows), "",
-        f"- pipeline p50 at c=1: {g['pipeline_p50_ms']:.2f} ms = in-process {g['in_process_p50_ms']:.2f} + "
-        f"3-hop floor {g['noop_3hop_p50_ms']:.2f} + **{added:+.2f} ms** (goal <= {g['added_goal_ms']:.0f} ms: "
-        f"{claim(added <= g['added_goal_ms'] if finite(added) else None)})",
-        f"- batched / unbatched req/s at c={top}: **{ratio:.2f}x** (goal >= {g['batching_goal']:.0f}x: "
-        f"{claim(ratio >= g['batching_goal'] if finite(ratio) else None)}); the LLM stage's median batch "
-        f"there: {num(g.get('llm_median_batch_at_c32', float('nan')))} (goal >= {g.get('median_batch_goal', 8)})",
-        *_open_loop_lines(g, claim, finite, num), "",
-        "Reading it:",
-        f"- Closed-loop HTTP clients on the same {cpus} cores as the server. Serve's own per-request CPU "
-        "work (proxy, ingress, three hops, plus the load client) can saturate before the model does, "
-        "which keeps stage queues short and batches small (`largest batch`): the no-op 3-hop app tops "
-        f"out at {noop_top:.0f} req/s, while in-process batching alone reaches "
-        f"{rps('in-process, batched', top):.0f} req/s at c={top} (unbatched "
-        f"{rps('in-process, unbatched', top):.0f}) — the model's own ceiling.",
-        f"- What lowers the floor, each measured above: one deployment running all three stages "
-        f"({ms(g['single_deployment_p50_ms_at_c1'])} vs {ms(g['pipeline_p50_ms'])} p50 at c=1); chaining "
-        "`DeploymentResponse`s stage to stage instead of awaiting each in the ingress "
-        f"({ms(g['pipeline_p50_ms'])} vs {ms(g['values_via_ingress_p50_ms_at_c1'])}); "
-        f"`RAY_SERVE_THROUGHPUT_OPTIMIZED=1` (no-op 3-hop floor {ms(g['noop_3hop_p50_ms'])} -> "
-        f"{ms(g['throughput_optimized_noop_3hop_p50_ms'])}; pipeline at c={top} "
-        f"{num(rps('3-stage, batched', top))} -> {num(rps('3-stage, batched [THROUGHPUT_OPTIMIZED]', top))} req/s). "
-        "gRPC is not measured.",
-        "- The seeds' serving claims are GPU-scale; rerun this on a GPU node to check them.",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-def _open_loop_lines(g: dict, claim, finite, num) -> list[str]:
-    if not finite(g.get("open_loop_rate", float("nan"))):
-        return []  # results from before the open-loop mode
-    ratio, llm = g["open_batched_over_unbatched_req_s"], g["open_llm_median_batch"]
-    return [f"- open loop at {g['open_loop_rate']:g} requests/s offered (fixed arrivals, latency from each "
-            f"request's scheduled send): batched {num(g['open_batched_req_s'])} vs unbatched "
-            f"{num(g['open_unbatched_req_s'])} req/s = **{num(ratio)}x**; the LLM stage's median batch "
-            f"**{num(llm)}** (goal >= {g['median_batch_goal']}: {claim(llm >= g['median_batch_goal'] if finite(llm) else None)})"]
-
-
-def _plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configs = list(dict.fromkeys(r["config"] for r in rows if r["concurrency"] in CONCURRENCY))
-    at = {(r["config"], r["concurrency"]): r for r in rows}
-    fig, axes = plt.subplots(1, 2, figsize=(15, 6))
-    width = 0.8 / len(CONCURRENCY)
-    for k, c in enumerate(CONCURRENCY):
-        xs = [i + k * width for i in range(len(configs))]
-        axes[0].bar(xs, [at[(n, c)]["p50_ms"] if (n, c) in at else 0 for n in configs], width, label=f"c={c}")
-        axes[1].bar(xs, [at[(n, c)]["req_per_s"] if (n, c) in at else 0 for n in configs], width, label=f"c={c}")
-    for ax, title in ((axes[0], "p50 latency (ms, log)"), (axes[1], "throughput (req/s, log)")):
-        ax.set_xticks([i + width for i in range(len(configs))])
-        ax.set_xticklabels(configs, rotation=60, ha="right", fontsize=8)
-        ax.set_title(title)
-        ax.legend()
-    axes[0].set_yscale("log")
-    axes[1].set_yscale("log")  # plain FastAPI is ~100x every Serve row
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main(args) -> int:

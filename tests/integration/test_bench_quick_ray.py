@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from raybench.bench.report import check_written
-from raybench.bench.serve import CONCURRENCY, n_requests
+from raybench.bench.serve import CONCURRENCY, DECODE_TOKENS, n_requests
 from raybench.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -105,7 +105,19 @@ def test_serve_answers_every_load_point_without_errors(results):
         assert row["errors"] == 0 and row["requests"] == 16
         assert sum(row["batch_histograms"]["llm"].values()) == 16
         assert 1 <= row["median_batch"]["llm"] <= row["largest_batch"]
+    # Decode-heavy: the top concurrency again with DECODE_TOKENS per answer, on both pipelines;
+    # at the top concurrency every row says which processes used the cores.
+    top = max(CONCURRENCY)
+    for config in ("3-stage, batched", "3-stage, unbatched"):
+        row = points[(f"{config}, {DECODE_TOKENS} tokens", top)]
+        assert row["errors"] == 0 and row["requests"] == n_requests(top, True, r["repeats"])
+        for cores in (row["cpu_cores"], points[(config, top)]["cpu_cores"]):
+            assert {"LLMStage", "ChatIngress", "load client"} <= set(cores) and all(v > 0 for v in cores.values())
     g = r["goals"]
+    assert g["decode_batched_over_unbatched_req_s"] == pytest.approx(
+        points[(f"3-stage, batched, {DECODE_TOKENS} tokens", top)]["req_per_s"]
+        / points[(f"3-stage, unbatched, {DECODE_TOKENS} tokens", top)]["req_per_s"])
+    assert g["decode_llm_median_batch"] > 1  # a batch forms while the model runs (serve/batching.py)
     assert g["open_loop_rate"] == pytest.approx(2 * unbatched_top, abs=0.1)
     assert g["pipeline_added_ms_at_c1"] == pytest.approx(
         g["pipeline_p50_ms"] - g["in_process_p50_ms"] - g["noop_3hop_p50_ms"])
