@@ -45,10 +45,11 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from ray import serve
 
-from raybench.bench.serve_report import (CONCURRENCY, DECODE_TOKENS, goals, markdown_row,  # noqa: F401
-                                         markdown_section, markdown_table, plot_rows)
 from raybench.bench.load import (BATCH_HEADER, batch_histograms, cores_by_process, cpu_snapshot, median_batch,
                                  open_loop_point, parse_batch_sizes)
+# markdown_section too: `bench report` finds each bench's section as raybench.bench.<name>.markdown_section
+from raybench.bench.serve_report import (CONCURRENCY, DECODE_TOKENS, goals, markdown_row,  # noqa: F401
+                                         markdown_section, markdown_table, plot_rows)
 from raybench.net import free_port, wait_http
 
 MAX_TOKENS = 4
