@@ -117,7 +117,8 @@ def cpu_snapshot() -> dict[int, tuple[str, float]]:
 
 def cores_by_process(before: dict, after: dict, wall_s: float, client_pid: int) -> dict[str, float]:
     """Cores each Serve part used between two snapshots (CPU seconds over wall seconds):
-    replicas by deployment name, the proxy, the load client, and the rest of Ray together."""
+    replicas by deployment name, the proxy, the load client, and every other process on the
+    machine together (Ray's daemons mostly)."""
     cores: dict[str, float] = Counter()
     for pid, (cmd, t) in after.items():
         used = t - before.get(pid, (cmd, 0.0))[1]

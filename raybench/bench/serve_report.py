@@ -124,7 +124,7 @@ def markdown_section(r: dict) -> str:
         "- Each stage batches with raybench/serve/batching.py: a batch forms when the model is free, "
         "from whatever queued while the last one ran. Ray 2.60's `@serve.batch` forms each batch as "
         "requests arrive and parks it behind its `max_concurrent_batches` semaphore; with it the LLM "
-        "stage ran batch after batch of 1 while 31 requests waited in its replica.",
+        "stage ran batch after batch of 1 while requests queued in its replica.",
         f"- What lowers the floor, each measured above: one deployment running all three stages "
         f"({ms(g['single_deployment_p50_ms_at_c1'])} vs {ms(g['pipeline_p50_ms'])} p50 at c=1); chaining "
         "`DeploymentResponse`s stage to stage instead of awaiting each in the ingress "

@@ -1,11 +1,11 @@
 """Opportunistic dynamic batching for the stages: a batch is formed when the model is free.
 
-Why not `@serve.batch`: since Ray 2.47's concurrent batching, its queue forms the next
+Why not `@serve.batch`: since concurrent batching (ray-project/ray#53096; Ray 2.60 here), its queue forms the next
 batch as soon as one is handed off, then parks it behind the `max_concurrent_batches`
 semaphore. Under load the model is busy, requests arrive further apart than
 `batch_wait_timeout_s`, and every parked batch closes with one request in it: the LLM stage
-ran batch 1 with 31 requests waiting in its replica (docs/serving.md, "Batching under load").
-Here the one worker takes everything waiting (up to `max_batch_size`) each time the previous
+ran batches of 1 while requests queued in its replica (`raybench bench serve` shows the
+batch sizes each stage ran). Here the one worker takes everything waiting (up to `max_batch_size`) each time the previous
 batch is done, so the queue that builds up while the model runs is the next batch.
 
 Same call contract as `@serve.batch`: the method takes one list per argument and returns one
@@ -116,5 +116,4 @@ class batch:  # noqa: N801 - used as a decorator, like `serve.batch`
         call.__name__ = call.__qualname__ = self.method.__name__
         call.set_max_batch_size = queue.set_max_batch_size
         call.set_batch_wait_timeout_s = queue.set_batch_wait_timeout_s
-        call.queue = queue
         return call
