@@ -6,7 +6,7 @@ is slow, the offered load drops with it. An open loop sends at a fixed arrival r
 the server does; latency is taken from each request's *scheduled* send time, so time a
 request spent waiting for the client to get to it counts too (no coordinated omission).
 
-`cpu_snapshot` / `cores_by_process` say which process the cores went to during a load point
+`serve_part` names the Serve part each process is, for `raybench.bench.cpu`'s cores during a load point
 (proxy, ingress, each stage, the load client): what saturates first.
 
 Each answer carries the batch size every stage ran it in (`x-raybench-batch-sizes:
@@ -97,38 +97,14 @@ def open_loop_point(url: str, bodies: list[bytes], rate: float, n: int) -> dict:
 
 # ------------------------------------------------------------------ where the CPU goes
 
-def cpu_snapshot() -> dict[int, tuple[str, float]]:
-    """Every process's command line (its start) and CPU seconds so far, from /proc (Linux)."""
-    import os
-    from pathlib import Path
-
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for d in Path("/proc").glob("[0-9]*"):
-        try:
-            # "pid (comm) state ... utime stime ...": comm may hold spaces, so split after ')'.
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (d / "cmdline").read_bytes().split(b"\0", 1)[0].decode(errors="replace")
-        except OSError:
-            continue  # exited while we looked
-        out[int(d.name)] = (cmd, (int(fields[11]) + int(fields[12])) / tick)
-    return out
-
-
-def cores_by_process(before: dict, after: dict, wall_s: float, client_pid: int) -> dict[str, float]:
-    """Cores each Serve part used between two snapshots (CPU seconds over wall seconds):
-    replicas by deployment name, the proxy, the load client, and every other process on the
-    machine together (Ray's daemons mostly)."""
-    cores: dict[str, float] = Counter()
-    for pid, (cmd, t) in after.items():
-        used = t - before.get(pid, (cmd, 0.0))[1]
+def serve_part(client_pid: int):
+    """Names the Serve part a process is (for `cpu.cores_between`): replicas by deployment
+    name, the proxy, the load client, and every other process on the machine together
+    (Ray's daemons mostly)."""
+    def part(pid: int, cmd: str) -> str:
         if pid == client_pid:
-            name = "load client"
-        elif cmd.startswith("ray::ServeReplica:"):
-            name = cmd.rsplit(":", 1)[-1].strip()  # ray::ServeReplica:<app>:<deployment>
-        elif cmd.startswith("ray::ProxyActor"):
-            name = "proxy"
-        else:
-            name = "other"
-        cores[name] += used / wall_s
-    return {k: round(v, 2) for k, v in sorted(cores.items(), key=lambda kv: -kv[1]) if v >= 0.005}
+            return "load client"
+        if cmd.startswith("ray::ServeReplica:"):
+            return cmd.split()[0].rsplit(":", 1)[-1]  # ray::ServeReplica:<app>:<deployment>
+        return "proxy" if cmd.startswith("ray::ProxyActor") else "other"
+    return part

@@ -45,8 +45,9 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from ray import serve
 
-from raybench.bench.load import (BATCH_HEADER, batch_histograms, cores_by_process, cpu_snapshot, median_batch,
-                                 open_loop_point, parse_batch_sizes)
+from raybench.bench.cpu import cores_between, cpu_snapshot
+from raybench.bench.load import (BATCH_HEADER, batch_histograms, median_batch, open_loop_point, parse_batch_sizes,
+                                 serve_part)
 # markdown_section too: `bench report` finds each bench's section as raybench.bench.<name>.markdown_section
 from raybench.bench.serve_report import (CONCURRENCY, DECODE_TOKENS, goals, markdown_row,  # noqa: F401
                                          markdown_section, markdown_table, plot_rows)
@@ -300,7 +301,7 @@ def _measured_point(url: str, bodies: list[bytes], c: int, n: int) -> dict:
         return http_point(url, bodies, c, n)
     before, t0 = cpu_snapshot(), time.perf_counter()
     r = http_point(url, bodies, c, n)
-    return {**r, "cpu_cores": cores_by_process(before, cpu_snapshot(), time.perf_counter() - t0, os.getpid())}
+    return {**r, "cpu_cores": cores_between(before, cpu_snapshot(), time.perf_counter() - t0, serve_part(os.getpid()))}
 
 
 def with_max_tokens(bodies: list[bytes], n: int) -> list[bytes]:

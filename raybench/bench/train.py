@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from raybench.bench.cpu import CpuSampler
+
 
 def matmul_peak_gflops(n: int = 2048, repeats: int = 7) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -92,37 +94,67 @@ def run_train_bench(out: Path, size: str, quick: bool) -> dict:
 
     peak = matmul_peak_gflops()
     flops = step_gflops(cfg)
-
-    torchrun = _torchrun(cfg_path, out / "torchrun.json", cfg.train.steps - 10)
-    # FSDP2 wrapping: the CPU default (the whole model as one unit) against per-block units,
-    # the GPU default, with the same torchrun code in the same run.
-    block = {} if quick else _torchrun(cfg_path, out / "torchrun-block.json", cfg.train.steps - 10, "block")
-
-    windows = _ray_windows(cfg, dashboard=True)
+    steps = cfg.train.steps - 10
+    with CpuSampler(interval_s=0.2 if quick else 1.0) as cpu:  # quick: steps take ~2 s in all
+        torchrun = _torchrun(cfg_path, out / "torchrun.json", steps)
+        # FSDP2 wrapping: the CPU default (the whole model as one unit) against per-block units,
+        # the GPU default, with the same torchrun code in the same run.
+        block = {} if quick else _torchrun(cfg_path, out / "torchrun-block.json", steps, "block")
+        windows, stretch = _ray_windows(cfg, dashboard=True)
+        # torchrun again after Ray: the baseline brackets the Ray run, so drift on a shared
+        # machine (minutes apart, +-10% here) shows as the spread of the two.
+        after = None if quick else _torchrun(cfg_path, out / "torchrun-after.json", steps)
+        extra = {} if quick else _nodash(cfg, out, block)
     ray_sps = statistics.median(windows[1:] or windows)  # the first window holds warm-up
-    extra = {}
-    if not quick:
-        # The same run on a Ray without its dashboard: what the dashboard's processes (head
-        # and per-node agent, metrics) take from 2 cores, measured rather than guessed.
-        nodash = cfg.model_copy(update={"name": "bench-train-nodash", "run_dir": str(out / "bench-train-nodash"),
-                                        "data": cfg.data.model_copy(update={"path": str(cfg.data_path)})})
-        shutil.rmtree(nodash.run_path, ignore_errors=True)
-        w = _ray_windows(nodash, dashboard=False)
-        sps = statistics.median(w[1:] or w)
-        extra = {"ray_nodash_windows_samples_per_s": w, "ray_nodash_samples_per_s": sps,
-                 "ray_nodash_over_torchrun": sps / torchrun["samples_per_s"], "torchrun_block": block,
-                 "root_over_block": torchrun["samples_per_s"] / block["samples_per_s"]}
-
+    baseline = [torchrun] + ([after] if after else [])
+    torchrun_sps = statistics.mean(b["samples_per_s"] for b in baseline)
+    if "ray_nodash_samples_per_s" in extra:
+        extra["ray_nodash_over_torchrun"] = extra["ray_nodash_samples_per_s"] / torchrun_sps
+    if "torchrun_block" in extra:
+        extra["root_over_block"] = torchrun["samples_per_s"] / block["samples_per_s"]
+    cores = {"torchrun": [cpu.cores(b["started_at"], b["ended_at"], _train_part) for b in baseline],
+             "ray": cpu.cores(*stretch, _train_part), "ray_by_process": cpu.cores(*stretch, _process_name)}
     kept = windows[1:] or windows
     result = {
         "bench": "train", "quick": quick, "config": raw, "matmul_peak_gflops": peak,
         "command": "raybench bench train " + ("--quick" if quick else f"--size {size}"),  # --quick: tiny
-        "step_gflops": flops, "torchrun": torchrun, "ray_windows_samples_per_s": windows,
+        "step_gflops": flops, "torchrun": torchrun, "torchrun_after": after, "ray_windows_samples_per_s": windows,
         "ray_samples_per_s_stats": {"median": ray_sps, "min": min(kept), "max": max(kept), "samples": windows},
-        "ray_samples_per_s": ray_sps, "torchrun_samples_per_s": torchrun["samples_per_s"],
-        "ray_over_torchrun": ray_sps / torchrun["samples_per_s"], **extra,
+        "ray_samples_per_s": ray_sps, "torchrun_samples_per_s": torchrun_sps,
+        "ray_over_torchrun": ray_sps / torchrun_sps, "cpu_cores": cores, **extra,
     }
-    return {**result, "mfu_ray": mfu_of(result, ray_sps), "mfu_torchrun": mfu_of(result, torchrun["samples_per_s"])}
+    return {**result, "mfu_ray": mfu_of(result, ray_sps), "mfu_torchrun": mfu_of(result, torchrun_sps)}
+
+
+def _train_part(pid: int, cmd: str) -> str:
+    """Which part of a training run a process is, for `CpuSampler.cores`."""
+    if cmd.startswith("ray::RayTrainWorker") or ("train_torchrun" in cmd and "torch.distributed.run" not in cmd):
+        return "workers"
+    return "bench driver" if pid == os.getpid() else "other processes"
+
+
+def _process_name(pid: int, cmd: str) -> str:
+    """A process's own name ("ray::TrainController", "raylet", a Python process by its script:
+    "log_monitor"), workers as one part; kernel threads (no command line) as one."""
+    part = _train_part(pid, cmd)
+    if part != "other processes":
+        return part
+    args = [a for a in cmd.split() if not a.startswith("-")] or ["(kernel threads)"]
+    name = Path(args[0]).name
+    return Path(args[1]).name.removesuffix(".py") if name.startswith("python") and len(args) > 1 else name
+
+
+def _nodash(cfg, out: Path, block: dict) -> dict:
+    """The same Ray run on a Ray without its dashboard: what the dashboard's processes (head
+    and per-node agent, metrics) take from 2 cores, measured rather than guessed."""
+    import shutil
+
+    nodash = cfg.model_copy(update={"name": "bench-train-nodash", "run_dir": str(out / "bench-train-nodash"),
+                                    "data": cfg.data.model_copy(update={"path": str(cfg.data_path)})})
+    shutil.rmtree(nodash.run_path, ignore_errors=True)
+    w, _ = _ray_windows(nodash, dashboard=False)
+    return {"ray_nodash_windows_samples_per_s": w, "ray_nodash_samples_per_s": statistics.median(w[1:] or w),
+            "torchrun_block": block}
 
 
 def _torchrun(cfg_path: Path, out: Path, steps: int, wrap: str | None = None) -> dict:
@@ -134,9 +166,10 @@ def _torchrun(cfg_path: Path, out: Path, steps: int, wrap: str | None = None) ->
     return json.loads(out.read_text())
 
 
-def _ray_windows(cfg, dashboard: bool) -> list[float]:
+def _ray_windows(cfg, dashboard: bool) -> tuple[list[float], tuple[float, float]]:
     """Fit `cfg` on a fresh local Ray (or the one this process already runs in, which is then
-    left running); the samples/s of each eval window, from MLflow."""
+    left running); the samples/s of each eval window, from MLflow, and the wall-clock stretch
+    of the windows after the first (from the first window's report to the last's)."""
     import ray
     from mlflow.tracking import MlflowClient
 
@@ -155,7 +188,8 @@ def _ray_windows(cfg, dashboard: bool) -> list[float]:
         raise result.error
     client = MlflowClient(tracking_uri(cfg.run_path))
     run_id = (cfg.run_path / "mlflow_run_id").read_text().strip()
-    return [m.value for m in sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)]
+    history = sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)
+    return [m.value for m in history], (history[0].timestamp / 1000, history[-1].timestamp / 1000)
 
 
 def markdown_row(r: dict) -> str:
@@ -181,7 +215,8 @@ def markdown_section(r: dict) -> str:
                 f"global batch {t['batch_size']}, {t['steps']} steps"), "",
         "| | samples/s | MFU |", "|---|---|---|",
         f"| plain `torchrun`, same model/FSDP2/`train_step`, batches prebuilt in memory "
-        f"({tr.get('steps', '?')} steps after warm-up) | {r['torchrun_samples_per_s']:.0f} | {r['mfu_torchrun']:.1%} |",
+        f"({tr.get('steps', '?')} steps after warm-up{_bracket(r)}) | {r['torchrun_samples_per_s']:.0f} | "
+        f"{r['mfu_torchrun']:.1%} |",
         f"| Ray Train `TorchTrainer` (Ray Data input, median of eval windows after the first) | "
         f"{r['ray_samples_per_s']:.0f} | {r['mfu_ray']:.1%} |",
         f"| **Ray / torchrun** | **{r['ray_over_torchrun']:.2f}x** (goal >= {goal}: "
@@ -201,11 +236,48 @@ def markdown_section(r: dict) -> str:
         "What differs between the two: the baseline steps through batches prebuilt in memory; the Ray "
         "workers pull each batch from Ray Data (`iter_torch_batches`, local shuffle, collate) and rank 0 "
         "logs to MLflow every `log_every` steps. A Ray window holds training steps only: it closes before "
-        "an eval boundary (eval, DCP checkpoint, `ray.train.report`) and the next opens after it. Where "
-        "the rest of the gap goes (Ray's processes on the same 2 cores, or raybench's worker loop) is not "
-        "established yet; the window-to-window spread above is the noise any explanation must beat. The "
-        "dashboard row switches off the one piece of Ray a user can; within that noise it is not the lever.",
+        "an eval boundary (eval, DCP checkpoint, `ray.train.report`) and the next opens after it. The "
+        "dashboard row switches off the one piece of Ray a user can.",
+        *_cores_lines(r),
     ]) + "\n"
+
+
+def _bracket(r: dict) -> str:
+    after = r.get("torchrun_after")
+    return (f"; mean of a run before Ray and one after: {r['torchrun']['samples_per_s']:.0f} and "
+            f"{after['samples_per_s']:.0f}" if after else "")
+
+
+def _cores_lines(r: dict) -> list[str]:
+    """Where the 2 cores went during the timed steps, and what that predicts for the ratio."""
+    cores = r.get("cpu_cores")
+    if not cores or not cores["ray"] or not all(cores["torchrun"]):
+        return []
+    tr = {k: statistics.mean(c.get(k, 0.0) for c in cores["torchrun"]) for k in ("workers", "other processes", "idle")}
+    ray = cores["ray"]
+
+    def row(name: str, c: dict) -> str:
+        return (f"| {name} | {c.get('workers', 0):.2f} | {c.get('other processes', 0):.2f} | "
+                f"{c.get('bench driver', 0):.2f} | {c.get('idle', 0):.2f} |")
+    predicted = ray.get("workers", 0) / tr["workers"]
+    named = [(k, v) for k, v in cores.get("ray_by_process", {}).items()
+             if k not in ("workers", "bench driver", "idle")]
+    top = ", ".join(f"{k} {v:.2f}" for k, v in named[:6])
+    return ["", "Cores during the timed steps (per-process CPU seconds over wall seconds, from /proc, sampled "
+            "every second by the bench; Ray: from the end of its first window to its last report):", "",
+            "| | training workers | other processes | bench driver | idle |", "|---|---|---|---|---|",
+            row("torchrun" + (" (mean of both runs)" if len(cores["torchrun"]) > 1 else ""), tr),
+            row("Ray Train", ray), "",
+            f"The workers' cores, Ray / torchrun = **{predicted:.2f}**, against the measured throughput ratio "
+            f"of {r['ray_over_torchrun']:.2f}. The workers compute the same steps either way and are CPU-bound, "
+            "so throughput follows the CPU they get. In Ray the cores they do not get go to the other processes "
+            "(Ray's daemons, the Train controller and its helper actors, Ray Data's actors, the dashboard), and "
+            "those are Ray's own: a 2-core machine pays them in full" + (f" (the largest: {top})" if top else "") + ". "
+            "Per worker core the two run at "
+            f"{r['torchrun_samples_per_s'] / tr['workers']:.0f} (torchrun) and "
+            f"{r['ray_samples_per_s'] / ray['workers']:.0f} (Ray) samples/s; that part varies from run to run "
+            "on this shared host" + (f", as the two torchrun runs ({_bracket(r).split(': ')[-1]}) show" if
+                                     r.get("torchrun_after") else "") + "."]
 
 
 def main(args) -> int:

@@ -64,7 +64,7 @@ def main() -> None:
     for i in range(args.warmup):
         train_step(model, batches[i % n], optimizer, scheduler, t.grad_clip)
     dist.barrier()
-    t0 = time.perf_counter()
+    started_at, t0 = time.time(), time.perf_counter()
     for i in range(args.steps):
         train_step(model, batches[(args.warmup + i) % n], optimizer, scheduler, t.grad_clip)
     dist.barrier()
@@ -72,6 +72,7 @@ def main() -> None:
     if rank == 0:
         Path(args.out).write_text(json.dumps({
             "world_size": world, "steps": args.steps, "fsdp_wrap": resolve_wrap(t.fsdp_wrap, "cpu"), "seconds": elapsed,
+            "started_at": started_at, "ended_at": started_at + elapsed,
             "samples_per_s": args.steps * t.batch_size / elapsed,
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch_threads": torch.get_num_threads()}))
     dist.destroy_process_group()

@@ -55,6 +55,9 @@ def test_train_measures_ray_and_torchrun_on_the_same_run(results):
     assert r["ray_over_torchrun"] == pytest.approx(r["ray_samples_per_s"] / r["torchrun_samples_per_s"])
     assert r["torchrun"]["samples_per_s"] == r["torchrun_samples_per_s"] > 0
     assert 0 < r["mfu_ray"] < 1 and 0 < r["mfu_torchrun"] < 1
+    # Where the cores went during the timed steps: the workers of each run were found and busy.
+    cores = r["cpu_cores"]
+    assert cores["ray"]["workers"] > 0.3 and [c["workers"] > 0.3 for c in cores["torchrun"]] == [True]
 
 
 def test_sweep_times_every_trial_and_its_start_up_phases(results):

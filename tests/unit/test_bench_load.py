@@ -78,3 +78,13 @@ def test_open_loop_keeps_sending_while_no_answer_comes(gate):
     # the last one was sent, (N - 1) arrivals later (a lower bound: a slow machine only adds).
     assert max(p["lat"]) >= 0.9 * (N - 1) / RATE * 1000
     assert batch_histograms(p["answers"]) == {"vision": {1: N}, "llm": {2: N}}
+
+
+def test_serve_part_names_replicas_by_deployment_and_the_rest_by_role():
+    from raybench.bench.load import serve_part
+
+    part = serve_part(client_pid=7)
+    assert part(1, "ray::ServeReplica:bench:LLMStage") == "LLMStage"
+    assert part(2, "ray::ProxyActor") == "proxy"
+    assert part(7, "python bench.py") == "load client"
+    assert part(3, "/x/raylet --foo") == "other"
