@@ -13,3 +13,19 @@ def no_ray_from_integration_tests():
     if ray is not None and ray.is_initialized():
         ray.shutdown()
     yield
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    """A one-rank gloo process group in this process and its device mesh, for FSDP2 tests."""
+    import os
+
+    import torch.distributed as dist
+
+    from raybench.net import free_port
+    from raybench.train.parallel import build_mesh
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield build_mesh(1, "cpu")
+    dist.destroy_process_group()

@@ -2,27 +2,16 @@
 exactly as the plain, unsharded one does (one gloo rank, in this process)."""
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from raybench.config import validate_config
 from raybench.model.vlm import HybridVLM
-from raybench.net import free_port
-from raybench.train.parallel import build_mesh, mixed_precision, parallelize, resolve_wrap
+from raybench.train.parallel import mixed_precision, parallelize, resolve_wrap
 
 VOCAB, PAD, EOS, IMG = 60, 0, 2, 3
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield build_mesh(1, "cpu")
-    dist.destroy_process_group()
 
 
 def _model_and_batch(b: int = 3):

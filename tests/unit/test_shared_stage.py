@@ -2,20 +2,16 @@
 two trials' stages would not differ, and a trial started from the saved end state is exactly
 where it would have been had it trained the stages itself (one gloo rank, FSDP2, in process)."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from raybench.config import validate_config
 from raybench.data.synthetic import SCENE_CLASSES
 from raybench.model.vlm import HybridVLM
-from raybench.net import free_port
 from raybench.train import checkpoint as ckpt
 from raybench.train.loop import build_optimizer, build_scheduler, train_step
-from raybench.train.parallel import build_mesh, mixed_precision, parallelize
+from raybench.train.parallel import mixed_precision, parallelize
 from raybench.train.stages import SCENE_MODULES, plan, set_trainable, stage_at
 from raybench.tune.shared_stage import shared_stage, stage_key
 
@@ -52,14 +48,6 @@ def test_the_key_ignores_the_llm_side_and_a_stage_owned_lr_and_nothing_else(tmp_
     assert where["name"] == "see" and where["end"] == 2 and where["path"].endswith(f"see-{base}")
     answer_first = {**SEE, "objective": "answer", "train": ["vision", "llm"], "data": None}
     assert shared_stage(config(see=answer_first), tmp_path) is None  # an answer stage depends on everything
-
-
-@pytest.fixture(scope="module")
-def one_rank():
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    yield build_mesh(1, "cpu")
-    dist.destroy_process_group()
 
 
 def _batches(cfg, n: int = 5, b: int = 4):
