@@ -6,8 +6,8 @@ is slow, the offered load drops with it. An open loop sends at a fixed arrival r
 the server does; latency is taken from each request's *scheduled* send time, so time a
 request spent waiting for the client to get to it counts too (no coordinated omission).
 
-`serve_part` names the Serve part each process is, for `raybench.bench.cpu`'s cores during a load point
-(proxy, ingress, each stage, the load client): what saturates first.
+`serve_part` names the Serve part each process is (proxy, ingress, each stage, the load
+client), so `raybench.bench.cpu` can say which saturates first during a load point.
 
 Each answer carries the batch size every stage ran it in (`x-raybench-batch-sizes:
 vision=3,projection=3,llm=5`); `batch_histograms` counts them per stage.

@@ -95,14 +95,15 @@ def run_train_bench(out: Path, size: str, quick: bool) -> dict:
     peak = matmul_peak_gflops()
     flops = step_gflops(cfg)
     steps = cfg.train.steps - 10
-    with CpuSampler(interval_s=0.2 if quick else 1.0) as cpu:  # quick: steps take ~2 s in all
+    # --quick's timed steps last seconds, not minutes: sample often enough to read them.
+    with CpuSampler(interval_s=0.2 if quick else 1.0) as cpu:
         torchrun = _torchrun(cfg_path, out / "torchrun.json", steps)
         # FSDP2 wrapping: the CPU default (the whole model as one unit) against per-block units,
         # the GPU default, with the same torchrun code in the same run.
         block = {} if quick else _torchrun(cfg_path, out / "torchrun-block.json", steps, "block")
         windows, stretch = _ray_windows(cfg, dashboard=True)
         # torchrun again after Ray: the baseline brackets the Ray run, so drift on a shared
-        # machine (minutes apart, +-10% here) shows as the spread of the two.
+        # machine (the runs are minutes apart) shows as the spread of the two.
         after = None if quick else _torchrun(cfg_path, out / "torchrun-after.json", steps)
         extra = {} if quick else _nodash(cfg, out, block)
     ray_sps = statistics.median(windows[1:] or windows)  # the first window holds warm-up
@@ -242,10 +243,15 @@ def markdown_section(r: dict) -> str:
     ]) + "\n"
 
 
-def _bracket(r: dict) -> str:
+def _both_torchruns(r: dict) -> str | None:
+    """"178 and 160": the torchrun runs before and after Ray (None when only one ran)."""
     after = r.get("torchrun_after")
-    return (f"; mean of a run before Ray and one after: {r['torchrun']['samples_per_s']:.0f} and "
-            f"{after['samples_per_s']:.0f}" if after else "")
+    return f"{r['torchrun']['samples_per_s']:.0f} and {after['samples_per_s']:.0f}" if after else None
+
+
+def _bracket(r: dict) -> str:
+    both = _both_torchruns(r)
+    return f"; mean of a run before Ray and one after: {both}" if both else ""
 
 
 def _cores_lines(r: dict) -> list[str]:
@@ -253,7 +259,8 @@ def _cores_lines(r: dict) -> list[str]:
     cores = r.get("cpu_cores")
     if not cores or not cores["ray"] or not all(cores["torchrun"]):
         return []
-    tr = {k: statistics.mean(c.get(k, 0.0) for c in cores["torchrun"]) for k in ("workers", "other processes", "idle")}
+    tr = {k: statistics.mean(c.get(k, 0.0) for c in cores["torchrun"])
+          for k in ("workers", "other processes", "bench driver", "idle")}
     ray = cores["ray"]
 
     def row(name: str, c: dict) -> str:
@@ -263,6 +270,7 @@ def _cores_lines(r: dict) -> list[str]:
     named = [(k, v) for k, v in cores.get("ray_by_process", {}).items()
              if k not in ("workers", "bench driver", "idle")]
     top = ", ".join(f"{k} {v:.2f}" for k, v in named[:6])
+    both = _both_torchruns(r)
     return ["", "Cores during the timed steps (per-process CPU seconds over wall seconds, from /proc, sampled "
             "every second by the bench; Ray: from the end of its first window to its last report):", "",
             "| | training workers | other processes | bench driver | idle |", "|---|---|---|---|---|",
@@ -276,8 +284,7 @@ def _cores_lines(r: dict) -> list[str]:
             "Per worker core the two run at "
             f"{r['torchrun_samples_per_s'] / tr['workers']:.0f} (torchrun) and "
             f"{r['ray_samples_per_s'] / ray['workers']:.0f} (Ray) samples/s; that part varies from run to run "
-            "on this shared host" + (f", as the two torchrun runs ({_bracket(r).split(': ')[-1]}) show" if
-                                     r.get("torchrun_after") else "") + "."]
+            "on this shared host" + (f", as the two torchrun runs ({both}) show" if both else "") + "."]
 
 
 def main(args) -> int:

@@ -1,12 +1,13 @@
 """Opportunistic dynamic batching for the stages: a batch is formed when the model is free.
 
-Why not `@serve.batch`: since concurrent batching (ray-project/ray#53096; Ray 2.60 here), its queue forms the next
-batch as soon as one is handed off, then parks it behind the `max_concurrent_batches`
-semaphore. Under load the model is busy, requests arrive further apart than
-`batch_wait_timeout_s`, and every parked batch closes with one request in it: the LLM stage
-ran batches of 1 while requests queued in its replica (`raybench bench serve` shows the
-batch sizes each stage ran). Here the one worker takes everything waiting (up to `max_batch_size`) each time the previous
-batch is done, so the queue that builds up while the model runs is the next batch.
+Why not `@serve.batch`: since concurrent batching (ray-project/ray#53096; Ray 2.60 here),
+its queue forms the next batch as soon as one is handed off, then parks it behind the
+`max_concurrent_batches` semaphore. Under load the model is busy, requests arrive further
+apart than `batch_wait_timeout_s`, and every parked batch closes with one request in it: the
+LLM stage ran batches of 1 while requests queued in its replica (`raybench bench serve`
+shows the batch sizes each stage ran). Here the one worker takes everything waiting (up to
+`max_batch_size`) each time the previous batch is done, so the queue that builds up while
+the model runs is the next batch.
 
 Same call contract as `@serve.batch`: the method takes one list per argument and returns one
 result per item; callers call it with single items. `set_max_batch_size` and

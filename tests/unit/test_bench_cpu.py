@@ -1,5 +1,6 @@
 """`raybench.bench.cpu`: the cores each process used, read back for a stretch of a run."""
 
+import os
 import subprocess
 import sys
 import time
@@ -27,7 +28,8 @@ def test_a_spinning_process_is_counted_busy_and_a_sleeping_one_idle():
     # On a loaded 2-core machine a busy loop still gets a good share of one core.
     assert cores["spinner"] > 0.3
     assert cores.get("sleeper", 0.0) < 0.05
-    assert 0 <= cores["idle"] <= 2 * 64  # all cores together
+    # Idle is in cores too (all of the machine's together), not seconds or clock ticks.
+    assert 0 <= cores["idle"] <= os.cpu_count() + 0.1
 
 
 def test_a_stretch_without_two_snapshots_reads_as_unknown():
