@@ -152,12 +152,21 @@ def test_inline_command_names_a_real_subcommand_and_options(page, span):
     assert unknown == [], f"{page}: `{span}`: {parser.prog} has no option {unknown}"
 
 
-def test_relative_links_point_at_files():
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings: lower case, punctuation dropped, spaces as '-'."""
+    headings = re.findall(r"^#+ (.+)$", FENCE.sub("", page.read_text()), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_relative_links_point_at_files_and_headings():
     broken = []
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", FENCE.sub("", page.read_text())):
-            if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
-                broken.append(f"{page.relative_to(REPO)}: {target}")
+        for target, anchor in re.findall(r"\]\(([^)\s#]*)(?:#([^)\s]*))?\)", FENCE.sub("", page.read_text())):
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            path = page.parent / target if target else page
+            if not path.exists() or (anchor and path.suffix == ".md" and anchor not in anchors(path)):
+                broken.append(f"{page.relative_to(REPO)}: {target}#{anchor}")
     assert broken == []
 
 
