@@ -77,20 +77,9 @@ def _cmd_eval(args) -> int:
 
 def _scene_report(model, proc, rows: dict, cfg) -> dict:
     """Greedy answers (as served) to the validation rows, split by what the scene holds."""
-    import torch
+    from raybench.data.scene_eval import format_report, greedy_scene_report
 
-    from raybench.data.scene_eval import format_report, scene_report, val_scenes
-
-    predictions = []
-    for start in range(0, len(rows["question"]), cfg.train.batch_size):
-        end = start + cfg.train.batch_size
-        prompt = proc.encode_prompts(rows["question"][start:end])
-        with torch.no_grad():
-            out = model.generate(prompt["input_ids"], prompt["attention_mask"],
-                                 proc.pixel_values(rows["image"][start:end]), max_new_tokens=8)
-        predictions += [proc.decode_answer(ids.tolist()) for ids in out]
-    scenes = val_scenes(rows, cfg.data.seed, cfg.image_size)
-    report = scene_report(rows["qtype"], scenes, rows["answer"], predictions)
+    report = greedy_scene_report(model, proc, rows, cfg.data.seed, cfg.image_size, cfg.train.batch_size)
     print(format_report(report), file=sys.stderr)  # stdout stays one JSON document
     return report
 
@@ -154,8 +143,9 @@ def _cmd_bench(args) -> int:
 
 def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
-    p.add_argument("which", choices=[*BENCHMARKS, "report", "all"],
-                   help="report: render DIR/BENCHMARKS.md from the JSON files already in --out")
+    p.add_argument("which", choices=[*BENCHMARKS, "curves", "report", "all"],
+                   help="report: render DIR/BENCHMARKS.md from the JSON files already in --out; "
+                        "curves (hours, resumable, not in `all`): learning curves of the default's space")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--size", default=None, choices=["tiny", "small", "gpu"],
                    help="model size (default: small; pruning: gpu)")
@@ -165,8 +155,14 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="fewer repeats, tiny inputs (a minute or two)")
     p.add_argument("--steps", type=int, default=None,
                    help="seeds: training steps per preset (default: jobs/configs/default.yaml's train.steps)")
-    p.add_argument("--seeds", type=int, default=1,
-                   help="seeds: train every preset on this many seeds (train.seed 0..N-1); mean and range")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds / curves: train every preset / config on this many seeds (train.seed 0..N-1; "
+                        "default: seeds 1, curves 2)")
+    p.add_argument("--units", default=None,
+                   help="curves: where each finished (config, seed) unit is stored and found again "
+                        "(default: the checkout's benchmarks/curves; --quick: OUT/curves/units-quick)")
+    p.add_argument("--configs", nargs="+", default=None,
+                   help="curves: record only these configs (names in raybench/bench/curves.py)")
     p.add_argument("--write-benchmarks-md", action="store_true",
                    help="all / report: also copy the rendered page over ./BENCHMARKS.md")
     p.set_defaults(fn=_cmd_bench)

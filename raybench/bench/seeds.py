@@ -318,7 +318,7 @@ def main(args) -> int:
 
     out = Path(args.out)
     result = run_seeds_bench(out, size=args.size, quick=args.quick, steps=getattr(args, "steps", None),
-                             repeats=args.repeats, seeds=getattr(args, "seeds", 1))
+                             repeats=args.repeats, seeds=getattr(args, "seeds", None) or 1)
     write_result(out, "seeds", result, markdown_row(result), _plot)
     print(markdown_table(result))
     return 0

@@ -28,7 +28,7 @@ from raybench.data.tokenizer import load_tokenizer
 from raybench.train.config import TrainConfig
 from raybench.train.data import COLUMNS, CollateNumpy, preprocess, to_model_batch
 from raybench.train.loop import build_optimizer, build_scheduler, train_step
-from raybench.train.parallel import resolve_wrap
+from raybench.train.parallel import loss_items_per_rank, resolve_wrap
 from raybench.train.worker import build_sharded_model
 
 
@@ -62,11 +62,12 @@ def main() -> None:
     optimizer, scheduler = build_optimizer(model, t), None
     scheduler = build_scheduler(optimizer, t)
     for i in range(args.warmup):
-        train_step(model, batches[i % n], optimizer, scheduler, t.grad_clip)
+        train_step(model, batches[i % n], optimizer, scheduler, t.grad_clip, loss_items_per_rank(batches[i % n]))
     dist.barrier()
     started_at, t0 = time.time(), time.perf_counter()
     for i in range(args.steps):
-        train_step(model, batches[(args.warmup + i) % n], optimizer, scheduler, t.grad_clip)
+        batch = batches[(args.warmup + i) % n]
+        train_step(model, batch, optimizer, scheduler, t.grad_clip, loss_items_per_rank(batch))
     dist.barrier()
     elapsed = time.perf_counter() - t0
     if rank == 0:

@@ -83,3 +83,22 @@ def format_report(report: dict) -> str:
         lines.append(f"{qtype:>10}: right {r['right']:.2f} | another object's {r['another_object']:.2f} "
                      f"| neither {r['neither']:.2f} | by objects: {by}")
     return "\n".join(lines)
+
+
+def greedy_scene_report(model, proc, rows: dict[str, Sequence], seed: int, image_size: int,
+                        batch_size: int = 80) -> dict:
+    """Greedy answers (as served: `model.generate`) to validation `rows`, then
+    `scene_report` over the scenes regenerated from the data `seed`. `model` is a HybridVLM,
+    `proc` its VQAProcessor (passed in: this module stays below the model layer)."""
+    import torch
+
+    predictions = []
+    for start in range(0, len(rows["question"]), batch_size):
+        end = start + batch_size
+        prompt = proc.encode_prompts(rows["question"][start:end])
+        with torch.no_grad():
+            out = model.generate(prompt["input_ids"], prompt["attention_mask"],
+                                 proc.pixel_values(rows["image"][start:end]), max_new_tokens=8)
+        predictions += [proc.decode_answer(ids.tolist()) for ids in out]
+    scenes = val_scenes(rows, seed, image_size)
+    return scene_report(rows["qtype"], scenes, rows["answer"], predictions)

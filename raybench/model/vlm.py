@@ -221,12 +221,18 @@ class HybridVLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                 return_logits: bool = False, image_index: torch.Tensor | None = None,
-                scene_targets: torch.Tensor | None = None) -> VLMOutput:
+                scene_targets: torch.Tensor | None = None,
+                num_items_in_batch: float | None = None) -> VLMOutput:
         """Right-padded batch -> loss on answer tokens (labels != -100) only. `image_index[i]`
         names row i's image in `pixel_values` (several questions about one image share its
         vision tower pass); None: one image per row. With `scene_targets` [rows, 9] (a `scene`
         stage) the loss is the scene head's on the tower's patches instead; the LLM side is
-        not run. Both go through `forward` so that FSDP's root hooks gather its weights."""
+        not run. Both go through `forward` so that FSDP's root hooks gather its weights.
+
+        `num_items_in_batch` (transformers' name): divide the summed answer-token loss by this
+        instead of this batch's own token count. A data-parallel trainer passes the global
+        count over its world size, so that averaging the ranks' gradients gives the gradient
+        of the whole batch's token mean (ranks' batches hold different numbers of tokens)."""
         if scene_targets is not None:
             if self.scene_head is None:
                 raise ValueError("scene_targets given but the model has no scene head (model.vision.scene_head)")
@@ -252,7 +258,11 @@ class HybridVLM(nn.Module):
         targets = labels.gather(1, state.keep_index)[:, 1:]
         selected = targets != IGNORE_INDEX
         # Project only the answer positions: the vocabulary matmul dominates otherwise.
-        loss = F.cross_entropy(self.logits(hidden[selected]).float(), targets[selected])
+        if num_items_in_batch is None:
+            loss = F.cross_entropy(self.logits(hidden[selected]).float(), targets[selected])
+        else:
+            loss = F.cross_entropy(self.logits(hidden[selected]).float(), targets[selected],
+                                   reduction="sum") / num_items_in_batch
         return VLMOutput(loss=loss, logits=self.logits(hidden) if return_logits else None,
                          labels=targets if return_logits else None)
 

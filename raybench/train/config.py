@@ -47,6 +47,10 @@ class Stage(Strict):
     # the run's). A sweep over train.lr then leaves this stage alone, so its trials can share
     # it (sweep.share_scene_stages).
     lr: float | None = Field(None, gt=0)
+    # A linear ramp of this stage's learning rate over its first N steps (times the run's
+    # schedule). Modules that start learning here start with fresh AdamW moments, at the
+    # schedule's rate of that step (no warm-up of their own without this).
+    warmup_steps: int = Field(0, ge=0)
     data: StageData | None = None  # None: the training set
     # answer: the next-token loss on answers (every other stage). scene: the vision tower
     # learns each quadrant's shape and colour and the background directly, from the stage's
@@ -127,6 +131,8 @@ def stage_errors(t: TrainConfig, data_qtypes: list[str] | None) -> list[str]:
                 errs.append(f"{where}.data.qtypes = {st.data.qtypes}: a scene stage needs [describe] (or leave it out)")
             if "vision" not in st.train:
                 errs.append(f"{where}.train = {st.train}: a scene stage trains the vision tower; include vision")
+        if st.steps is not None and st.warmup_steps > st.steps:
+            errs.append(f"{where}.warmup_steps = {st.warmup_steps}: longer than the stage ({st.steps} steps)")
         bad = [m for m, v in st.lr_scale.items() if v < 0]
         if bad:
             errs.append(f"{where}.lr_scale = {st.lr_scale}: {bad} negative; 0 freezes the weights but "

@@ -17,8 +17,8 @@ from raybench.data.prepare import ensure_data, ensure_tokenizer
 from raybench.data.processor import VQAProcessor, group_rows, shared_images
 from raybench.data.synthetic import scene_targets
 from raybench.model.vlm import HybridVLM
-from raybench.train.loop import (build_optimizer, build_scheduler, evaluate, format_eval,
-                                 train_step)
+from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_counts, format_eval,
+                                 merge_counts, pack_correct, train_step)
 from raybench.train.stages import PlannedStage, plan, set_trainable, stage_at
 
 COLUMNS = ["image", "question", "answer", "qtype"]
@@ -103,12 +103,12 @@ def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str,
         window_samples += t.batch_size
         if step % t.eval_every == 0 or step == t.steps:
             rate = window_samples / (time.perf_counter() - window_start)
-            metrics = evaluate(model, evals, suppressed)
+            counts = evaluate_counts(model, evals, suppressed)
+            metrics = merge_counts([counts])
             train_loss = sum(losses) / len(losses)
             log(format_eval(step, t.steps, train_loss, metrics, rate) + (f" | {stage.name}" if len(stages) > 1 else ""))
-            history.write(json.dumps({"step": step, "stage": stage.name, "train_loss": train_loss,
-                                      "samples_per_s": rate, **metrics}) + "\n")
-            history.flush()
+            _record(history, {"step": step, "stage": stage.name, "train_loss": train_loss, "samples_per_s": rate,
+                              **metrics}, counts)
             window_start, window_samples, losses = time.perf_counter(), 0, []
     history.close()
 
@@ -118,6 +118,13 @@ def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str,
     (cfg.run_path / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
     log(f"[raybench] model saved to {out} (safetensors + config.json + tokenizer)")
     return metrics
+
+
+def _record(history, record: dict, counts: dict) -> None:
+    """One eval's line in logs/train_local.jsonl, with each val question's outcome (`correct`),
+    as the Ray trainer's logs/evals.jsonl has it."""
+    history.write(json.dumps({**record, "n": counts["n"], "correct": pack_correct(counts["correct"])}) + "\n")
+    history.flush()
 
 
 def _describe(st: PlannedStage, tables: dict[str, pa.Table]) -> str:

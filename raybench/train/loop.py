@@ -49,13 +49,19 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, stages: 
 
 
 def train_step(model: nn.Module, batch: dict[str, torch.Tensor], optimizer, scheduler,
-               grad_clip: float) -> float:
+               grad_clip: float, num_items_in_batch: float | None = None, stats: dict | None = None) -> float:
+    """One optimizer step; returns the loss. `num_items_in_batch`: a data-parallel rank's loss
+    divisor (see `raybench.train.parallel.loss_items_per_rank`); None: this batch's own token
+    mean. `stats`, if given, receives the gradient's total norm before clipping (`grad_norm`)."""
     model.train()
     out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
-                image_index=batch.get("image_index"), scene_targets=batch.get("scene_targets"))
+                image_index=batch.get("image_index"), scene_targets=batch.get("scene_targets"),
+                num_items_in_batch=num_items_in_batch)
     optimizer.zero_grad(set_to_none=True)
     out.loss.backward()
-    nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if stats is not None:  # sharded parameters give a DTensor norm: the same value on every rank
+        stats["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     optimizer.step()
     scheduler.step()
     return out.loss.detach().item()
@@ -75,10 +81,12 @@ def answer_exact_match(logits: torch.Tensor, labels: torch.Tensor, suppressed: l
 
 @torch.no_grad()
 def evaluate_counts(model: nn.Module, batches: Iterable[dict], suppressed: list[int]) -> dict:
-    """Raw sums (loss, samples, hits per qtype): they add across ranks, averages don't."""
+    """Raw sums (loss, samples, hits per qtype): they add across ranks, averages don't. Also
+    each sample's own outcome, in order (`correct`), for curves that are read per question."""
     model.eval()
     loss_sum, n_total = 0.0, 0
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    every: list[bool] = []
     for batch in batches:
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
                     return_logits=True, image_index=batch.get("image_index"))
@@ -86,10 +94,11 @@ def evaluate_counts(model: nn.Module, batches: Iterable[dict], suppressed: list[
         loss_sum += out.loss.item() * n
         n_total += n
         correct = answer_exact_match(out.logits, out.labels, suppressed).tolist()
+        every += correct
         for qtype, ok in zip(batch["qtype"], correct):
             hits[qtype][0] += int(ok)
             hits[qtype][1] += 1
-    return {"loss_sum": loss_sum, "n": n_total, "hits": dict(hits)}
+    return {"loss_sum": loss_sum, "n": n_total, "hits": dict(hits), "correct": every}
 
 
 def merge_counts(parts: list[dict]) -> dict[str, float]:
@@ -116,3 +125,14 @@ def format_eval(step: int, total: int, loss: float, metrics: dict[str, float], s
     per_q = " ".join(f"{k[4:]}={v:.2f}" for k, v in metrics.items() if k.startswith("acc/"))
     return (f"step {step:>5}/{total} | loss {loss:.3f} | val_loss {metrics['val_loss']:.3f} | "
             f"acc {metrics['accuracy']:.3f} ({per_q}) | {samples_per_s:.0f} samples/s")
+
+
+def pack_correct(correct: list[bool]) -> str:
+    """Per-sample outcomes as hex, 4 samples a digit (a 1000-question eval in 250 characters)."""
+    bits = "".join("1" if c else "0" for c in correct)
+    return "".join(f"{int(bits[i:i + 4].ljust(4, '0'), 2):x}" for i in range(0, len(bits), 4))
+
+
+def unpack_correct(packed: str, n: int) -> list[bool]:
+    bits = "".join(f"{int(d, 16):04b}" for d in packed)
+    return [b == "1" for b in bits[:n]]

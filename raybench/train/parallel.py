@@ -11,9 +11,11 @@ bf16 parameters/activations with fp32 gradient reduction.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from raybench.data.processor import IGNORE_INDEX
 from raybench.model.vlm import HybridVLM
 
 
@@ -50,3 +52,18 @@ def parallelize(model: HybridVLM, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
         # (its own forward then reshards it as usual). Root-wrapped, it is gathered already.
         model.before_scoring = lambda layer: layer.unshard()
     return model
+
+
+def loss_items_per_rank(batch: dict) -> float | None:
+    """The answer-token loss divisor for this rank: every rank's answer tokens, over the
+    world size. Each rank's loss is then its summed token loss over that, and FSDP's mean
+    of the ranks' gradients is the gradient of the whole batch's token mean, as in one
+    process (a rank's own token mean would weigh a token on a rank with fewer of them more).
+    None for a scene batch: every row carries the same number of targets there, and the
+    ranks hold equal rows, so their means already weigh alike. A collective: every rank."""
+    if "scene_targets" in batch:
+        return None
+    labels = batch["labels"]
+    n = (labels != IGNORE_INDEX).sum().to(torch.float64).reshape(1)
+    dist.all_reduce(n)
+    return n.item() / dist.get_world_size()

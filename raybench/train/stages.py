@@ -38,14 +38,19 @@ class PlannedStage:
     data_path: Path | None = None
     objective: str = "answer"       # or "scene": the tower's dense scene loss (scene_head.py)
     lr_ratio: float = 1.0           # the stage's own peak lr over train.lr (Stage.lr)
+    warmup: int = 0                 # Stage.warmup_steps
 
     @property
     def dataset(self) -> str:
         """The Ray Dataset / table this stage reads."""
         return f"stage-{self.name}" if self.data is not None else "train"
 
-    def scale(self, module: str) -> float:
-        return self.lr_ratio * self.lr_scale.get(module, 1.0) if module in self.train else 0.0
+    def scale(self, module: str, step: int | None = None) -> float:
+        """A module's lr multiplier in this stage (at `step`, inside the stage's warm-up)."""
+        if module not in self.train:
+            return 0.0
+        ramp = min(1.0, (step - self.start + 1) / self.warmup) if self.warmup and step is not None else 1.0
+        return self.lr_ratio * self.lr_scale.get(module, 1.0) * ramp
 
 
 def plan(cfg: RunConfig) -> list[PlannedStage]:
@@ -56,7 +61,7 @@ def plan(cfg: RunConfig) -> list[PlannedStage]:
         end = start + st.steps if st.steps is not None else cfg.train.steps
         ratio = st.lr / cfg.train.lr if st.lr is not None else 1.0
         out.append(PlannedStage(st.name, start, end, frozenset(st.train), dict(st.lr_scale), st.data,
-                                cfg.stage_path(st), st.objective, ratio))
+                                cfg.stage_path(st), st.objective, ratio, st.warmup_steps))
         start = end
     return out
 
@@ -88,5 +93,5 @@ def set_trainable(model: nn.Module, stage: PlannedStage) -> None:
 def lr_lambdas(optimizer: torch.optim.Optimizer, stages: list[PlannedStage], base):
     """One LambdaLR lambda per param group: the base schedule times the group's module scale
     in the stage of that step."""
-    return [lambda step, m=group["module"]: base(step) * stage_at(stages, step).scale(m)
+    return [lambda step, m=group["module"]: base(step) * stage_at(stages, step).scale(m, step)
             for group in optimizer.param_groups]

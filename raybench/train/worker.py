@@ -6,6 +6,7 @@ trainer and the `torchrun` baseline use. Only rank 0 talks to MLflow.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -24,8 +25,9 @@ from raybench.model.vlm import HybridVLM
 from raybench.train import checkpoint as ckpt
 from raybench.train.data import CollateNumpy, group_shuffled, to_model_batch
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_counts, format_eval,
-                                 merge_counts, train_step)
-from raybench.train.parallel import build_mesh, mixed_precision, parallelize, resolve_wrap
+                                 merge_counts, pack_correct, train_step)
+from raybench.train.parallel import (build_mesh, loss_items_per_rank, mixed_precision, parallelize,
+                                     resolve_wrap)
 from raybench.train.stages import SCENE_MODULES, plan, set_trainable, stage_at
 
 
@@ -56,13 +58,15 @@ def _epoch_batches(shard, per_worker: int, seed: int, epoch: int, skip: int, dev
             yield to_model_batch(batch, device, num_image_tokens, scene)
 
 
-def _evaluate(model, val_shard, per_worker: int, suppressed: list[int], device) -> dict[str, float]:
+def _evaluate(model, val_shard, per_worker: int, suppressed: list[int], device) -> tuple[dict[str, float], list[bool]]:
+    """Val metrics, and each val question's outcome in the split's order (the shards are
+    ordered, equal and consecutive: rank 0 holds the first rows)."""
     batches = (to_model_batch(b, device, model.config.num_image_tokens)
                for b in val_shard.iter_torch_batches(batch_size=per_worker, collate_fn=CollateNumpy()))
     counts = evaluate_counts(model, batches, suppressed)
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, counts)
-    return merge_counts(parts)
+    return merge_counts(parts), [c for p in parts for c in p["correct"]]
 
 
 def _open_tracker(cfg: RunConfig, rank: int, config: dict):
@@ -261,6 +265,18 @@ class _Run:
         _export(self.model, self.tokenizer, self.config, self.tracker)
         self.exported = True
 
+    def record_eval(self, metrics: dict, correct: list[bool]) -> None:
+        """Rank 0 appends every eval to <run_dir>/logs/evals.jsonl, with each val question's
+        outcome (`correct`, hex: `raybench.train.loop.unpack_correct`): learning curves as data,
+        per question (`raybench bench curves` reads them). A resumed run appends again from
+        its checkpoint's step; readers keep the last record of each step."""
+        logs = self.cfg.run_path / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        stage = stage_at(self.stages, self.state.step - 1).name
+        record = {**metrics, "stage": stage, "n": len(correct), "correct": pack_correct(correct)}
+        with (logs / "evals.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def checkpoint_and_report(self) -> None:
         # The window holds training steps only: it closes before this boundary's work (cost,
         # export, eval, checkpoint, report) and the next one opens after it. `eval_s` times the
@@ -269,8 +285,10 @@ class _Run:
         _measure_cost(self.config, self.cfg, self.rank, self.extra)
         if self.state.step == self.t.steps:
             self.export()
-        metrics = _evaluate(self.model, self.val_shard, self.per_worker, self.suppressed, self.device)
+        metrics, correct = _evaluate(self.model, self.val_shard, self.per_worker, self.suppressed, self.device)
         metrics.update(step=self.state.step, **throughput, **self.extra, eval_s=time.perf_counter() - started)
+        if self.rank == 0:
+            self.record_eval(metrics, correct)
         if self.tracker:
             print(format_eval(self.state.step, self.t.steps, metrics["train_loss"], metrics,
                               metrics["samples_per_s"]), flush=True)
@@ -299,7 +317,8 @@ def train_loop_per_worker(config: dict) -> None:
         for batch in run.batches(stage):
             if run.startup is not None:
                 run.first_step()
-            loss = train_step(run.model, batch, run.optimizer, run.scheduler, run.t.grad_clip)
+            loss = train_step(run.model, batch, run.optimizer, run.scheduler, run.t.grad_clip,
+                              loss_items_per_rank(batch))
             state.step, state.batch_in_epoch = state.step + 1, state.batch_in_epoch + 1
             stage_done = state.step == stage.end and state.step < steps
             if stage_done:

@@ -125,3 +125,39 @@ def test_serve_answers_every_load_point_without_errors(results):
     assert g["pipeline_added_ms_at_c1"] == pytest.approx(
         g["pipeline_p50_ms"] - g["in_process_p50_ms"] - g["noop_3hop_p50_ms"])
     assert g["batched_over_unbatched_req_s_at_c32"] > 0
+
+
+def test_curves_records_each_unit_once_with_every_question_s_outcome(tmp_path, ray_session):
+    """`bench curves --quick`: two units on the session's Ray. The first trains the scene
+    stage and leaves it, the second starts after it; each stores every eval with each val
+    question's outcome, in the val split's order; a second run finds both and trains nothing."""
+    import ray
+
+    from raybench.train.loop import unpack_correct
+
+    units = tmp_path / "units"
+    argv = ["bench", "curves", "--quick", "--out", str(tmp_path), "--units", str(units),
+            "--configs", "default", "readme-champion"]
+    assert main(argv) == 0 and ray.is_initialized()
+    meta = json.loads((units / "meta.json").read_text())
+    qtypes = meta["val_qtypes"]
+    records = {u: json.loads((units / f"{u}.json").read_text()) for u in ("default-s0", "readme-champion-s0")}
+    first, second = records["default-s0"], records["readme-champion-s0"]
+    every, see_end, steps = first["eval_every"], first["shared_stage_end"], first["steps"]
+    assert [e["step"] for e in first["evals"]] == list(range(every, steps + 1, every))
+    assert not first["started_after_shared_stage"] and second["started_after_shared_stage"]
+    assert [e["step"] for e in second["evals"]] == list(range(see_end + every, steps + 1, every))
+    for record in records.values():
+        assert record["trainer"] == "ray" and record["final"]["step"] == steps
+        assert record["scenes"]["matched"] == len(qtypes)  # the finished model answered every val question
+        for e in record["evals"]:
+            correct = unpack_correct(e["correct"], e["n"])
+            assert e["n"] == len(qtypes) and e["accuracy"] == pytest.approx(sum(correct) / len(correct))
+            for q in set(qtypes):  # the per-type accuracies line up with the val split's order
+                mine = [c for c, t in zip(correct, qtypes) if t == q]
+                assert e[f"acc/{q}"] == pytest.approx(sum(mine) / len(mine))
+    written = {p.name: p.stat().st_mtime_ns for p in units.glob("*-s0.json")}
+    runs = sorted(p.name for p in (tmp_path / "curves" / "units").iterdir())
+    assert main(argv) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in units.glob("*-s0.json")} == written
+    assert sorted(p.name for p in (tmp_path / "curves" / "units").iterdir()) == runs

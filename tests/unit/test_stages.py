@@ -153,3 +153,30 @@ def test_letter_share_names_its_own_scenes_and_needs_describe(tmp_path):
     with pytest.raises(ConfigError, match="letter_share"):
         validate_config({"train": {"steps": 8, "batch_size": 16, "stages": [
             {**stage, "data": {"num_examples": 64, "letter_share": 1.5}}, {"name": "main"}]}})
+
+
+def test_a_stage_warm_up_ramps_its_modules_from_the_stage_start(tmp_path):
+    cfg = tiny(tmp_path, [{"name": "align", "steps": 4, "train": ["projector"]},
+                          {"name": "tune", "warmup_steps": 3}], steps=10)
+    stages = plan(cfg)
+    model = HybridVLM(cfg.model, vocab_size=64, image_token_id=3, pad_token_id=0, eos_token_id=2)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, stages)
+    peak = cfg.train.lr
+    seen = []
+    for step in range(10):
+        seen.append({g["module"]: g["lr"] for g in optimizer.param_groups})
+        optimizer.step()
+        scheduler.step()
+    # The first stage has no warm-up of its own: the run's schedule alone.
+    assert seen[1]["projector"] == pytest.approx(peak * lr_factor(1, cfg.train))
+    # The second ramps 1/3, 2/3, 3/3 of the run's schedule over its first three steps, then follows it.
+    for k, step in enumerate(range(4, 8)):
+        ramp = min(1.0, (k + 1) / 3)
+        assert seen[step]["llm"] == pytest.approx(peak * lr_factor(step, cfg.train) * ramp)
+        assert seen[step]["projector"] == pytest.approx(peak * lr_factor(step, cfg.train) * ramp)
+
+
+def test_a_stage_warm_up_longer_than_the_stage_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.stages\.0\.warmup_steps = 5: longer than the stage \(4 steps\)"):
+        tiny(tmp_path, [{"name": "align", "steps": 4, "warmup_steps": 5}, {"name": "tune"}], steps=10)
