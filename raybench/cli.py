@@ -143,9 +143,10 @@ def _cmd_bench(args) -> int:
 
 def _add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (ratios measured in the same run)")
-    p.add_argument("which", choices=[*BENCHMARKS, "curves", "report", "all"],
+    p.add_argument("which", choices=[*BENCHMARKS, "curves", "search", "report", "all"],
                    help="report: render DIR/BENCHMARKS.md from the JSON files already in --out; "
-                        "curves (hours, resumable, not in `all`): learning curves of the default's space")
+                        "curves (hours, resumable, not in `all`): learning curves of the default's space; "
+                        "search: schedulers replayed on those curves (no training)")
     p.add_argument("--out", default="bench-out")
     p.add_argument("--size", default=None, choices=["tiny", "small", "gpu"],
                    help="model size (default: small; pruning: gpu)")
@@ -159,7 +160,7 @@ def _add_bench_parser(sub) -> None:
                    help="seeds / curves: train every preset / config on this many seeds (train.seed 0..N-1; "
                         "default: seeds 1, curves 2)")
     p.add_argument("--units", default=None,
-                   help="curves: where each finished (config, seed) unit is stored and found again "
+                   help="curves / search: where each finished (config, seed) unit is stored and found again "
                         "(default: the checkout's benchmarks/curves; --quick: OUT/curves/units-quick)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="curves: record only these configs (names in raybench/bench/curves.py)")

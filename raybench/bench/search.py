@@ -229,3 +229,24 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def main(args) -> int:
+    """`raybench bench search`: schedulers replayed on the curves `bench curves` recorded
+    (raybench/bench/replay.py; no training). The grid vs TPE sweeps above run inside
+    `bench sweep`'s full mode."""
+    from raybench.bench.curves import UNITS_DIR
+    from raybench.bench.replay import markdown_table, run_replays
+    from raybench.bench.seeds import DEFAULT_CONFIG
+    from raybench.config import load_config
+
+    base = load_config(DEFAULT_CONFIG, [])
+    units = Path(args.units) if args.units else UNITS_DIR
+    # The sweep's own eval cadence and questions (default.yaml's), read out of the recording.
+    result = run_replays(units, (3,) if args.quick else (3, 6), 20 if args.quick else 200,
+                         base.train.eval_samples, None if args.quick else base.train.eval_every)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "search.json").write_text(json.dumps(result, indent=1))
+    print(markdown_table(result))
+    return 0
