@@ -236,6 +236,7 @@ def main(args) -> int:
     print(f"[bench curves] {len(order) - len(todo)} of {len(order)} units already in {units}; "
           f"{len(todo)} to run", flush=True)
     if not todo:
+        print(markdown_summary(units))
         return 0
     units.mkdir(parents=True, exist_ok=True)
     ensure_data(base)
@@ -255,4 +256,43 @@ def main(args) -> int:
     finally:
         if started_ray:
             ray.shutdown()
+    print(markdown_summary(units))
     return 0
+
+
+def summary_rows(units: Path, sweep_eval_samples: int, at: tuple[int, ...] = (750, 1000)) -> list[dict]:
+    """One row per recorded unit: accuracy on the sweep's questions at the steps `at`, the
+    final accuracy on every recorded question (overall, shape, position), 4-object shape and
+    position from the finished model's answers, wall time."""
+    from raybench.train.loop import unpack_correct
+
+    rows = []
+    for path in sorted(units.glob("*-s*.json")):
+        r = json.loads(path.read_text())
+        by_step = {e["step"]: e for e in r["evals"]}
+        scenes = r["scenes"]["qtypes"]
+
+        def four(q: str) -> str:
+            by_n = scenes.get(q, {}).get("accuracy_by_objects", {})
+            return f"{by_n['4']:.2f}" if "4" in by_n else ""
+
+        row = {"config": r["config"], "seed": str(r["seed"]), "trainer": r.get("trainer", "ray")}
+        for step in at:
+            e = by_step.get(step)
+            seen = unpack_correct(e["correct"], e["n"])[:sweep_eval_samples] if e else None
+            row[f"at_{step}"] = f"{sum(seen) / len(seen):.3f}" if seen else ""
+        f = r["final"]
+        row.update(final=f"{f['accuracy']:.3f}", shape=f"{f.get('acc/shape', 0):.2f}",
+                   position=f"{f.get('acc/position', 0):.2f}", shape4=four("shape"), position4=four("position"),
+                   minutes=f"{r['wall_s'] / 60:.1f}")
+        rows.append(row)
+    return rows
+
+
+def markdown_summary(units: Path, sweep_eval_samples: int = 512) -> str:
+    from raybench.bench.common import markdown_table
+
+    return markdown_table(summary_rows(units, sweep_eval_samples), {
+        "config": "config", "seed": "seed", "trainer": "trainer", "at_750": "acc @750 (sweep's questions)",
+        "at_1000": "@1000", "final": "final (1000 q)", "shape": "shape", "position": "position",
+        "shape4": "shape, 4 objects", "position4": "position, 4 objects", "minutes": "wall min"})
