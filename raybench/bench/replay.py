@@ -227,9 +227,11 @@ def schedulers(start: int, max_t: int, fine: int, sweep_every: int) -> list[Sche
 def run_replays(units: Path, budgets: tuple[int, ...], replays: int, sweep_eval_samples: int,
                 sweep_every: int | None = None) -> dict:
     """`sweep_every`: the sweep's eval cadence (None: the recorded one)."""
+    from raybench.config import ConfigError
+
     curves = load_curves(units, sweep_eval_samples)
     if len(curves) < 2:
-        raise ValueError(f"{units}: {len(curves)} recorded config(s); a replay needs at least 2 "
+        raise ConfigError(f"{units}: {len(curves)} recorded config(s); a replay needs at least 2 "
                          "(raybench bench curves records them)")
     some = next(iter(curves.values()))[0]
     steps = sorted(some.accuracy)

@@ -233,6 +233,20 @@ def write_report(out: Path, copy_to: Path | None = None, strict: bool = False) -
     return 0
 
 
+def splice_section(page: Path, heading: str, section: str) -> None:
+    """Put one benchmark's rendered section into a page in place of the section whose heading
+    starts with `heading` (up to the next `## `), or at the end: a benchmark whose inputs are
+    a recording (`bench search`) updates its own section without re-rendering the others."""
+    text = page.read_text() if page.is_file() else "# Benchmarks\n"
+    start = text.find("\n" + heading)
+    if start < 0:
+        page.write_text(text.rstrip("\n") + "\n\n" + section)
+        return
+    end = text.find("\n## ", start + 1)
+    page.write_text(text[:start + 1] + section.rstrip("\n") + "\n" + (text[end:] if end >= 0 else ""))
+    print(f"[bench report] {heading.lstrip('# ')} section written into {page}")
+
+
 def main(args) -> int:
     copy_to = Path("BENCHMARKS.md") if getattr(args, "write_benchmarks_md", False) else None
     return write_report(Path(args.out), copy_to)

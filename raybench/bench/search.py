@@ -167,7 +167,7 @@ def run_search_bench(out: Path, steps: int = 200) -> dict:
     }
 
 
-def markdown_section(r: dict) -> str:
+def grid_section(r: dict) -> str:
     """The grid-vs-search part of the sweep section (a sub-heading, a table, the verdict)."""
     from raybench.bench.report import claim
 
@@ -231,22 +231,62 @@ def plot(r: dict, path: Path) -> None:
     plt.close(fig)
 
 
+PIPELINE = "ASHA (first rung 750, rf 3, accuracy, every 250)"  # default.yaml's sweep, as the replay names it
+KEEP_GOAL, COMPUTE_GOAL = 0.90, 0.70
+
+
+def markdown_section(r: dict) -> str:
+    """BENCHMARKS.md's search section: the recorded curves, then the schedulers replayed on them."""
+    from raybench.bench.common import markdown_table
+    from raybench.bench.report import claim
+
+    lines = [f"## Search — `{r['command']}` ({r['replays']} replays per scheduler and budget, on the curves "
+             f"`raybench bench curves` recorded in `{r['units_rel']}`)", "",
+             "Every configuration below was trained as a sweep trial trains it (Ray Train, 2 FSDP2 workers, the "
+             "scene stage shared per seed), on each training seed, every eval kept with each val question's "
+             "outcome. `@750` and `@1000` are the accuracy the sweep sees at those steps (its own 512 "
+             "questions), the rest are on all 1000; `4 objects`: the finished model's greedy answers on "
+             "4-object scenes.", "", r["curves_table"], ""]
+    lines += ["Replays: TPE proposes from the recorded configs as `raybench sweep` does (trial 1 the default), "
+              "each trial's curve is one of its config's seeds drawn at random, trials run one after another. "
+              "*Best trial reaches the end*: how often the budget's best trial (best final accuracy) is not "
+              "stopped early. *Answer steps / FIFO*: training steps after the shared scene stage, against "
+              "no early stopping.", "", r["replay_table"], ""]
+    pipeline = [x for x in r["rows"] if x["scheduler"] == PIPELINE]
+    for x in pipeline:
+        keeps, compute = x["keeps_best"], x["compute_vs_fifo"]
+        lines.append(f"- The pipeline's scheduler ({PIPELINE}), {x['budget']} trials: keeps the best trial in "
+                     f"{100 * keeps:.0f}% of replays at {compute:.2f}x FIFO's answer steps; goal >= "
+                     f"{100 * KEEP_GOAL:.0f}% at <= {COMPUTE_GOAL:.1f}x: {claim(keeps >= KEEP_GOAL and compute <= COMPUTE_GOAL)}.")
+    return "\n".join(lines) + "\n"
+
+
 def main(args) -> int:
     """`raybench bench search`: schedulers replayed on the curves `bench curves` recorded
     (raybench/bench/replay.py; no training). The grid vs TPE sweeps above run inside
     `bench sweep`'s full mode."""
-    from raybench.bench.curves import UNITS_DIR
+    from raybench.bench.common import machine_info
+    from raybench.bench.curves import REPO, UNITS_DIR, markdown_summary
     from raybench.bench.replay import markdown_table, run_replays
+    from raybench.bench.report import splice_section
     from raybench.bench.seeds import DEFAULT_CONFIG
     from raybench.config import load_config
 
     base = load_config(DEFAULT_CONFIG, [])
     units = Path(args.units) if args.units else UNITS_DIR
     # The sweep's own eval cadence and questions (default.yaml's), read out of the recording.
-    result = run_replays(units, (3,) if args.quick else (3, 6), 20 if args.quick else 200,
+    result = run_replays(units, (3,) if args.quick else (3, 6), 8 if args.quick else 200,
                          base.train.eval_samples, None if args.quick else base.train.eval_every)
+    command = "raybench bench search" + (" --quick" if args.quick else "")
+    rel = units.resolve().relative_to(REPO) if units.resolve().is_relative_to(REPO) else units
+    result.update(bench="search", command=command, quick=bool(args.quick), replays=8 if args.quick else 200,
+                  units_rel=str(rel), curves_table=markdown_summary(units, base.train.eval_samples),
+                  replay_table=markdown_table(result), machine=machine_info())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "search.json").write_text(json.dumps(result, indent=1))
-    print(markdown_table(result))
+    section = markdown_section(result)
+    print(section)
+    if getattr(args, "write_benchmarks_md", False):
+        splice_section(Path("BENCHMARKS.md"), "## Search", section)
     return 0

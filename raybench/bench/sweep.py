@@ -221,7 +221,7 @@ def markdown_section(r: dict) -> str:
                   f"That leaves {rest:.1f} s of a trial's median start-up for the trial driver, the model build "
                   "and sharding, the tracker's run and the first batch."]
     if r.get("search"):
-        from raybench.bench.search import markdown_section as search_section
+        from raybench.bench.search import grid_section as search_section
         lines += ["", search_section(r["search"])]
     return "\n".join(lines) + "\n"
 

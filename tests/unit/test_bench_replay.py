@@ -91,10 +91,13 @@ def test_bench_search_replays_a_recording_and_writes_its_table(tmp_path):
                 evals.append({"step": step, "accuracy": right / 8, "val_loss": 1 - acc, "n": 8,
                               "correct": pack_correct([True] * right + [False] * (8 - right))})
             (units / f"{config}-s{seed}.json").write_text(json.dumps(
-                {"config": config, "seed": seed, "trainer": "ray", "shared_stage_end": START, "evals": evals}))
+                {"config": config, "seed": seed, "trainer": "ray", "shared_stage_end": START, "evals": evals,
+                 "final": evals[-1], "wall_s": 300.0,
+                 "scenes": {"qtypes": {"shape": {"accuracy_by_objects": {"4": final}}}}}))
     assert main(["bench", "search", "--quick", "--units", str(units), "--out", str(out)]) == 0
     r = json.loads((out / "search.json").read_text())
     assert r["max_t"] == MAX_T and r["configs"] == {c: [0, 1] for c in sorted(shapes)}
+    assert r["curves_table"].count("| bloomer ") == 2  # one row per recorded unit
     rows = {x["scheduler"]: x for x in r["rows"]}
     fifo = rows["FIFO (no early stop)"]
     assert fifo["keeps_best"] == 1.0 and fifo["compute_vs_fifo"] == 1.0 and fifo["champion_mean"] == 1.0
@@ -103,3 +106,15 @@ def test_bench_search_replays_a_recording_and_writes_its_table(tmp_path):
     assert pipeline["keeps_best"] < 1.0 and pipeline["compute_vs_fifo"] < 1.0
     # the half-way rung (1050) still comes before the bloomer catches up (1100)
     assert rows["ASHA (first rung 1050, rf 3, accuracy, every 50)"]["keeps_best"] < 1.0
+
+
+def test_a_recording_s_section_replaces_its_own_in_the_page_and_nothing_else(tmp_path):
+    from raybench.bench.report import splice_section
+
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text("# Benchmarks\n\n## Training — a\n\nold train\n\n## Search — old\n\nold search\n\n## Sweeps — c\n\nsweeps\n")
+    splice_section(page, "## Search", "## Search — new\n\nnew search\n")
+    assert page.read_text() == ("# Benchmarks\n\n## Training — a\n\nold train\n\n## Search — new\n\nnew search\n"
+                                "\n## Sweeps — c\n\nsweeps\n")
+    splice_section(page, "## Fusion", "## Fusion — x\n\nfusion\n")  # absent: appended
+    assert page.read_text().endswith("sweeps\n\n## Fusion — x\n\nfusion\n")
