@@ -30,48 +30,10 @@ import torch
 from raybench.data.loader import DataError, decode_rgb_uint8, normalize_pixels
 from raybench.model.vlm import HybridVLM
 from raybench.serve.batching import batch
+from raybench.serve.payloads import GenOut, GenRequest, ProjectionOut, StageError, VisionOut
 from raybench.serve.model_source import resolve_model_dir
 
 log = logging.getLogger("ray.serve")
-
-
-@dataclass
-class StageError:
-    """A request-level failure, returned (not raised) so the rest of the batch goes on."""
-    status: int
-    message: str
-    code: str
-    param: str | None = None
-
-
-@dataclass
-class VisionOut:
-    patches: torch.Tensor              # [P, Hv]
-    taps: list[torch.Tensor]           # DeepStack ViT taps, [P, Hv] each
-    batch_sizes: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class ProjectionOut:
-    visual_embeds: torch.Tensor        # [N_vis, D]
-    deepstack_embeds: list[torch.Tensor]  # [N_vis, D] each
-    batch_sizes: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class GenRequest:
-    prompt_ids: list[int]              # bos + <image> x N + question tokens (not padded)
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass
-class GenOut:
-    tokens: list[int]                  # new tokens, up to and including eos
-    finish_reason: str                 # "stop" (eos) | "length"
-    batch_sizes: dict[str, int] = field(default_factory=dict)
 
 
 class _Stage:
