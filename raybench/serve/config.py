@@ -82,6 +82,15 @@ class LimitsConfig(Strict):
     default_max_tokens: int = Field(16, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
     max_messages: int = Field(64, ge=1)
+    # Requests one ingress replica holds that have no first token yet (in a stage's queue or
+    # waiting for a decode slot); one more is answered 429 with Retry-After at once, so a
+    # server past its rate keeps the accepted requests' latency bounded instead of queueing
+    # without end. Per ingress replica: with k ingress replicas the server holds k times this.
+    max_queued_requests: int = Field(64, ge=1)
+    # A request not answered within this many seconds is answered 504 and its row dropped
+    # (streaming: the first token must come within it).
+    request_timeout_s: float = Field(60.0, gt=0)
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After header of a 429
 
     @model_validator(mode="after")
     def _default_in_range(self) -> "LimitsConfig":

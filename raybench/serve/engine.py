@@ -60,15 +60,21 @@ class DecodeEngine:
         self.decode_text = decode_text  # answer text so far, for stop strings
         self.rows: list[Row] = []       # row i lives in the pool's slot i
         self.cache = SlotKVCache(len(model.decoder_layers))
+        self.failed_steps = 0           # decode steps failing in a row (the stage's health)
+        self.cancelled_rows = 0         # rows dropped because their caller went away
 
     @torch.inference_mode()  # the pool's buffers too: they are written in place every step
     def step(self, joining: list[Row]) -> StepResult:
-        self._drop([i for i, r in enumerate(self.rows) if r.cancelled])
+        gone = [i for i, r in enumerate(self.rows) if r.cancelled]
+        self.cancelled_rows += len(gone)
+        self._drop(gone)
         decoding = list(self.rows)
         if decoding:
             try:
                 self._decode()
+                self.failed_steps = 0
             except Exception:  # noqa: BLE001 - the pool's rows fail, the engine goes on
+                self.failed_steps += 1
                 log.exception("decode step failed; %d rows end with an error", len(decoding))
                 for r in decoding:
                     r.finish = "error"

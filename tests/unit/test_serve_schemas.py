@@ -189,6 +189,25 @@ def test_other_parameters():
     assert refused(body([{"type": "image_url", "image_url": {"url": data_uri(png())}}])).code == "invalid_value"
 
 
+def test_vllm_extra_parameters_stop_and_stream_options():
+    req = parse(body(max_tokens=8, stop="\n", ignore_eos=True, min_tokens=3, stream=True,
+                     stream_options={"include_usage": True}))
+    assert (req.stop, req.ignore_eos, req.min_tokens, req.include_usage) == (["\n"], True, 3, True)
+    assert parse(body(stop=["a", "b"], top_k=-1)).stop == ["a", "b"]  # vLLM's "no top-k" is fine
+    assert parse(body()).stop == [] and not parse(body()).include_usage
+    assert refused(body(max_tokens=4, min_tokens=5)).param == "min_tokens"
+    assert refused(body(stop=["a", "b", "c", "d", "e"])).param == "stop"
+    assert refused(body(stop=[""])).param == "stop"
+    assert refused(body(stream_options={"include_usage": True})).param == "stream_options"
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", True), ("top_logprobs", 2), ("top_k", 5), ("n", 3)])
+def test_fields_the_server_cannot_honour_are_a_400_naming_them(field, value):
+    err = refused(body(**{field: value}))
+    assert (err.status, err.param, err.code) == (400, field, "unsupported_parameter")
+    assert field in err.message
+
+
 # ------------------------------------------------------------------ response shapes
 
 def test_response_shapes():
