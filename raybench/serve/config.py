@@ -72,6 +72,15 @@ class StageConfig(DeploymentConfig):
         return self
 
 
+class LLMStageConfig(StageConfig):
+    """The LLM stage: `max_batch_size` is its pool of decode rows (continuous batching)."""
+    # continuous: requests join and leave the pool between decode steps (as vLLM).
+    # static: a batch is decoded until its longest answer ends before the next one joins, and
+    # every answer waits for it (how LLM servers batched before Orca): a baseline for
+    # `raybench bench serve`, never faster.
+    scheduling: Literal["continuous", "static"] = "continuous"
+
+
 class LimitsConfig(Strict):
     """What one request may ask for; anything beyond is a 4xx, never work for a replica."""
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
@@ -133,7 +142,7 @@ class ServeConfig(Strict):
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256))
     vision: StageConfig = Field(default_factory=StageConfig)
     projection: StageConfig = Field(default_factory=StageConfig)
-    llm: StageConfig = Field(default_factory=StageConfig)
+    llm: LLMStageConfig = Field(default_factory=LLMStageConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @model_validator(mode="after")
@@ -196,7 +205,10 @@ def deployment_options(d: DeploymentConfig) -> dict[str, Any]:
 
 
 def batch_user_config(s: StageConfig) -> dict[str, Any]:
-    return {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+    out: dict[str, Any] = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+    if isinstance(s, LLMStageConfig) and s.scheduling != "continuous":
+        out["scheduling"] = s.scheduling  # only when set: the default's user_config stays as it was
+    return out
 
 
 def serve_config_yaml(cfg: ServeConfig) -> str:

@@ -62,6 +62,9 @@ class DecodeEngine:
         self.cache = SlotKVCache(len(model.decoder_layers))
         self.failed_steps = 0           # decode steps failing in a row (the stage's health)
         self.cancelled_rows = 0         # rows dropped because their caller went away
+        # Static batching (a bench baseline: how LLM servers batched before Orca): finished
+        # rows stay in the pool, decoding for nothing, until the whole batch has ended.
+        self.hold_finished = False
 
     @torch.inference_mode()  # the pool's buffers too: they are written in place every step
     def step(self, joining: list[Row]) -> StepResult:
@@ -93,7 +96,9 @@ class DecodeEngine:
             r.next_pos += 1
             r.largest_batch = max(r.largest_batch, len(rows))
         self._take(logits, rows)
-        self._drop([i for i, r in enumerate(self.rows) if r.finish is not None])
+        ended = [i for i, r in enumerate(self.rows) if r.finish is not None]
+        if not self.hold_finished or len(ended) == len(self.rows):
+            self._drop(ended)
 
     def _prefill_each_or_alone(self, rows: list[Row]) -> None:
         """Prefill the joining rows together; if that raises, each alone (one bad request
@@ -144,6 +149,8 @@ class DecodeEngine:
                 logits[i, m.eos_token_id] = float("-inf")
         chosen = logits.argmax(-1).tolist()
         for i, r in enumerate(rows):
+            if r.finish is not None:  # held by static batching: its answer is complete
+                continue
             if r.req.temperature > 0:
                 chosen[i] = int(sample_next(logits[i:i + 1], r.req.temperature, r.req.top_p, r.generator))
             r.tokens.append(chosen[i])

@@ -61,6 +61,13 @@ class Scheduler:
         self.on_step = on_step          # metrics and counters: (result, step seconds)
         self.waiting: collections.deque[RowStream] = collections.deque()
         self._loop_task: asyncio.Task | None = None
+        self.static = False             # see set_static
+
+    def set_static(self, static: bool) -> None:
+        """Static batching, the baseline `raybench bench serve` compares with: requests join
+        only an empty pool, and every answer of a batch goes out when its longest has ended."""
+        self.static = static
+        self.engine.hold_finished = static
 
     def set_max_rows(self, n: int) -> None:
         if n < 1:
@@ -86,7 +93,8 @@ class Scheduler:
         streams: dict[int, RowStream] = {}
         while self.waiting or self.engine.rows:
             joining = []
-            while self.waiting and len(self.engine.rows) + len(joining) < self.max_rows:
+            while (self.waiting and len(self.engine.rows) + len(joining) < self.max_rows
+                   and not (self.static and self.engine.rows)):
                 s = self.waiting.popleft()
                 if not s.row.cancelled:
                     joining.append(s.row)
@@ -98,9 +106,12 @@ class Scheduler:
                 result = self._fail_all(joining)
             if self.on_step is not None:
                 self.on_step(result, time.perf_counter() - t0)
-            for row in result.advanced:
-                stream = streams[id(row)]
-                stream._deliver()
+            held = self.static and bool(self.engine.rows)
+            # Static batching delivers to every row of the batch: held answers go out at its end.
+            for row in (result.advanced if not self.static else [s.row for s in streams.values()]):
+                if held and row.finish is not None:
+                    continue  # static batching: answers go out when the batch has ended
+                streams[id(row)]._deliver()
                 if row.finish is not None:
                     del streams[id(row)]
             for key in [k for k, s in streams.items() if s.row.cancelled and s.row not in self.engine.rows]:

@@ -239,6 +239,7 @@ class LLMStage(_Stage):
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         if "max_batch_size" in user_config:
             self.scheduler.set_max_rows(int(user_config["max_batch_size"]))
+        self.scheduler.set_static(user_config.get("scheduling", "continuous") == "static")
 
     def warm_up(self) -> None:
         m = self.model

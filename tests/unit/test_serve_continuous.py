@@ -143,3 +143,31 @@ def test_a_cancelled_row_frees_its_slot_at_the_next_step(model):
         tokens, finish = await asyncio.wait_for(waiting, 30)
         assert len(tokens) == 3 and finish == "length" and scheduler.running == 0
     asyncio.run(main())
+
+
+def test_static_batching_the_bench_baseline_holds_answers_until_the_batch_ends(model):
+    """`llm.scheduling: static`: a request waits for the pool to empty, and a short answer
+    goes out with the longest of its batch; the tokens are the same."""
+    requests = [make_request(model, 0, 12, ignore_eos=True), make_request(model, 1, 3, ignore_eos=True),
+                make_request(model, 2, 4, ignore_eos=True)]
+
+    async def main():
+        scheduler = Scheduler(DecodeEngine(model, torch.device("cpu")), 8)
+        scheduler.set_static(True)
+        done_at = {}
+
+        async def timed(i, row):
+            out = await collect(scheduler, row)
+            done_at[i] = len(steps)
+            return out
+        steps = []
+        scheduler.on_step = lambda result, _: steps.append(result.decoded)
+        first = [asyncio.ensure_future(timed(i, Row(*requests[i]))) for i in (0, 1)]
+        while not steps:
+            await asyncio.sleep(0.001)
+        late = asyncio.ensure_future(timed(2, Row(*requests[2])))  # the pool is busy: it waits
+        return await asyncio.gather(*first, late), done_at
+    results, done_at = asyncio.run(main())
+    assert [t for t, _ in results] == [reference(model, GenRequest(r.prompt_ids, r.max_tokens), v, d)
+                                       for r, v, d in requests]
+    assert done_at[0] == done_at[1] < done_at[2]  # the short one left with the long one
