@@ -6,23 +6,13 @@ import asyncio
 import pytest
 import torch
 
-from raybench.config import validate_config
-from raybench.data.synthetic import generate
-from raybench.data.tokenizer import build_tokenizer, tokenizer_corpus
-from raybench.model.vlm import HybridVLM
 from raybench.serve.payloads import GenOut, GenRequest, ProjectionOut, StageError
 from raybench.serve.stages import UNHEALTHY_AFTER_FAILURES, LLMStage
 
 
 @pytest.fixture(scope="module")
-def stage(tmp_path_factory) -> LLMStage:
-    out = tmp_path_factory.mktemp("serve_stage") / "model"
-    tok = build_tokenizer(tokenizer_corpus(generate(60, 32, 0, "train")))
-    cfg = validate_config({"model": {"preset": "hybrid", "size": "tiny"}})
-    torch.manual_seed(0)
-    HybridVLM.for_tokenizer(cfg.model, tok).save_pretrained(out)
-    tok.save_pretrained(str(out))
-    return LLMStage(str(out), batch={"max_batch_size": 4})
+def stage(tiny_model_dir) -> LLMStage:
+    return LLMStage(str(tiny_model_dir), batch={"max_batch_size": 4})
 
 
 def projected(stage: LLMStage) -> ProjectionOut:
