@@ -154,7 +154,8 @@ def llm_lines(g: dict, claim, finite, num) -> list[str]:
 
     def bar(x, goal, below=False):
         ok = None if not finite(x) else (x <= goal if below else x >= goal)
-        return f"**{num(x)}** (goal {'<=' if below else '>='} {goal:g}: {claim(ok)})"
+        value = f"**{x:.2f}**" if finite(x) else num(x)
+        return f"{value} (goal {'<=' if below else '>='} {goal:g}: {claim(ok)})"
     ok_codes = g["overload_only_200_429"]
     return [
         f"- mixed {MIXED_TOKENS[0]}-{MIXED_TOKENS[-1]} tokens, closed loop: continuous / static batching req/s "

@@ -125,7 +125,8 @@ def markdown_section(r: dict) -> str:
         f"req/s at c={top} (unbatched {rps('in-process, unbatched', top):.0f}). The cores line above says "
         "where the time goes instead (ingress, proxy, each replica's request handling); at "
         f"{g.get('decode_tokens', '?')} tokens the LLM stage is the bottleneck, and that is where batching pays.",
-        "- Each stage batches with raybench/serve/batching.py: a batch forms when the model is free, "
+        "- The LLM stage batches per decode step (continuous batching, raybench/serve/scheduler.py); "
+        "vision and projection batch with raybench/serve/batching.py: a batch forms when the model is free, "
         "from whatever queued while the last one ran. Ray 2.60's `@serve.batch` forms each batch as "
         "requests arrive and parks it behind its `max_concurrent_batches` semaphore; with it the LLM "
         "stage ran batch after batch of 1 while requests queued in its replica.",
