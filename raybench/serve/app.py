@@ -19,8 +19,9 @@ without its answer (streaming: its first token) within `limits.request_timeout_s
 either way, and when a client disconnects, closing the stream cancels the row, which the
 LLM stage drops at its next decode step.
 
-Faults: a stage replica that dies before a request's first token surfaces as an actor error
-in the ingress, which retries the whole (idempotent) pipeline call a few times with back-off;
+Faults: a stage replica that dies before anything reached the client (a streamed answer's
+first token, or a whole answer) surfaces as an actor error in the ingress, which retries the
+whole (idempotent) pipeline call a few times with back-off;
 Serve routes the retry to a live replica or queues it until the replacement is up. Bad input never
 reaches a stage; an image that passes the header check but fails to decode comes back as
 a `StageError` (400). Every error leaves as OpenAI's `{"error": {...}}` JSON.
@@ -36,7 +37,7 @@ import hmac
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -156,17 +157,19 @@ class PipelineBackend:
         return out
 
     async def health(self) -> dict[str, str]:
-        """Each stage's last `check_health` verdict (one replica per stage answers), or why
-        it did not answer; empty when all are healthy."""
-        out = {}
-        for name, handle in self.stages.items():
+        """Each stage's last `check_health` verdict (one replica per stage answers), or the
+        error its call raised; empty when all are healthy. A stage too busy to answer in time
+        counts as healthy: a health check that fails under load would take a loaded server
+        out of its load balancer (overload is the 429's job)."""
+        async def ask(handle) -> str | None:
             try:
-                problem = await asyncio.wait_for(handle.health.remote(), HEALTH_TIMEOUT_S)
-            except Exception as err:  # noqa: BLE001 - any failure to answer is unhealthy
-                problem = f"no answer: {type(err).__name__}"
-            if problem:
-                out[name] = problem
-        return out
+                return await asyncio.wait_for(handle.health.remote(), HEALTH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return None
+            except Exception as err:  # noqa: BLE001 - a stage that cannot answer is unhealthy
+                return f"no answer: {type(err).__name__}"
+        verdicts = await asyncio.gather(*(ask(h) for h in self.stages.values()))
+        return {name: v for name, v in zip(self.stages, verdicts) if v}
 
 
 class LocalBackend:
@@ -268,55 +271,62 @@ class ChatIngress:
                            code="context_length_exceeded")
         gen = GenRequest(prompt_ids, req.max_tokens, req.temperature, req.top_p, req.seed, req.min_tokens,
                          req.ignore_eos, req.stop, req.stream)
-        deadline = t0 + limits.request_timeout_s
-        events, first = await self._start(req, gen, deadline)
-        ttft = time.perf_counter() - t0
+        events, first, ttft = await self._start(req, gen, t0)
         cid = completion_id()
         if req.stream:
             return StreamingResponse(self._stream(cid, req, gen, events, first, (t0, ttft)),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        try:
-            out = await _within(deadline, _final(events))
-        finally:
-            await events.aclose()
-        if isinstance(out, StageError):
-            raise _stage_error(out, req)
+        out = first  # not streamed: the whole answer
         metrics.observe_request(200, False, ttft, time.perf_counter() - t0)
         headers = {BATCH_HEADER: ",".join(f"{k}={v}" for k, v in out.batch_sizes.items())}
         text = cut_at_stop(self.proc.decode_answer(out.tokens), gen.stop)[0]
         return JSONResponse(chat_completion(cid, req.model, text, out.finish_reason, len(prompt_ids),
                                             len(out.tokens)), headers=headers)
 
-    async def _start(self, req: ChatRequest, gen: GenRequest, deadline: float) -> tuple[AsyncIterator[Any], Any]:
-        """Admission (429 beyond `limits.max_queued_requests` waiting), then the pipeline until
-        its first event (the first token: the request holds a decode slot), within the request's
-        time (504) and retrying a stage replica's death."""
+    async def _start(self, req: ChatRequest, gen: GenRequest, t0: float) -> tuple[Any, Any, float]:
+        """Admission (429 beyond `limits.max_queued_requests` waiting for a first token), then
+        the pipeline within the request's time (504): (events, first token) when streamed, else
+        (None, the answer); and the seconds to the first token."""
         limits = self.cfg.limits
         if self.waiting >= limits.max_queued_requests:
             raise APIError(429, f"the server is at capacity ({self.waiting} requests waiting for a first "
                            f"token; limits.max_queued_requests = {limits.max_queued_requests}); retry after "
                            f"{limits.retry_after_s} s", code="rate_limit_exceeded", type="rate_limit_error",
                            headers={"Retry-After": str(limits.retry_after_s)})
+        first_at: list[float] = []
+
+        def holds_a_slot() -> None:  # the first token: no longer waiting
+            if not first_at:
+                first_at.append(time.perf_counter() - t0)
+                self.waiting -= 1
+                metrics.set_queue_length("ingress", self.waiting)
         self.waiting += 1
         metrics.set_queue_length("ingress", self.waiting)
         try:
-            events, first = await _within(deadline, self._first_event(req.image, gen))
+            events, first = await _within(t0 + limits.request_timeout_s,
+                                          self._attempts(req.image, gen, req.stream, holds_a_slot))
         finally:
-            self.waiting -= 1
-            metrics.set_queue_length("ingress", self.waiting)
+            holds_a_slot()
         if isinstance(first, StageError):
-            await events.aclose()
             raise _stage_error(first, req)
-        return events, first
+        return events, first, first_at[0]
 
-    async def _first_event(self, image: bytes, gen: GenRequest) -> tuple[AsyncIterator[Any], Any]:
-        """Nothing has reached the client before the first event, so a stage replica that died
-        until then is retried (the call is idempotent) with back-off, within the limits."""
+    async def _attempts(self, image: bytes, gen: GenRequest, stream: bool,
+                        on_first: Callable[[], None]) -> tuple[Any, Any]:
+        """Until something reaches the client (a streamed request's first token, or a whole
+        answer), a stage replica that died is retried (the call is idempotent) with back-off,
+        within the limits."""
         deadline = time.monotonic() + self.cfg.retry_timeout_s
         for attempt in range(self.cfg.retries + 1):
             events = self.backend.events(image, gen)
             try:
-                return events, await anext(events)
+                first = await anext(events)
+                on_first()
+                if stream and isinstance(first, list):
+                    return events, first
+                final = first if not isinstance(first, list) else await _final(events)
+                await events.aclose()
+                return None, final
             except BaseException as err:
                 await events.aclose()
                 if not isinstance(err, Exception) or not _retryable(err):
