@@ -19,8 +19,10 @@ import torch
 
 from raybench.model.llm import KVCache
 
-# Capacity grows in steps of this many keys: fewer re-allocations as longer rows join.
+# Capacity grows in steps of this many keys, and rows in steps of _GROW_ROWS: fewer
+# re-allocations (each copies the whole pool) as rows join.
 _GROW = 32
+_GROW_ROWS = 8
 
 
 class SlotKVCache:
@@ -76,7 +78,8 @@ class SlotKVCache:
         if self.length is None:
             self.length = torch.zeros(self.num_layers, 0, dtype=torch.long, device=like.device)
         have = self.length.shape[1]
-        if rows > have:
+        if rows > have:  # room for a few more rows too: a pool that grows one row at a time copies less
+            rows = -(-rows // _GROW_ROWS) * _GROW_ROWS
             self.length = torch.cat([self.length, self.length.new_zeros(self.num_layers, rows - have)], 1)
         for l in range(self.num_layers):
             cap = -(-capacity[l] // _GROW) * _GROW
