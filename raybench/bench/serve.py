@@ -36,6 +36,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import random
 import statistics
@@ -335,14 +336,16 @@ def _run_llm_points(name: str, url: str, bodies: list[bytes], quick: bool, rows:
     top = max(CONCURRENCY)
     points = []
     if name == BOUNDED_APP:
-        sustainable = next(r["req_per_s"] for r in rows if r["config"] == "3-stage, batched" and r["concurrency"] == top)
+        sustainable = next(r["req_per_s"] for r in rows
+                           if r["config"] == "3-stage, batched" and r["concurrency"] == top)
         for k in (1.0, serve_llm.OVERLOAD):
             rate = round(sustainable * k, 1)
             n = 16 if quick else int(min(400, max(24, rate * OPEN_LOOP_SECONDS)))
             points.append((serve_llm.overload_name(k), f"{rate:g}/s", serve_llm.open_loop(url, bodies, rate, n)))
     else:
         mixed = serve_llm.mixed_bodies(bodies)
-        points.append((serve_llm.mixed_name(name), top, serve_llm.closed_loop(url, mixed, top, top * (2 if quick else 8))))
+        n = top * (2 if quick else 8)
+        points.append((serve_llm.mixed_name(name), top, serve_llm.closed_loop(url, mixed, top, n)))
     if name == "3-stage, batched":
         streamed = serve_llm.with_fields(bodies, max_tokens=serve_llm.STREAM_TOKENS, ignore_eos=True, stream=True)
         for c in (1, top):
@@ -391,7 +394,7 @@ def _print_row(r: dict) -> None:
           f"{r['req_per_s']:7.1f} req/s  errors {r['errors']}"
           + (f"  largest batch {r['largest_batch']}" if r.get("largest_batch") else "")
           + (f"  LLM median batch {r['median_batch']['llm']:g}" if "llm" in r.get("median_batch", {}) else "")
-          + (f"  TTFT p50 {r['ttft_p50_ms']:.2f} ms" if r.get("ttft_p50_ms", float("nan")) == r.get("ttft_p50_ms") else "")
+          + (f"  TTFT p50 {r['ttft_p50_ms']:.2f} ms" if math.isfinite(r.get("ttft_p50_ms", math.nan)) else "")
           + (f"  statuses {r['statuses']}" if "statuses" in r else ""),
           flush=True)
 

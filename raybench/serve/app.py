@@ -269,8 +269,8 @@ class ChatIngress:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
                            f"the model's context of {self.max_positions} tokens", param="messages",
                            code="context_length_exceeded")
-        gen = GenRequest(prompt_ids, req.max_tokens, req.temperature, req.top_p, req.seed, req.min_tokens,
-                         req.ignore_eos, req.stop, req.stream)
+        gen = GenRequest(prompt_ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                         min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop, stream=req.stream)
         events, first, ttft = await self._start(req, gen, t0)
         cid = completion_id()
         if req.stream:

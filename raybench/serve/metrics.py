@@ -28,7 +28,8 @@ def _metrics() -> dict[str, Any]:
         "requests": m.Counter("raybench_requests_total", tag_keys=("code",),
                               description="Chat completion requests answered, by HTTP status"),
         "itl": m.Histogram("raybench_inter_token_latency_seconds", boundaries=LATENCY_S,
-                           description="One decode step of the LLM stage: the time between two tokens of every row in it"),
+                           description="One decode step of the LLM stage: the time between two tokens "
+                                       "of every row in it"),
         "tokens": m.Counter("raybench_generated_tokens_total",
                             description="Answer tokens decoded by the LLM stage (rate(): tokens/s)"),
         "queue": m.Gauge("raybench_queue_length", tag_keys=("stage",),

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from raybench.config import ConfigError
-from raybench.serve.config import LimitsConfig, ServeConfig, load_serve_config, serve_config_yaml
+from raybench.serve.config import LimitsConfig, ServeConfig, batch_user_config, load_serve_config, serve_config_yaml
 from raybench.serve.model_source import check_model_dir, parse_models_uri
 from raybench.serve.schemas import (APIError, chat_chunk, chat_completion, parse_chat_request, sse)
 
@@ -234,6 +234,18 @@ def test_serve_config_errors_name_field_value_and_allowed():
         load_serve_config(overrides=["topology=mesh"])
     with pytest.raises(ConfigError, match=r"vision.max_batchsize"):
         load_serve_config(overrides=["vision.max_batchsize=3"])  # a typo is an error, not ignored
+
+
+def test_overload_limits_and_llm_scheduling_are_settable_with_set():
+    cfg = load_serve_config(overrides=["limits.max_queued_requests=8", "limits.request_timeout_s=5",
+                                       "llm.scheduling=static"])
+    assert (cfg.limits.max_queued_requests, cfg.limits.request_timeout_s) == (8, 5.0)
+    assert batch_user_config(cfg.llm)["scheduling"] == "static"
+    assert "scheduling" not in batch_user_config(load_serve_config().llm)  # the default is continuous
+    with pytest.raises(ConfigError, match=r"limits.max_queued_requests = 0"):
+        load_serve_config(overrides=["limits.max_queued_requests=0"])
+    with pytest.raises(ConfigError, match=r"llm.scheduling = 'fifo'"):
+        load_serve_config(overrides=["llm.scheduling=fifo"])
 
 
 def test_serve_config_file_overrides_and_yaml(tmp_path):
