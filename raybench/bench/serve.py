@@ -15,6 +15,9 @@ request when the last returns) at concurrency 1, 8, 32; p50 / p99 latency and re
     throughput-optimized  the 3-hop no-op and the batched pipeline again on a fresh Ray with
                           RAY_SERVE_THROUGHPUT_OPTIMIZED=1
 
+The LLM-server points (raybench/bench/serve_llm.py): mixed answer lengths, continuous vs
+static batching; streaming, time to first token vs end to end; overload past a bounded queue.
+
 Then an open loop (raybench/bench/load.py) on the batched and unbatched pipeline: fixed
 arrival rates at 2x and 4x what the unbatched pipeline sustained closed-loop at the top
 concurrency, so saturation is measured rather than self-limited; and the top concurrency
@@ -33,6 +36,7 @@ import asyncio
 import base64
 import io
 import json
+import math
 import os
 import random
 import statistics
@@ -46,6 +50,7 @@ from fastapi import FastAPI, Request
 from ray import serve
 
 from raybench.bench.cpu import cores_between, cpu_snapshot
+from raybench.bench import serve_llm
 from raybench.bench.load import (BATCH_HEADER, batch_histograms, median_batch, open_loop_point, parse_batch_sizes,
                                  serve_part)
 # markdown_section too: `bench report` finds each bench's section as raybench.bench.<name>.markdown_section
@@ -257,7 +262,10 @@ def _serve_apps(model_dir: Path) -> dict:
 
     stage = {"num_cpus": 0.2, "max_batch_size": 32, "max_ongoing_requests": 64}
     unbatched = {"num_cpus": 0.2, "max_batch_size": 1, "max_ongoing_requests": 64}
-    base = {"model": str(model_dir), "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 256}}
+    # Unbounded waiting (no 429s) everywhere but the overload point: the other points measure
+    # how much each configuration serves, queueing included, as they always did.
+    base = {"model": str(model_dir), "ingress": {"num_cpus": 0.1, "max_ongoing_requests": 256},
+            "limits": {"max_queued_requests": 10**6}}
 
     def pipeline(**kw):
         return lambda: build_application(validate_serve_config(
@@ -274,13 +282,24 @@ def _serve_apps(model_dir: Path) -> dict:
         "3-stage, unbatched": pipeline(vision=unbatched, projection=unbatched, llm=unbatched),
         "3-stage, batched": pipeline(),
         "3-stage, batched, values via ingress": pipeline(chain_responses=False),
+        "3-stage, static batching": pipeline(llm={**stage, "scheduling": "static"}),
+        # last: its rates come from the batched pipeline's closed loop
+        BOUNDED_APP: pipeline(limits={}),
     }
+
+
+BOUNDED_APP = "3-stage, bounded queue"  # the default limits.max_queued_requests
 
 
 def _run_serve_configs(names: list[str], apps: dict, port: int, bodies, quick, repeats, rows, tag=""):
     for name in names:
         serve.run(apps[name](), name="bench", route_prefix="/")
         url = f"http://127.0.0.1:{port}{PATH}"
+        if name in LLM_CONFIGS and not tag:
+            _run_llm_points(name, url, bodies, quick, rows)
+        if name == BOUNDED_APP:
+            serve.delete("bench")
+            continue
         for c in CONCURRENCY:
             rows.append({"config": name + tag, "concurrency": c,
                          **_measured_point(url, bodies, c, n_requests(c, quick, repeats))})
@@ -306,6 +325,46 @@ def _measured_point(url: str, bodies: list[bytes], c: int, n: int) -> dict:
 
 def with_max_tokens(bodies: list[bytes], n: int) -> list[bytes]:
     return [json.dumps({**json.loads(b), "max_tokens": n}).encode() for b in bodies]
+
+
+LLM_CONFIGS = ("3-stage, batched", "3-stage, static batching", BOUNDED_APP)
+
+
+def _run_llm_points(name: str, url: str, bodies: list[bytes], quick: bool, rows: list[dict]) -> None:
+    """serve_llm.py's points: mixed lengths (continuous and static), streaming (continuous),
+    overload (the bounded queue, at rates from the batched pipeline's closed loop)."""
+    top = max(CONCURRENCY)
+    points = []
+    if name == BOUNDED_APP:
+        sustainable = next(r["req_per_s"] for r in rows
+                           if r["config"] == "3-stage, batched" and r["concurrency"] == top)
+        for k in (1.0, serve_llm.OVERLOAD):
+            rate = round(sustainable * k, 1)
+            n = 16 if quick else int(min(400, max(24, rate * OPEN_LOOP_SECONDS)))
+            points.append((serve_llm.overload_name(k), f"{rate:g}/s", serve_llm.open_loop(url, bodies, rate, n)))
+    else:
+        mixed = serve_llm.mixed_bodies(bodies)
+        n = top * (2 if quick else 8)
+        points.append((serve_llm.mixed_name(name), top, serve_llm.closed_loop(url, mixed, top, n)))
+    if name == "3-stage, batched":
+        streamed = serve_llm.with_fields(bodies, max_tokens=serve_llm.STREAM_TOKENS, ignore_eos=True, stream=True)
+        for c in (1, top):
+            n = (8 if c == 1 else top) * (1 if quick else 4)
+            points.append((serve_llm.stream_name(name), c, serve_llm.closed_loop(url, streamed, c, n)))
+    for config, c, (results, elapsed) in points:
+        rows.append({"config": config, "concurrency": c, **_llm_row(results, elapsed)})
+        _print_row(rows[-1])
+
+
+def _llm_row(results: list[dict], elapsed: float) -> dict:
+    """A row from timed requests: latency over the 200s; a 429 is a refusal, not an error."""
+    ok = [r for r in results if r["status"] == 200]
+    ttft = [r["ttft_s"] * 1000 for r in ok if r["ttft_s"] is not None]
+    short = [r["e2e_s"] * 1000 for r in ok if r["max_tokens"] == serve_llm.MIXED_TOKENS[0]]
+    errors = sum(r["status"] not in (200, 429) for r in results)
+    return _summary([r["e2e_s"] * 1000 for r in ok], elapsed, errors, {
+        "statuses": serve_llm.status_counts(results), "ttft_p50_ms": serve_llm.p(ttft, 0.5),
+        "ttft_p99_ms": serve_llm.p(ttft, 0.99), "short_p99_ms": serve_llm.p(short, 0.99)})
 
 
 OPEN_LOOP_CONFIGS = ("3-stage, unbatched", "3-stage, batched")
@@ -334,7 +393,9 @@ def _print_row(r: dict) -> None:
     print(f"  {r['config']:>48} c={r['concurrency']!s:<3} p50 {r['p50_ms']:8.2f} ms  p99 {r['p99_ms']:8.2f} ms  "
           f"{r['req_per_s']:7.1f} req/s  errors {r['errors']}"
           + (f"  largest batch {r['largest_batch']}" if r.get("largest_batch") else "")
-          + (f"  LLM median batch {r['median_batch']['llm']:g}" if "llm" in r.get("median_batch", {}) else ""),
+          + (f"  LLM median batch {r['median_batch']['llm']:g}" if "llm" in r.get("median_batch", {}) else "")
+          + (f"  TTFT p50 {r['ttft_p50_ms']:.2f} ms" if math.isfinite(r.get("ttft_p50_ms", math.nan)) else "")
+          + (f"  statuses {r['statuses']}" if "statuses" in r else ""),
           flush=True)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from raybench.bench.serve_llm import llm_goals, llm_lines
+
 CONCURRENCY = (1, 8, 32)
 DECODE_TOKENS = 32  # the decode-heavy point: 8x the LLM work per request of the default 4
 
@@ -59,6 +61,7 @@ def goals(rows: list[dict]) -> dict:
         "decode_batched_over_unbatched_req_s": get(f"3-stage, batched, {DECODE_TOKENS} tokens", top, "req_per_s")
         / get(f"3-stage, unbatched, {DECODE_TOKENS} tokens", top, "req_per_s"),
         "decode_llm_median_batch": llm_batch(at.get((f"3-stage, batched, {DECODE_TOKENS} tokens", top))),
+        **llm_goals(rows, top),
     }
 
 
@@ -113,7 +116,8 @@ def markdown_section(r: dict) -> str:
         f"- batched / unbatched req/s at c={top}: **{ratio:.2f}x** (goal >= {g['batching_goal']:.0f}x: "
         f"{claim(ratio >= g['batching_goal'] if finite(ratio) else None)}); the LLM stage's median batch "
         f"there: {num(g.get('llm_median_batch_at_c32', float('nan')))} (goal >= {g.get('median_batch_goal', 8)})",
-        *_open_loop_lines(g, claim, finite, num), *_decode_lines(g, at, claim, finite, num), "",
+        *_open_loop_lines(g, claim, finite, num), *_decode_lines(g, at, claim, finite, num),
+        *llm_lines(g, claim, finite, num), "",
         "Reading it:",
         f"- Closed-loop HTTP clients on the same {cpus} cores as the server. At {r['max_tokens']} tokens per "
         "answer the model is the smaller part of a request's cost: the no-op 3-hop app tops out at "
@@ -121,7 +125,8 @@ def markdown_section(r: dict) -> str:
         f"req/s at c={top} (unbatched {rps('in-process, unbatched', top):.0f}). The cores line above says "
         "where the time goes instead (ingress, proxy, each replica's request handling); at "
         f"{g.get('decode_tokens', '?')} tokens the LLM stage is the bottleneck, and that is where batching pays.",
-        "- Each stage batches with raybench/serve/batching.py: a batch forms when the model is free, "
+        "- The LLM stage batches per decode step (continuous batching, raybench/serve/scheduler.py); "
+        "vision and projection batch with raybench/serve/batching.py: a batch forms when the model is free, "
         "from whatever queued while the last one ran. Ray 2.60's `@serve.batch` forms each batch as "
         "requests arrive and parks it behind its `max_concurrent_batches` semaphore; with it the LLM "
         "stage ran batch after batch of 1 while requests queued in its replica.",

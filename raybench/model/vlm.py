@@ -295,9 +295,8 @@ class HybridVLM(nn.Module):
         done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
         out = []
         for step in range(max_new_tokens):
-            # Placeholders are never text: an emitted <image> would need an image to embed.
-            logits[:, [self.image_token_id, self.pad_token_id]] = float("-inf")
-            token = _sample(logits, temperature, top_p, generator)
+            self.forbid_placeholders(logits)
+            token = sample_next(logits, temperature, top_p, generator)
             token = token.masked_fill(done, self.eos_token_id)
             out.append(token)
             done |= token == self.eos_token_id
@@ -316,6 +315,10 @@ class HybridVLM(nn.Module):
                                          query_index=torch.full((b,), input_ids.shape[1] - 1,
                                                                  device=ids.device))
         return torch.stack(out, 1)
+
+    def forbid_placeholders(self, logits: torch.Tensor) -> None:
+        """In place: placeholders are never text (an emitted <image> would need an image)."""
+        logits[:, [self.image_token_id, self.pad_token_id]] = float("-inf")
 
     def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual_embeds,
                 deepstack_embeds, cache: KVCache | None = None, query_index: torch.Tensor | None = None
@@ -382,8 +385,9 @@ class HybridVLM(nn.Module):
         return model.eval()
 
 
-def _sample(logits: torch.Tensor, temperature: float, top_p: float,
-            generator: torch.Generator | None) -> torch.Tensor:
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: argmax at temperature 0, else top-p sampling."""
     if temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits.float() / temperature, dim=-1)

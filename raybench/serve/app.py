@@ -12,9 +12,17 @@ Topology `pipeline`: ingress -> VisionStage -> ProjectionStage -> LLMStage, comp
 DeploymentHandles. The ingress passes each stage's DeploymentResponse straight into the
 next call, so tensors go stage to stage and never back through the ingress.
 
-Faults: a stage replica that dies mid-request surfaces as an actor error in the ingress,
-which retries the whole (idempotent) pipeline call a few times with back-off; Serve routes
-the retry to a live replica or queues it until the replacement is up. Bad input never
+The LLM stage answers through a streaming handle: its first event is the first token (the
+request holds a decode slot), so the ingress knows which requests still wait. Beyond
+`limits.max_queued_requests` waiting it answers 429 with Retry-After at once; a request
+without its answer (streaming: its first token) within `limits.request_timeout_s` is 504;
+either way, and when a client disconnects, closing the stream cancels the row, which the
+LLM stage drops at its next decode step.
+
+Faults: a stage replica that dies before anything reached the client (a streamed answer's
+first token, or a whole answer) surfaces as an actor error in the ingress, which retries the
+whole (idempotent) pipeline call a few times with back-off;
+Serve routes the retry to a live replica or queues it until the replacement is up. Bad input never
 reaches a stage; an image that passes the header check but fails to decode comes back as
 a `StageError` (400). Every error leaves as OpenAI's `{"error": {...}}` JSON.
 
@@ -24,11 +32,12 @@ the route methods Serve re-wraps, not a string it cannot resolve.
 
 
 import asyncio
+import functools
 import hmac
 import json
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -41,19 +50,23 @@ from raybench.config import ConfigError, ModelConfig
 from raybench.serve.config import (DEPLOYMENT_NAMES, ServeConfig, api_key, batch_user_config,
                                    deployment_options, validate_serve_config)
 from raybench.serve.model_source import resolve_model_dir
-from raybench.serve.schemas import (APIError, chat_chunk, chat_completion, completion_id, models_list,
-                                    parse_chat_request, sse)
-from raybench.serve.stages import GenOut, GenRequest, LLMStage, ProjectionStage, StageError, VisionStage
+from raybench.serve import metrics
+from raybench.serve.payloads import GenOut, GenRequest, StageError
+from raybench.serve.schemas import (APIError, ChatRequest, chat_chunk, chat_completion, completion_id,
+                                    models_list, parse_chat_request, sse, usage_chunk)
+from raybench.serve.stages import LLMStage, ProjectionStage, VisionStage
+from raybench.serve.stopping import AnswerStream, cut_at_stop
 
 log = logging.getLogger("ray.serve")
 BATCH_HEADER = "x-raybench-batch-sizes"
+HEALTH_TIMEOUT_S = 5.0
 
 api = FastAPI(title="raybench", description="OpenAI-compatible hybrid-fusion VLM server")
 
 
 @api.exception_handler(APIError)
 async def _api_error(_: Request, err: APIError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer", **err.headers} if err.status == 401 else err.headers
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
@@ -90,27 +103,73 @@ def _retryable(err: BaseException) -> bool:
     return False
 
 
+# Defined before the ingress class: `@serve.ingress` pickles the routes when the class is
+# defined, with the module globals that exist at that moment.
+
+async def _within(deadline: float, awaitable):
+    """`awaitable` by `deadline` (perf_counter), else 504: the request's time is up."""
+    try:
+        return await asyncio.wait_for(awaitable, max(deadline - time.perf_counter(), 0.001))
+    except asyncio.TimeoutError:
+        raise APIError(504, "the request timed out before its answer was ready (limits.request_timeout_s); "
+                       "the server is busy: retry later", code="timeout", type="server_error") from None
+
+
+async def _final(events: AsyncIterator[Any]) -> GenOut | StageError:
+    async for event in events:
+        if not isinstance(event, list):
+            return event
+    raise RuntimeError("the LLM stage ended without an answer")
+
+
+def _stage_error(err: StageError, req: ChatRequest) -> APIError:
+    return APIError(err.status, err.message, code=err.code,
+                    param=req.image_param if err.code == "invalid_image" else err.param,
+                    type="invalid_request_error" if err.status < 500 else "server_error")
+
+
 class PipelineBackend:
-    """Three deployments through DeploymentHandles."""
+    """Three deployments through DeploymentHandles; the LLM stage answers as a stream."""
 
     def __init__(self, vision, projection, llm, chain_responses: bool):
-        self.vision, self.projection, self.llm = vision, projection, llm
+        self.vision, self.projection = vision, projection
+        self.llm = llm.options(stream=True)
+        self.stages = {"vision": vision, "projection": projection, "llm": llm}
         self.chain = chain_responses
 
-    async def run(self, image: bytes, gen: GenRequest) -> GenOut | StageError:
+    async def events(self, image: bytes, gen: GenRequest) -> AsyncIterator[Any]:
         if self.chain:  # the handles resolve each response where the next stage runs
-            features = self.vision.encode.remote(image)
-            return await self.llm.generate.remote(self.projection.project.remote(features), gen)
-        features = await self.vision.encode.remote(image)
-        projected = await self.projection.project.remote(features)
-        return await self.llm.generate.remote(projected, gen)
+            projected = self.projection.project.remote(self.vision.encode.remote(image))
+        else:
+            projected = await self.projection.project.remote(await self.vision.encode.remote(image))
+        response = self.llm.generate.remote(projected, gen)
+        try:
+            async for event in response:
+                yield event
+        finally:
+            response.cancel()  # a client gone or out of time: its row leaves at the next step
 
     async def stats(self) -> dict[str, Any]:
         out = {}
-        for name, handle in (("vision", self.vision), ("projection", self.projection), ("llm", self.llm)):
+        for name, handle in self.stages.items():
             results = await handle.broadcast("stats").results_async(timeout_s=10, return_exceptions=True)
             out[name] = [r if isinstance(r, dict) else {"error": repr(r)} for r in results]
         return out
+
+    async def health(self) -> dict[str, str]:
+        """Each stage's last `check_health` verdict (one replica per stage answers), or the
+        error its call raised; empty when all are healthy. A stage too busy to answer in time
+        counts as healthy: a health check that fails under load would take a loaded server
+        out of its load balancer (overload is the 429's job)."""
+        async def ask(handle) -> str | None:
+            try:
+                return await asyncio.wait_for(handle.health.remote(), HEALTH_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                return None
+            except Exception as err:  # noqa: BLE001 - a stage that cannot answer is unhealthy
+                return f"no answer: {type(err).__name__}"
+        verdicts = await asyncio.gather(*(ask(h) for h in self.stages.values()))
+        return {name: v for name, v in zip(self.stages, verdicts) if v}
 
 
 class LocalBackend:
@@ -122,12 +181,21 @@ class LocalBackend:
         self.projection = ProjectionStage(*args, batch=batch_user_config(cfg.projection))
         self.llm = LLMStage(*args, batch=batch_user_config(cfg.llm))
 
-    async def run(self, image: bytes, gen: GenRequest) -> GenOut | StageError:
-        features = await self.vision.encode(image)
-        return await self.llm.generate(await self.projection.project(features), gen)
+    async def events(self, image: bytes, gen: GenRequest) -> AsyncIterator[Any]:
+        projected = await self.projection.project(await self.vision.encode(image))
+        async for event in self.llm.generate(projected, gen):
+            yield event
 
     async def stats(self) -> dict[str, Any]:
         return {s.name: [s.stats()] for s in (self.vision, self.projection, self.llm)}
+
+    async def health(self) -> dict[str, str]:
+        out = {}
+        for stage in (self.vision, self.projection, self.llm):
+            stage.run_health_check()
+            if stage.health():
+                out[stage.name] = stage.health()
+        return out
 
 
 @serve.deployment(name=DEPLOYMENT_NAMES["ingress"])
@@ -149,6 +217,7 @@ class ChatIngress:
         # require_api_key without a key fails the replica (fail closed), else an open server warns.
         self.api_key = api_key(self.cfg)
         self.created = int(time.time())
+        self.waiting = 0  # admitted requests without a first token yet (limits.max_queued_requests)
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:
@@ -160,7 +229,11 @@ class ChatIngress:
 
     @api.get("/health")
     @api.get("/healthz")
-    async def health(self) -> dict[str, str]:
+    async def health(self):
+        """200 while every stage's model is usable (its last health check), else 503 naming why."""
+        problems = await self.backend.health()
+        if problems:
+            return JSONResponse({"status": "unhealthy", "stages": problems}, status_code=503)
         return {"status": "ok"}
 
     @api.get("/v1/models")
@@ -175,6 +248,14 @@ class ChatIngress:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        t0 = time.perf_counter()
+        try:
+            return await self._chat(request, t0)
+        except APIError as err:
+            metrics.observe_request(err.status, False, None, None)
+            raise
+
+    async def _chat(self, request: Request, t0: float):
         self._authorize(request)
         limits = self.cfg.limits
         declared = request.headers.get("content-length", "")
@@ -188,28 +269,67 @@ class ChatIngress:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
                            f"the model's context of {self.max_positions} tokens", param="messages",
                            code="context_length_exceeded")
-        out = await self._generate(req.image, GenRequest(prompt_ids, req.max_tokens, req.temperature,
-                                                         req.top_p, req.seed))
-        if isinstance(out, StageError):
-            raise APIError(out.status, out.message, code=out.code,
-                           param=req.image_param if out.code == "invalid_image" else out.param,
-                           type="invalid_request_error" if out.status < 500 else "server_error")
-        headers = {BATCH_HEADER: ",".join(f"{k}={v}" for k, v in out.batch_sizes.items())}
+        gen = GenRequest(prompt_ids, req.max_tokens, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                         min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop, stream=req.stream)
+        events, first, ttft = await self._start(req, gen, t0)
         cid = completion_id()
         if req.stream:
-            return StreamingResponse(self._stream(cid, req.model, out), media_type="text/event-stream",
-                                     headers={**headers, "Cache-Control": "no-cache"})
-        return JSONResponse(chat_completion(cid, req.model, self.proc.decode_answer(out.tokens),
-                                            out.finish_reason, len(prompt_ids), len(out.tokens)),
-                            headers=headers)
+            return StreamingResponse(self._stream(cid, req, gen, events, first, (t0, ttft)),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        out = first  # not streamed: the whole answer
+        metrics.observe_request(200, False, ttft, time.perf_counter() - t0)
+        headers = {BATCH_HEADER: ",".join(f"{k}={v}" for k, v in out.batch_sizes.items())}
+        text = cut_at_stop(self.proc.decode_answer(out.tokens), gen.stop)[0]
+        return JSONResponse(chat_completion(cid, req.model, text, out.finish_reason, len(prompt_ids),
+                                            len(out.tokens)), headers=headers)
 
-    async def _generate(self, image: bytes, gen: GenRequest) -> GenOut | StageError:
+    async def _start(self, req: ChatRequest, gen: GenRequest, t0: float) -> tuple[Any, Any, float]:
+        """Admission (429 beyond `limits.max_queued_requests` waiting for a first token), then
+        the pipeline within the request's time (504): (events, first token) when streamed, else
+        (None, the answer); and the seconds to the first token."""
+        limits = self.cfg.limits
+        if self.waiting >= limits.max_queued_requests:
+            raise APIError(429, f"the server is at capacity ({self.waiting} requests waiting for a first "
+                           f"token; limits.max_queued_requests = {limits.max_queued_requests}); retry after "
+                           f"{limits.retry_after_s} s", code="rate_limit_exceeded", type="rate_limit_error",
+                           headers={"Retry-After": str(limits.retry_after_s)})
+        first_at: list[float] = []
+
+        def holds_a_slot() -> None:  # the first token: no longer waiting
+            if not first_at:
+                first_at.append(time.perf_counter() - t0)
+                self.waiting -= 1
+                metrics.set_queue_length("ingress", self.waiting)
+        self.waiting += 1
+        metrics.set_queue_length("ingress", self.waiting)
+        try:
+            events, first = await _within(t0 + limits.request_timeout_s,
+                                          self._attempts(req.image, gen, req.stream, holds_a_slot))
+        finally:
+            holds_a_slot()
+        if isinstance(first, StageError):
+            raise _stage_error(first, req)
+        return events, first, first_at[0]
+
+    async def _attempts(self, image: bytes, gen: GenRequest, stream: bool,
+                        on_first: Callable[[], None]) -> tuple[Any, Any]:
+        """Until something reaches the client (a streamed request's first token, or a whole
+        answer), a stage replica that died is retried (the call is idempotent) with back-off,
+        within the limits."""
         deadline = time.monotonic() + self.cfg.retry_timeout_s
         for attempt in range(self.cfg.retries + 1):
+            events = self.backend.events(image, gen)
             try:
-                return await self.backend.run(image, gen)
-            except Exception as err:  # noqa: BLE001 - sorted into retry / 503 / re-raise below
-                if not _retryable(err):
+                first = await anext(events)
+                on_first()
+                if stream and isinstance(first, list):
+                    return events, first
+                final = first if not isinstance(first, list) else await _final(events)
+                await events.aclose()
+                return None, final
+            except BaseException as err:
+                await events.aclose()
+                if not isinstance(err, Exception) or not _retryable(err):
                     raise
                 if attempt == self.cfg.retries or time.monotonic() > deadline:
                     raise APIError(503, "the model pipeline is unavailable (a stage replica died and no "
@@ -220,21 +340,35 @@ class ChatIngress:
                 await asyncio.sleep(min(0.1 * 2**attempt, 1.0))
         raise AssertionError("unreachable")
 
-    async def _stream(self, cid: str, model: str, out: GenOut) -> AsyncIterator[bytes]:
-        """SSE chunks: the role, then the answer token by token, then finish_reason and [DONE].
-        The text of each chunk is the growth of the decoded prefix, so the chunks concatenate
-        to exactly the non-streamed answer (multi-byte characters wait for their last byte)."""
-        created = int(time.time())
-        yield sse(chat_chunk(cid, model, created, {"role": "assistant", "content": ""}))
-        sent = ""
-        for k in range(1, len(out.tokens) + 1):
-            text = self.proc.decode_answer(out.tokens[:k])
-            if text.startswith(sent) and len(text) > len(sent) and not text.endswith("\ufffd"):
-                yield sse(chat_chunk(cid, model, created, {"content": text[len(sent):]}))
-                sent = text
-            await asyncio.sleep(0)
-        yield sse(chat_chunk(cid, model, created, {}, out.finish_reason))
-        yield sse("[DONE]")
+    async def _stream(self, cid: str, req: ChatRequest, gen: GenRequest, events: AsyncIterator[Any],
+                      first: list[int], times: tuple[float, float]) -> AsyncIterator[bytes]:
+        """SSE chunks as the LLM stage decodes: the role, then the answer's growth (chunks
+        concatenate to exactly the non-streamed answer: serve/stopping.py), then finish_reason,
+        the usage with `stream_options.include_usage`, and [DONE]. The client going away
+        cancels this generator, which cancels the row."""
+        created, answer = int(time.time()), AnswerStream(self.proc.decode_answer, gen.stop)
+        chunk = functools.partial(chat_chunk, cid, req.model, created)
+        try:
+            yield sse(chunk({"role": "assistant", "content": ""}))
+            out: Any = first
+            while isinstance(out, list):
+                delta = answer.push(out)
+                if delta:
+                    yield sse(chunk({"content": delta}))
+                out = await anext(events)
+            if isinstance(out, StageError):
+                yield sse(_stage_error(out, req).body())
+                return
+            delta = answer.finish()
+            if delta:
+                yield sse(chunk({"content": delta}))
+            yield sse(chunk({}, out.finish_reason))
+            if req.include_usage:
+                yield sse(usage_chunk(cid, req.model, created, len(gen.prompt_ids), len(out.tokens)))
+            yield sse("[DONE]")
+            metrics.observe_request(200, True, times[1], time.perf_counter() - times[0])
+        finally:
+            await events.aclose()
 
 
 # ------------------------------------------------------------------ building the application

@@ -117,4 +117,5 @@ class batch:  # noqa: N801 - used as a decorator, like `serve.batch`
         call.__name__ = call.__qualname__ = self.method.__name__
         call.set_max_batch_size = queue.set_max_batch_size
         call.set_batch_wait_timeout_s = queue.set_batch_wait_timeout_s
+        call.queued = lambda: len(queue._pending)
         return call

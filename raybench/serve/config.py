@@ -72,6 +72,15 @@ class StageConfig(DeploymentConfig):
         return self
 
 
+class LLMStageConfig(StageConfig):
+    """The LLM stage: `max_batch_size` is its pool of decode rows (continuous batching)."""
+    # continuous: requests join and leave the pool between decode steps (as vLLM).
+    # static: a batch is decoded until its longest answer ends before the next one joins, and
+    # every answer waits for it (how LLM servers batched before Orca): a baseline for
+    # `raybench bench serve`, never faster.
+    scheduling: Literal["continuous", "static"] = "continuous"
+
+
 class LimitsConfig(Strict):
     """What one request may ask for; anything beyond is a 4xx, never work for a replica."""
     max_body_bytes: int = Field(8 * 2**20, ge=1024)
@@ -82,6 +91,15 @@ class LimitsConfig(Strict):
     default_max_tokens: int = Field(16, ge=1)
     max_prompt_chars: int = Field(4000, ge=1)
     max_messages: int = Field(64, ge=1)
+    # Requests one ingress replica holds that have no first token yet (in a stage's queue or
+    # waiting for a decode slot); one more is answered 429 with Retry-After at once, so a
+    # server past its rate keeps the accepted requests' latency bounded instead of queueing
+    # without end. Per ingress replica: with k ingress replicas the server holds k times this.
+    max_queued_requests: int = Field(64, ge=1)
+    # A request not answered within this many seconds is answered 504 and its row dropped
+    # (streaming: the first token must come within it).
+    request_timeout_s: float = Field(60.0, gt=0)
+    retry_after_s: int = Field(1, ge=1)  # the Retry-After header of a 429
 
     @model_validator(mode="after")
     def _default_in_range(self) -> "LimitsConfig":
@@ -124,7 +142,7 @@ class ServeConfig(Strict):
     ingress: DeploymentConfig = Field(default_factory=lambda: DeploymentConfig(num_cpus=0.1, max_ongoing_requests=256))
     vision: StageConfig = Field(default_factory=StageConfig)
     projection: StageConfig = Field(default_factory=StageConfig)
-    llm: StageConfig = Field(default_factory=StageConfig)
+    llm: LLMStageConfig = Field(default_factory=LLMStageConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     @model_validator(mode="after")
@@ -187,7 +205,10 @@ def deployment_options(d: DeploymentConfig) -> dict[str, Any]:
 
 
 def batch_user_config(s: StageConfig) -> dict[str, Any]:
-    return {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+    out: dict[str, Any] = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
+    if isinstance(s, LLMStageConfig) and s.scheduling != "continuous":
+        out["scheduling"] = s.scheduling  # only when set: the default's user_config stays as it was
+    return out
 
 
 def serve_config_yaml(cfg: ServeConfig) -> str:

@@ -20,7 +20,7 @@ import json
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -29,12 +29,15 @@ from raybench.serve.config import LimitsConfig
 
 
 class APIError(Exception):
-    """A request the server refuses; `status` is the HTTP code (4xx, or 503 when overloaded)."""
+    """A request the server refuses; `status` is the HTTP code (4xx; 429 / 503 / 504 when
+    overloaded, unavailable or out of time); `headers` go with the answer (Retry-After)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None,
-                 code: str | None = None, type: str = "invalid_request_error"):
+                 code: str | None = None, type: str = "invalid_request_error",
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -67,6 +70,10 @@ class Message(_Lenient):
     content: str | list[dict[str, Any]] | None = None
 
 
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(_Lenient):
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
@@ -76,7 +83,16 @@ class ChatCompletionRequest(_Lenient):
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = 1
     stream: bool = False
+    stream_options: StreamOptions | None = None
     seed: int | None = None
+    stop: str | list[str] | None = None
+    # vLLM's extra sampling parameters (load tests fix the answer length with them).
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    # Accepted by the shape, refused by the server (400 naming the field): see _unsupported.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    top_k: int | None = None
 
 
 @dataclass
@@ -90,6 +106,10 @@ class ChatRequest:
     seed: int | None
     stream: bool
     model: str
+    stop: list[str] = field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    include_usage: bool = False    # stream_options.include_usage: a last chunk with the usage
     image_param: str = "messages"  # where the image was, for errors found while decoding it
 
 
@@ -124,8 +144,7 @@ def parse_chat_request(body: bytes, limits: LimitsConfig, served_model_name: str
     if req.model not in (None, "", served_model_name):
         raise APIError(404, f"model {req.model!r} does not exist; this server serves {served_model_name!r}",
                        param="model", code="model_not_found", type="not_found_error")
-    if req.n != 1:
-        raise APIError(400, f"n = {req.n}: only n = 1 is supported", param="n", code="invalid_value")
+    _unsupported(req)
     if len(req.messages) > limits.max_messages:
         raise APIError(400, f"{len(req.messages)} messages; at most {limits.max_messages} allowed",
                        param="messages", code="invalid_value")
@@ -136,11 +155,45 @@ def parse_chat_request(body: bytes, limits: LimitsConfig, served_model_name: str
     elif not 1 <= max_tokens <= limits.max_tokens:
         raise APIError(400, f"{param} = {max_tokens}: must be between 1 and {limits.max_tokens}",
                        param=param, code="invalid_value")
+    if req.min_tokens > max_tokens:
+        raise APIError(400, f"min_tokens = {req.min_tokens} must be <= {param} = {max_tokens}",
+                       param="min_tokens", code="invalid_value")
     question, image, where = _question_and_image(req.messages, limits)
     temperature = default_temperature if req.temperature is None else req.temperature
     return ChatRequest(question=question, image=image, max_tokens=max_tokens, temperature=temperature,
                        top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stream=req.stream,
-                       model=served_model_name, image_param=where)
+                       model=served_model_name, image_param=where, stop=_stop_strings(req.stop),
+                       ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+                       include_usage=bool(req.stream_options and req.stream_options.include_usage))
+
+
+MAX_STOP_STRINGS = 4  # OpenAI's limit
+
+
+def _unsupported(req: ChatCompletionRequest) -> None:
+    """Fields a client may send that this server cannot honour: a 400 naming the field,
+    never an answer that silently ignores what was asked."""
+    refused = [
+        ("n", req.n != 1, f"n = {req.n}: only n = 1 is supported"),
+        ("logprobs", bool(req.logprobs), "logprobs are not supported by this server"),
+        ("top_logprobs", bool(req.top_logprobs), "top_logprobs are not supported by this server"),
+        # vLLM's "no top-k" values are accepted; a real top-k is not implemented.
+        ("top_k", req.top_k not in (None, -1, 0), f"top_k = {req.top_k}: not supported (use top_p)"),
+        ("stream_options", req.stream_options is not None and not req.stream,
+         "stream_options is only allowed with stream: true"),
+    ]
+    for param, bad, message in refused:
+        if bad:
+            raise APIError(400, message, param=param, code="unsupported_parameter" if param != "stream_options"
+                           else "invalid_value")
+
+
+def _stop_strings(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+        raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings", param="stop",
+                       code="invalid_value")
+    return stops
 
 
 # A chat request is ~5 levels deep (messages[i].content[j].image_url.url); tools' JSON
@@ -286,8 +339,7 @@ def chat_completion(cid: str, model: str, content: str, finish_reason: str,
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                      "logprobs": None, "finish_reason": finish_reason}],
-        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                  "total_tokens": prompt_tokens + completion_tokens},
+        "usage": usage(prompt_tokens, completion_tokens),
     }
 
 
@@ -295,6 +347,17 @@ def chat_chunk(cid: str, model: str, created: int, delta: dict[str, Any],
                finish_reason: str | None = None) -> dict[str, Any]:
     return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def usage_chunk(cid: str, model: str, created: int, prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    """The last chunk with `stream_options.include_usage`: no choices, the request's usage."""
+    return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

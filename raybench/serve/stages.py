@@ -1,10 +1,12 @@
-"""The three model stages. Each is a plain class with one `@batch` method (serve/batching.py:
-a batch forms when the model is free), so the same code runs as its own Serve deployment
-(topology `pipeline`) or in-process inside one deployment (topology `single`):
+"""The three model stages, plain classes, so the same code runs as its own Serve deployment
+(topology `pipeline`) or in-process inside one deployment (topology `single`). Vision and
+projection each have one `@batch` method (serve/batching.py: a batch forms when the model
+is free); the LLM stage batches per decode step (serve/scheduler.py) and streams:
 
     VisionStage.encode      image bytes -> decode, resize, normalize -> ViT patches + DeepStack taps
     ProjectionStage.project patches, taps -> visual embeds + DeepStack embeds (LLM space)
-    LLMStage.generate       visual embeds + prompt ids -> prefill (injection, pruning) + KV-cache decode
+    LLMStage.generate       visual embeds + prompt ids -> prefill (injection, pruning), then decode
+                            steps shared with the other requests; yields tokens as decoded
 
 A replica loads the whole model from safetensors and keeps only its stage's modules, on the
 GPU when Ray gave it one (`num_gpus` > 0 makes CUDA visible to the replica; 0 hides it).
@@ -22,56 +24,21 @@ import logging
 import os
 import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence
 
 import torch
 
 from raybench.data.loader import DataError, decode_rgb_uint8, normalize_pixels
 from raybench.model.vlm import HybridVLM
+from raybench.serve import metrics
 from raybench.serve.batching import batch
+from raybench.serve.engine import DecodeEngine, Row, StepResult
+from raybench.serve.payloads import GenOut, GenRequest, ProjectionOut, StageError, VisionOut
 from raybench.serve.model_source import resolve_model_dir
+from raybench.serve.scheduler import Scheduler
 
 log = logging.getLogger("ray.serve")
-
-
-@dataclass
-class StageError:
-    """A request-level failure, returned (not raised) so the rest of the batch goes on."""
-    status: int
-    message: str
-    code: str
-    param: str | None = None
-
-
-@dataclass
-class VisionOut:
-    patches: torch.Tensor              # [P, Hv]
-    taps: list[torch.Tensor]           # DeepStack ViT taps, [P, Hv] each
-    batch_sizes: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class ProjectionOut:
-    visual_embeds: torch.Tensor        # [N_vis, D]
-    deepstack_embeds: list[torch.Tensor]  # [N_vis, D] each
-    batch_sizes: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class GenRequest:
-    prompt_ids: list[int]              # bos + <image> x N + question tokens (not padded)
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass
-class GenOut:
-    tokens: list[int]                  # new tokens, up to and including eos
-    finish_reason: str                 # "stop" (eos) | "length"
-    batch_sizes: dict[str, int] = field(default_factory=dict)
+UNHEALTHY_AFTER_FAILURES = 3  # batches (decode steps) failing in a row
 
 
 class _Stage:
@@ -95,6 +62,9 @@ class _Stage:
         if compile:
             self._compile()
         self.batch_sizes: Counter[int] = Counter()
+        self.failed_batches = 0  # in a row: a model that fails every batch is unusable
+        self.health_problem: str | None = None
+        self._setup()
         if batch:
             self.reconfigure(batch)
         self.warm_up()
@@ -116,8 +86,39 @@ class _Stage:
         if "batch_wait_timeout_s" in user_config:
             method.set_batch_wait_timeout_s(float(user_config["batch_wait_timeout_s"]))
 
+    def _setup(self) -> None:
+        """What a stage builds around its model before `reconfigure` and `warm_up`."""
+
     def warm_up(self) -> None:
         """One small batch at start-up so the first request does not pay first-call costs."""
+
+    def run_health_check(self) -> str | None:
+        """Why the stage is unusable, or None: weights no longer finite (a corrupted load or
+        device), or its last batches all failed. Remembered for `health`."""
+        problem = None
+        if self._failures() >= UNHEALTHY_AFTER_FAILURES:
+            problem = f"{self.name}: the last {self._failures()} batches failed"
+        else:
+            with torch.inference_mode():
+                bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+            if bad:
+                problem = f"{self.name}: non-finite weights in {bad[:3]}"
+        self.health_problem = problem
+        return problem
+
+    def _failures(self) -> int:
+        return self.failed_batches
+
+    def check_health(self) -> None:
+        """Serve calls this every `health_check_period_s`: raising marks the replica unhealthy
+        (Serve replaces it)."""
+        problem = self.run_health_check()
+        if problem:
+            raise RuntimeError(problem)
+
+    def health(self) -> str | None:
+        """The last check's verdict, for the ingress's /health (cheap: no model work)."""
+        return self.health_problem
 
     def stats(self) -> dict[str, Any]:
         n = sum(self.batch_sizes.values())
@@ -135,6 +136,7 @@ class _Stage:
         if not live:
             return out
         self.batch_sizes[len(live)] += 1
+        metrics.observe_batch(self.name, len(live), getattr(self, self.batched_method).queued())
         try:
             results = await asyncio.to_thread(fn, [items[i] for i in live])
         except Exception:
@@ -147,10 +149,11 @@ class _Stage:
                         results.extend(await asyncio.to_thread(fn, [items[i]]))
                     except Exception:
                         results.append(self._internal_error(i, items))
+        failed = all(isinstance(r, StageError) for r in results)
+        self.failed_batches = self.failed_batches + 1 if failed else 0
         for i, r in zip(live, results):
-            if isinstance(r, (VisionOut, ProjectionOut, GenOut)):
-                upstream = items[i][0] if isinstance(items[i], tuple) else items[i]
-                r.batch_sizes = {**getattr(upstream, "batch_sizes", {}), self.name: len(live)}
+            if isinstance(r, (VisionOut, ProjectionOut)):
+                r.batch_sizes = {**getattr(items[i], "batch_sizes", {}), self.name: len(live)}
             out[i] = r
         return out
 
@@ -218,59 +221,67 @@ class ProjectionStage(_Stage):
 
 
 class LLMStage(_Stage):
-    """Greedy requests of a batch run together as one left-padded batch (the longest
-    max_tokens; each row is cut to its own). Sampled requests run one at a time with their
-    own generator, so a `seed` reproduces an answer whatever else was in the batch."""
-    name, keep, batched_method = "llm", ("llm",), "generate"
+    """Continuous batching (serve/engine.py, serve/scheduler.py): requests join a pool of
+    decode rows between steps and leave it when they end, so `max_batch_size` is the pool's
+    size here, and `batch_wait_timeout_s` has nothing to wait for."""
+    name, keep = "llm", ("llm",)
+
+    def _setup(self) -> None:
+        from raybench.data.processor import VQAProcessor
+        from raybench.data.tokenizer import load_tokenizer
+
+        cfg = self.model.config
+        # The tokenizer only renders answers for stop strings; the ingress has its own.
+        proc = VQAProcessor(load_tokenizer(self.model_dir), cfg.num_image_tokens, cfg.vision.image_size)
+        self.scheduler = Scheduler(DecodeEngine(self.model, self.device, proc.decode_answer), 16,
+                                   on_step=self._count_step)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        if "max_batch_size" in user_config:
+            self.scheduler.set_max_rows(int(user_config["max_batch_size"]))
+        self.scheduler.set_static(user_config.get("scheduling", "continuous") == "static")
 
     def warm_up(self) -> None:
         m = self.model
         n = m.config.num_image_tokens
-        ids = torch.tensor([[m.pad_token_id + 1] + [m.image_token_id] * n + [m.pad_token_id + 1]] * 2,
-                           device=self.device)
-        z = torch.zeros(2, n, m.llm.config.hidden_size, device=self.device)
-        with torch.inference_mode():
-            m.generate_from_visual(ids, torch.ones_like(ids), z, [z] * len(m.config.deepstack_visual_indexes),
-                                   max_new_tokens=2)
+        z = torch.zeros(n, m.llm.config.hidden_size)
+        rows = [Row(GenRequest([m.pad_token_id + 1] + [m.image_token_id] * n + [m.pad_token_id + 1], 2),
+                    z, [z] * len(m.config.deepstack_visual_indexes)) for _ in range(2)]
+        self.scheduler.engine.step(rows)
+        self.scheduler.engine.step([])
 
-    @batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def generate(self, projected: list[ProjectionOut | StageError],
-                       requests: list[GenRequest]) -> list[GenOut | StageError]:
-        pairs = [p if isinstance(p, StageError) else (p, r) for p, r in zip(projected, requests)]
-        return await self._run_batch(pairs, self._generate)
+    def _count_step(self, result: StepResult, seconds: float) -> None:
+        if result.decoded:
+            self.batch_sizes[result.decoded] += 1
+        metrics.observe_decode_step(result.decoded, result.decoded + result.prefilled, seconds,
+                                    self.scheduler.queued)
 
-    def _generate(self, pairs: list[tuple[ProjectionOut, GenRequest]]) -> list[GenOut]:
-        greedy = [i for i, (_, r) in enumerate(pairs) if r.temperature <= 0]
-        out: list[GenOut | None] = [None] * len(pairs)
-        if greedy:
-            for i, g in zip(greedy, self._decode([pairs[i] for i in greedy])):
-                out[i] = g
-        for i, pair in enumerate(pairs):
-            if out[i] is None:
-                out[i] = self._decode([pair])[0]
-        return out  # type: ignore[return-value]
+    async def generate(self, projected: ProjectionOut | StageError,
+                       gen: GenRequest) -> AsyncIterator[list[int] | GenOut | StageError]:
+        """Events for one request: token lists as decoded (with `gen.stream`; otherwise only
+        the first, which says the request holds a slot), then the `GenOut`; or one StageError."""
+        if isinstance(projected, StageError):
+            yield projected
+            return
+        row = Row(gen, projected.visual_embeds, projected.deepstack_embeds)
+        stream = self.scheduler.submit(row)
+        tokens: list[int] = []
+        async for chunk in stream.chunks():
+            if gen.stream or not tokens:
+                yield chunk
+            tokens += chunk
+        if stream.finish == "error":
+            yield StageError(500, "llm failed on this request", "internal_error")
+            return
+        yield GenOut(tokens, stream.finish, {**projected.batch_sizes, self.name: row.largest_batch})
 
-    def _decode(self, pairs: list[tuple[ProjectionOut, GenRequest]]) -> list[GenOut]:
-        m = self.model
-        reqs = [r for _, r in pairs]
-        width = max(len(r.prompt_ids) for r in reqs)
-        ids = torch.full((len(reqs), width), m.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(reqs), width), dtype=torch.long)
-        for i, r in enumerate(reqs):  # left padding: every prompt's last token in the last column
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, width - len(r.prompt_ids):] = 1
-        visual = torch.stack([p.visual_embeds for p, _ in pairs]).to(self.device)
-        deepstack = [torch.stack([p.deepstack_embeds[k] for p, _ in pairs]).to(self.device)
-                     for k in range(len(pairs[0][0].deepstack_embeds))]
-        r0 = reqs[0]
-        generator = None
-        if r0.temperature > 0 and r0.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(r0.seed)
-        with torch.inference_mode():
-            new = m.generate_from_visual(ids.to(self.device), mask.to(self.device), visual, deepstack,
-                                         max_new_tokens=max(r.max_tokens for r in reqs),
-                                         temperature=r0.temperature, top_p=r0.top_p, generator=generator).cpu()
-        return [_finish(row.tolist()[: r.max_tokens], m.eos_token_id) for row, r in zip(new, reqs)]
+    def _failures(self) -> int:
+        return self.scheduler.engine.failed_steps
+
+    def stats(self) -> dict[str, Any]:
+        engine = self.scheduler.engine
+        return {**super().stats(), "rows": self.scheduler.running, "queued": self.scheduler.queued,
+                "cancelled_rows": engine.cancelled_rows}
 
 
 def _device() -> torch.device:

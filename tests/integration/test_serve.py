@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 MAX_TOKENS = 8
 API_KEY_ENV, API_KEY = "RAYBENCH_TEST_API_KEY", "s3cret-token"
 LIMITS = {"max_body_bytes": 256 * 1024, "max_image_pixels": 256 * 256, "max_tokens": 32}
+AUTH_QUEUE, LONG = 2, 900  # the /auth app: requests it lets wait, and a long answer (of a 1024 context)
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def png(seed: int, qtype: str) -> tuple[bytes, str]:
@@ -132,9 +134,11 @@ def server(model_dir, registry, ray_session):
                "vision": stage, "projection": stage, "llm": stage}
         serve.run(build_application(validate_serve_config(raw)), name="raybench", route_prefix="/")
         pinned = check_model_ref("models:/raybench-vlm@champion", tracking_uri)
+        # One decode slot and room for 2 waiting: the overload and cancellation tests fill it.
         auth = load_serve_config(None, [f"model={pinned}", f"tracking_uri={tracking_uri}", "topology=single",
                                         f"api_key_env={API_KEY_ENV}", "route_prefix=/auth", "name=auth",
-                                        "ingress.num_cpus=0.05", "llm.num_cpus=0.05"])
+                                        "ingress.num_cpus=0.05", "llm.num_cpus=0.05", "llm.max_batch_size=1",
+                                        f"limits.max_queued_requests={AUTH_QUEUE}", f"limits.max_tokens={LONG}"])
         # The key reaches the replica as `raybench deploy` passes it: through runtime_env only.
         serve.run(build_application(auth, {API_KEY_ENV: API_KEY}), name="auth", route_prefix="/auth")
         yield f"http://127.0.0.1:{port}"
@@ -366,6 +370,96 @@ def test_auth_and_registry_model(server, expected):
     assert r.status_code == 200, r.text
     # Same weights, loaded by the replica from models:/raybench-vlm/1 through the registry.
     assert r.json()["choices"][0]["message"]["content"] == expected[0][0]
+
+
+def sse_events(r: requests.Response) -> list[tuple[float, str]]:
+    """(arrival time, data) of each server-sent event, as the client reads them."""
+    return [(time.monotonic(), line[len("data: "):]) for line in r.iter_lines(decode_unicode=True) if line]
+
+
+def test_stream_sends_tokens_as_decoded_and_the_usage_when_asked(server):
+    image, question = CASES[2]
+    t0 = time.monotonic()
+    with requests.post(server + "/v1/chat/completions", stream=True, timeout=60, json=chat_body(
+            image, question, max_tokens=32, ignore_eos=True, stream=True,
+            stream_options={"include_usage": True})) as r:
+        assert r.status_code == 200
+        events = sse_events(r)
+    assert events[-1][1] == "[DONE]"
+    chunks = [(t, json.loads(e)) for t, e in events[:-1]]
+    usage = chunks[-1][1]
+    assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 32  # ignore_eos: all 32
+    assert chunks[-2][1]["choices"][0]["finish_reason"] == "length"
+    # The role chunk goes out with the first token, long before the 32nd is decoded.
+    first, last = chunks[0][0] - t0, chunks[-2][0] - t0
+    assert first < last, (first, last)
+
+
+def test_fields_the_server_cannot_honour_are_refused(server):
+    image, question = CASES[0]
+    for field, value in (("logprobs", True), ("top_k", 4), ("n", 2)):
+        r = post(server, chat_body(image, question, **{field: value}))
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+
+
+def _llm_stats(url: str) -> dict:
+    return requests.get(url + "/v1/stats", headers=AUTH, timeout=30).json()["stages"]["llm"][0]
+
+
+def test_a_client_that_disconnects_frees_its_slot(server):
+    """/auth has one decode slot: a long streamed answer whose client goes away is dropped at
+    the next decode step (counted as cancelled, never finished), and the slot serves the next."""
+    url = server + "/auth"
+    image, question = CASES[0]
+    before = _llm_stats(url)["cancelled_rows"]
+    with requests.post(url + "/v1/chat/completions", stream=True, timeout=60, headers=AUTH, json=chat_body(
+            image, question, max_tokens=LONG, ignore_eos=True, stream=True)) as r:
+        lines = r.iter_lines(decode_unicode=True)
+        assert next(line for line in lines if line).startswith("data: ")  # the first token is out
+    deadline = time.monotonic() + 30
+    while (_llm_stats(url)["cancelled_rows"] == before or _llm_stats(url)["rows"]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stats = _llm_stats(url)
+    assert stats["cancelled_rows"] == before + 1 and stats["rows"] == 0, stats
+    assert post(url, chat_body(image, question), headers=AUTH).status_code == 200
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    """One slot, 2 waiting: of 10 long requests at once the rest are refused at once, and
+    every request is answered 200 or 429."""
+    url = server + "/auth"
+    image, question = CASES[0]
+    body = chat_body(image, question, max_tokens=64, ignore_eos=True)
+    with ThreadPoolExecutor(10) as pool:
+        answers = list(pool.map(lambda _: post(url, body, headers=AUTH), range(10)))
+    codes = sorted(r.status_code for r in answers)
+    assert set(codes) == {200, 429} and codes.count(200) >= AUTH_QUEUE, codes
+    refused = next(r for r in answers if r.status_code == 429)
+    assert refused.headers["Retry-After"] == "1"
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "max_queued_requests" in refused.text
+    assert all(r.json()["usage"]["completion_tokens"] == 64 for r in answers if r.status_code == 200)
+
+
+def test_metrics_are_exported_through_ray(server):
+    """The server's own metrics reach Ray's Prometheus endpoint (what a scrape or the
+    dashboard reads), tagged by Serve with the deployment."""
+    import ray
+
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+    image, question = CASES[0]
+    assert post(server, chat_body(image, question)).status_code == 200
+    wanted = ("ray_raybench_time_to_first_token_seconds_bucket", "ray_raybench_requests_total",
+              "ray_raybench_inter_token_latency_seconds_bucket", "ray_raybench_generated_tokens_total",
+              'ray_raybench_batch_size_bucket{', 'stage="llm"', 'stage="vision"', "ray_raybench_queue_length")
+    deadline, text = time.monotonic() + 90, ""
+    while time.monotonic() < deadline:
+        text = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        if all(w in text for w in wanted):
+            break
+        time.sleep(2)
+    missing = [w for w in wanted if w not in text]
+    assert not missing, missing
+    assert 'deployment="LLMStage"' in text
 
 
 def test_gpu_check_dry_run_in_this_ray(server, tmp_path):

@@ -29,3 +29,22 @@ def one_rank():
     dist.init_process_group("gloo", rank=0, world_size=1)
     yield build_mesh(1, "cpu")
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """An untrained tiny hybrid model saved with a real tokenizer (read-only for the tests)."""
+    import torch
+
+    from raybench.config import validate_config
+    from raybench.data.synthetic import generate
+    from raybench.data.tokenizer import build_tokenizer, tokenizer_corpus
+    from raybench.model.vlm import HybridVLM
+
+    out = tmp_path_factory.mktemp("tiny_model") / "model"
+    tok = build_tokenizer(tokenizer_corpus(generate(60, 32, 0, "train")))
+    cfg = validate_config({"model": {"preset": "hybrid", "size": "tiny"}})
+    torch.manual_seed(0)
+    HybridVLM.for_tokenizer(cfg.model, tok).save_pretrained(out)
+    tok.save_pretrained(str(out))
+    return out

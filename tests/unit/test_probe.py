@@ -7,10 +7,6 @@ import pytest
 import torch
 
 from raybench.cli import main
-from raybench.config import validate_config
-from raybench.data.synthetic import generate
-from raybench.data.tokenizer import build_tokenizer, tokenizer_corpus
-from raybench.model.vlm import HybridVLM
 from raybench.probe.features import ATTRIBUTES, one_object_scenes
 from raybench.probe.linear import probe_accuracy
 from raybench.probe.run import format_report, run_probe
@@ -46,17 +42,6 @@ def test_one_object_scenes_carry_their_labels_and_split_streams():
     assert a.questions["color"][0].startswith("what color is the ")
     for attr in ATTRIBUTES:  # the question never names the attribute it asks for
         assert all(ans not in q for q, ans in zip(a.questions[attr], a.answers[attr]))
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("probe") / "model"
-    tok = build_tokenizer(tokenizer_corpus(generate(60, 32, 0, "train")))
-    cfg = validate_config({"model": {"preset": "hybrid", "size": "tiny"}})
-    torch.manual_seed(0)
-    HybridVLM.for_tokenizer(cfg.model, tok).save_pretrained(out)
-    tok.save_pretrained(str(out))
-    return out
 
 
 def test_probe_runs_end_to_end_on_a_tiny_saved_model(tiny_model_dir):

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from raybench.config import ConfigError
-from raybench.serve.config import LimitsConfig, ServeConfig, load_serve_config, serve_config_yaml
+from raybench.serve.config import LimitsConfig, ServeConfig, batch_user_config, load_serve_config, serve_config_yaml
 from raybench.serve.model_source import check_model_dir, parse_models_uri
 from raybench.serve.schemas import (APIError, chat_chunk, chat_completion, parse_chat_request, sse)
 
@@ -189,6 +189,25 @@ def test_other_parameters():
     assert refused(body([{"type": "image_url", "image_url": {"url": data_uri(png())}}])).code == "invalid_value"
 
 
+def test_vllm_extra_parameters_stop_and_stream_options():
+    req = parse(body(max_tokens=8, stop="\n", ignore_eos=True, min_tokens=3, stream=True,
+                     stream_options={"include_usage": True}))
+    assert (req.stop, req.ignore_eos, req.min_tokens, req.include_usage) == (["\n"], True, 3, True)
+    assert parse(body(stop=["a", "b"], top_k=-1)).stop == ["a", "b"]  # vLLM's "no top-k" is fine
+    assert parse(body()).stop == [] and not parse(body()).include_usage
+    assert refused(body(max_tokens=4, min_tokens=5)).param == "min_tokens"
+    assert refused(body(stop=["a", "b", "c", "d", "e"])).param == "stop"
+    assert refused(body(stop=[""])).param == "stop"
+    assert refused(body(stream_options={"include_usage": True})).param == "stream_options"
+
+
+@pytest.mark.parametrize("field, value", [("logprobs", True), ("top_logprobs", 2), ("top_k", 5), ("n", 3)])
+def test_fields_the_server_cannot_honour_are_a_400_naming_them(field, value):
+    err = refused(body(**{field: value}))
+    assert (err.status, err.param, err.code) == (400, field, "unsupported_parameter")
+    assert field in err.message
+
+
 # ------------------------------------------------------------------ response shapes
 
 def test_response_shapes():
@@ -215,6 +234,18 @@ def test_serve_config_errors_name_field_value_and_allowed():
         load_serve_config(overrides=["topology=mesh"])
     with pytest.raises(ConfigError, match=r"vision.max_batchsize"):
         load_serve_config(overrides=["vision.max_batchsize=3"])  # a typo is an error, not ignored
+
+
+def test_overload_limits_and_llm_scheduling_are_settable_with_set():
+    cfg = load_serve_config(overrides=["limits.max_queued_requests=8", "limits.request_timeout_s=5",
+                                       "llm.scheduling=static"])
+    assert (cfg.limits.max_queued_requests, cfg.limits.request_timeout_s) == (8, 5.0)
+    assert batch_user_config(cfg.llm)["scheduling"] == "static"
+    assert "scheduling" not in batch_user_config(load_serve_config().llm)  # the default is continuous
+    with pytest.raises(ConfigError, match=r"limits.max_queued_requests = 0"):
+        load_serve_config(overrides=["limits.max_queued_requests=0"])
+    with pytest.raises(ConfigError, match=r"llm.scheduling = 'fifo'"):
+        load_serve_config(overrides=["llm.scheduling=fifo"])
 
 
 def test_serve_config_file_overrides_and_yaml(tmp_path):

@@ -1,0 +1,70 @@
+"""The LLM stage as the ingress sees it, Ray-free on a tiny saved model: its event stream
+(first token, tokens as decoded, the answer) and its health check."""
+
+import asyncio
+
+import pytest
+import torch
+
+from raybench.serve.payloads import GenOut, GenRequest, ProjectionOut, StageError
+from raybench.serve.stages import UNHEALTHY_AFTER_FAILURES, LLMStage
+
+
+@pytest.fixture(scope="module")
+def stage(tiny_model_dir) -> LLMStage:
+    return LLMStage(str(tiny_model_dir), batch={"max_batch_size": 4})
+
+
+def projected(stage: LLMStage) -> ProjectionOut:
+    m = stage.model
+    z = torch.randn(m.config.num_image_tokens, m.llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    return ProjectionOut(z, [z] * len(m.config.deepstack_visual_indexes), {"vision": 1, "projection": 1})
+
+
+def events(stage: LLMStage, gen: GenRequest, upstream=None) -> list:
+    async def main():
+        return [e async for e in stage.generate(upstream or projected(stage), gen)]
+    return asyncio.run(main())
+
+
+def prompt(stage: LLMStage) -> list[int]:
+    m = stage.model
+    return [m.pad_token_id + 1] + [m.image_token_id] * m.config.num_image_tokens + [m.pad_token_id + 1] * 3
+
+
+def test_streamed_events_are_the_tokens_then_the_answer(stage):
+    streamed = events(stage, GenRequest(prompt(stage), 6, ignore_eos=True, stream=True))
+    *chunks, out = streamed
+    assert isinstance(out, GenOut) and out.finish_reason == "length" and len(out.tokens) == 6
+    assert sum(chunks, []) == out.tokens and len(chunks) >= 2  # the first token came alone
+    assert out.batch_sizes == {"vision": 1, "projection": 1, "llm": 1}
+    # Not streamed: only the first token (the request holds a slot), then the same answer.
+    first, plain = events(stage, GenRequest(prompt(stage), 6, ignore_eos=True))
+    assert first == out.tokens[:1] and plain.tokens == out.tokens
+
+
+def test_an_upstream_error_passes_through(stage):
+    err = StageError(400, "bad image", "invalid_image")
+    assert events(stage, GenRequest(prompt(stage), 4), upstream=err) == [err]
+
+
+def test_check_health_fails_when_the_model_is_unusable(stage):
+    assert stage.run_health_check() is None and stage.health() is None
+    stage.check_health()
+    weight = stage.model.llm.lm_head.weight
+    kept = weight[0, 0].item()
+    with torch.no_grad():
+        weight[0, 0] = float("nan")
+    try:
+        with pytest.raises(RuntimeError, match="non-finite weights in .*lm_head"):
+            stage.check_health()
+        assert "lm_head" in stage.health()
+    finally:
+        with torch.no_grad():
+            weight[0, 0] = kept
+    stage.scheduler.engine.failed_steps = UNHEALTHY_AFTER_FAILURES
+    try:
+        assert "batches failed" in stage.run_health_check()
+    finally:
+        stage.scheduler.engine.failed_steps = 0
+    assert stage.run_health_check() is None
