@@ -246,7 +246,10 @@ def markdown_section(r: dict) -> str:
              "scene stage shared per seed), on each training seed, every eval kept with each val question's "
              "outcome. `@750` and `@1000` are the accuracy the sweep sees at those steps (its own 512 "
              "questions), the rest are on all 1000; `4 objects`: the finished model's greedy answers on "
-             "4-object scenes.", "", r["curves_table"], ""]
+             "4-object scenes.", "", r["curves_table"], "",
+             f"The replays draw from {len(r['configs'])} recorded configs on the Ray trainer "
+             f"({', '.join(f'{c}: seeds {sorted(s)}' for c, s in r['configs'].items())}); a budget larger than "
+             "that proposes every config. A recording still in progress (`bench curves` resumes) widens it.", ""]
     lines += ["Replays: TPE proposes from the recorded configs as `raybench sweep` does (trial 1 the default), "
               "each trial's curve is one of its config's seeds drawn at random, trials run one after another. "
               "*Best trial reaches the end*: how often the budget's best trial (best final accuracy) is not "
