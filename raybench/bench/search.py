@@ -23,6 +23,7 @@ import json
 import math
 import shutil
 import statistics
+import time
 from pathlib import Path
 
 import yaml
@@ -241,7 +242,7 @@ def markdown_section(r: dict) -> str:
     from raybench.bench.report import claim
 
     lines = [f"## Search — `{r['command']}` ({r['replays']} replays per scheduler and budget, on the curves "
-             f"`raybench bench curves` recorded in `{r['units_rel']}`)", "",
+             f"`raybench bench curves` recorded in `{r['units_rel']}`; {r.get('date', 'undated')})", "",
              "Every configuration below was trained as a sweep trial trains it (Ray Train, 2 FSDP2 workers, the "
              "scene stage shared per seed), on each training seed, every eval kept with each val question's "
              "outcome. `@750` and `@1000` are the accuracy the sweep sees at those steps (its own 512 "
@@ -282,7 +283,7 @@ def main(args) -> int:
                          base.train.eval_samples, None if args.quick else base.train.eval_every)
     command = "raybench bench search" + (" --quick" if args.quick else "")
     rel = units.resolve().relative_to(REPO) if units.resolve().is_relative_to(REPO) else units
-    result.update(bench="search", command=command, quick=bool(args.quick), replays=8 if args.quick else 200,
+    result.update(bench="search", command=command, date=time.strftime("%Y-%m-%d"), quick=bool(args.quick), replays=8 if args.quick else 200,
                   units_rel=str(rel), curves_table=markdown_summary(units, base.train.eval_samples),
                   replay_table=markdown_table(result), machine=machine_info())
     out = Path(args.out)
