@@ -168,30 +168,22 @@ def propose(configs: list[str], budget: int, seed: int, told: callable) -> list[
 def replay_once(curves: dict[str, list[Curve]], sched: Scheduler, budget: int, seed: int, max_t: int) -> dict:
     """One sweep: TPE's proposals, a drawn seed per trial, the scheduler's stops, the champion."""
     rng = random.Random(10_000 + seed)
-    drawn: dict[str, Curve] = {}
-
-    def told(config: str) -> float:  # the trial runs when TPE proposes it; its last report is told back
-        drawn[config] = rng.choice(curves[config])
-        return 0.0  # replaced below, once the scheduler decided where it stops
-
-    # TPE learns from what the trials reported; the scheduler's stop changes that report.
-    # So proposals and stops are interleaved, trial by trial, through `told`.
-    order: list[str] = []
+    trials: list[Curve] = []
     stops: list[int] = []
 
-    def told_after_stop(config: str) -> float:
-        told(config)
-        order.append(config)
-        stops[:] = simulate([drawn[c] for c in order], sched, max_t)
-        last = [s for s in _reports(drawn[config], sched.every) if s <= stops[-1]][-1]
-        return drawn[config].sweep_accuracy[last]
+    def run_trial(config: str) -> float:
+        """The trial TPE proposed runs (one of its seeds, drawn), the scheduler decides where it
+        stops, and its last report is what TPE is told, as Tune tells Optuna."""
+        trials.append(rng.choice(curves[config]))
+        stops[:] = simulate(trials, sched, max_t)
+        last = [s for s in _reports(trials[-1], sched.every) if s <= stops[-1]][-1]
+        return trials[-1].sweep_accuracy[last]
 
-    propose(sorted(curves), budget, seed, told_after_stop)
-    trials = [drawn[c] for c in order]
+    propose(sorted(curves), budget, seed, run_trial)
     completed = [i for i, s in enumerate(stops) if s >= max_t]
     champion = max(completed, key=lambda i: trials[i].sweep_accuracy[max_t])
     best = max(range(len(trials)), key=lambda i: trials[i].final)
-    return {"configs": order, "stops": stops, "champion": trials[champion].config,
+    return {"configs": [t.config for t in trials], "stops": stops, "champion": trials[champion].config,
             "champion_final": trials[champion].final, "best_completed": best in completed,
             "best_final": trials[best].final,
             "answer_steps": sum(s - t.start for s, t in zip(stops, trials))}
