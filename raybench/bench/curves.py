@@ -31,35 +31,42 @@ UNITS_DIR = REPO / "benchmarks" / "curves"
 EVAL_EVERY, EVAL_SAMPLES = 50, 1000
 
 
-def _point(injections: int, schedule: str, keep: float, vocab: int | None, lr: float) -> dict:
-    """A point of the default's sweep space, as the overrides a trial applies."""
+def _point(injections: int, schedule: str, keep: float, vocab: int, lr: float) -> dict:
+    """A point of the default's sweep space, every axis given, as the overrides a trial applies."""
     fusion = "model.fusion."
-    point = {fusion + "deepstack.num_injections": injections, fusion + "sparsity.schedule": schedule,
-             fusion + "sparsity.final_keep_ratio": keep, "train.lr": lr}
-    return point if vocab is None else {**point, fusion + "vet.vocab_size": vocab}
+    return {fusion + "deepstack.num_injections": injections, fusion + "sparsity.schedule": schedule,
+            fusion + "sparsity.final_keep_ratio": keep, fusion + "vet.vocab_size": vocab, "train.lr": lr}
 
 
-# name -> overrides of jobs/configs/default.yaml (dotted paths, as `--set` and sweep.space).
-# README's champion is the TPE trial that answered 0.990 (issue 29); the rest spread over
-# the space's axes. Order matters only for the recording: the first ones run first.
+# default.yaml's values before the recording chose trial 1 (issue 29): 3 injections,
+# exponential to 0.25, VET 1024, answer-stage lr 1e-3.
+FORMER_DEFAULT = _point(3, "exponential", 0.25, 1024, 0.001)
+
+# name -> overrides of jobs/configs/default.yaml (dotted paths, as `--set` and sweep.space);
+# every point names all five swept axes, so a name means the same config whatever
+# default.yaml holds. README's former champion is the TPE trial that answered 0.990 (issue
+# 29); the rest spread over the space's axes. Order matters only for the recording.
 CONFIGS: dict[str, dict] = {
-    "default": {},
+    "former-default": FORMER_DEFAULT,
     "readme-champion": _point(2, "step", 0.508, 3429, 0.00126),
-    "default-stage-warmup": {"train.stages.1.warmup_steps": 100},
+    "former-default-stage-warmup": {**FORMER_DEFAULT, "train.stages.1.warmup_steps": 100},
     "late-fusion-linear": _point(0, "linear", 0.5, 2048, 0.0008),
     "dense-1inj-low-lr": _point(1, "constant", 1.0, 512, 0.0005),
     "sparse-3inj-high-lr": _point(3, "step", 0.125, 16384, 0.0015),
     "2inj-linear-min-lr": _point(2, "linear", 0.75, 8192, 0.0003),
     "1inj-exponential-half": _point(1, "exponential", 0.5, 4096, 0.0011),
-    "late-fusion-step": _point(0, "step", 0.35, None, 0.001),
+    "late-fusion-step": _point(0, "step", 0.35, 1024, 0.001),
 }
+# The recorded config default.yaml now is, the sweep's trial 1 (tests/unit/test_bench_curves.py
+# holds the two equal): the best the recording found (BENCHMARKS.md, "Search").
+DEFAULT_POINT = "dense-1inj-low-lr"
 # Configs trained by the single-process trainer (`raybench train --local`), the whole run
-# (it has no shared stage): the default there against the default on Ray, seed by seed.
-LOCAL = {"default-local": "default"}
-CONFIGS["default-local"] = CONFIGS[LOCAL["default-local"]]
-# Recorded first, on every seed: the default (Ray, then in-process), README's champion,
-# the stage warm-up.
-FIRST = ("default", "default-local", "readme-champion", "default-stage-warmup")
+# (it has no shared stage): the former default there against it on Ray, seed by seed.
+LOCAL = {"former-default-local": "former-default"}
+CONFIGS["former-default-local"] = CONFIGS[LOCAL["former-default-local"]]
+# Recorded first, on every seed: the default, the former default (Ray, then in-process),
+# README's former champion, the stage warm-up.
+FIRST = (DEFAULT_POINT, "former-default", "former-default-local", "readme-champion", "former-default-stage-warmup")
 
 
 def unit_name(config: str, seed: int) -> str:
@@ -225,7 +232,7 @@ def main(args) -> int:
 
     out, quick = Path(args.out), args.quick
     units = Path(args.units) if args.units else out / "curves" / "units-quick" if quick else UNITS_DIR
-    configs = args.configs or (["default", "readme-champion"] if quick else list(CONFIGS))
+    configs = args.configs or ([DEFAULT_POINT, "readme-champion"] if quick else list(CONFIGS))
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise ConfigError(f"bench curves --configs: {unknown} unknown; known: {', '.join(CONFIGS)}")

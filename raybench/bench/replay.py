@@ -5,7 +5,7 @@ several training seeds each, every eval of a sweep trial's training (each val qu
 outcome included). A replay is a sweep that trains nothing:
 
 - TPE (`raybench.tune.searcher`, as the sweep seeds and runs it, no repeats) proposes
-  configs from the recorded set; trial 1 is the enqueued one (the pipeline's default);
+  configs from the recorded set; trial 1 is the enqueued one (the pipeline's default's values);
 - each trial's curve is one of its config's recorded seeds, drawn at random, so what a
   scheduler sees at a rung carries the real seed-to-seed noise;
 - the scheduler sees each trial's reports at the sweep's eval cadence, on the sweep's own
@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
-TRIAL_1 = "default"
 
 
 @dataclass(frozen=True)
@@ -141,9 +140,10 @@ def _median_stops(mine: list[tuple[int, float]], others: list[list[tuple[int, fl
     return max(v for _, v in mine) < statistics.median(means)
 
 
-def propose(configs: list[str], budget: int, seed: int, told: callable) -> list[str]:
-    """`budget` configs as `raybench sweep` proposes them: trial 1 enqueued, then TPE (the
-    sweep's sampler settings, no repeats); `told(config)` is the value reported to Optuna."""
+def propose(configs: list[str], budget: int, seed: int, told: callable, first: str | None) -> list[str]:
+    """`budget` configs as `raybench sweep` proposes them: trial 1 (`first`, the default's own
+    values) enqueued, then TPE (the sweep's sampler settings, no repeats); `told(config)` is
+    the value reported to Optuna."""
     import optuna
 
     from raybench.config import Dimension, SweepConfig
@@ -154,8 +154,8 @@ def propose(configs: list[str], budget: int, seed: int, told: callable) -> list[
     space = {"config": Dimension(type="choice", values=configs)}
     study = optuna.create_study(direction="maximize",
                                 sampler=tpe_sampler(SweepConfig(num_samples=budget, seed=seed, space=space)))
-    if TRIAL_1 in configs:
-        study.enqueue_trial({"config": TRIAL_1})
+    if first in configs:
+        study.enqueue_trial({"config": first})
     dists, points, rng = optuna_space(space), discrete_points(space), random.Random(seed)
     chosen = []
     for _ in range(min(budget, len(configs))):
@@ -165,7 +165,8 @@ def propose(configs: list[str], budget: int, seed: int, told: callable) -> list[
     return chosen
 
 
-def replay_once(curves: dict[str, list[Curve]], sched: Scheduler, budget: int, seed: int, max_t: int) -> dict:
+def replay_once(curves: dict[str, list[Curve]], sched: Scheduler, budget: int, seed: int, max_t: int,
+                first: str | None) -> dict:
     """One sweep: TPE's proposals, a drawn seed per trial, the scheduler's stops, the champion."""
     rng = random.Random(10_000 + seed)
     trials: list[Curve] = []
@@ -179,7 +180,7 @@ def replay_once(curves: dict[str, list[Curve]], sched: Scheduler, budget: int, s
         last = [s for s in _reports(trials[-1], sched.every) if s <= stops[-1]][-1]
         return trials[-1].sweep_accuracy[last]
 
-    propose(sorted(curves), budget, seed, run_trial)
+    propose(sorted(curves), budget, seed, run_trial, first)
     completed = [i for i, s in enumerate(stops) if s >= max_t]
     champion = max(completed, key=lambda i: trials[i].sweep_accuracy[max_t])
     best = max(range(len(trials)), key=lambda i: trials[i].final)
@@ -189,8 +190,9 @@ def replay_once(curves: dict[str, list[Curve]], sched: Scheduler, budget: int, s
             "answer_steps": sum(s - t.start for s, t in zip(stops, trials))}
 
 
-def replay(curves: dict[str, list[Curve]], sched: Scheduler, budget: int, replays: int, max_t: int) -> dict:
-    runs = [replay_once(curves, sched, budget, seed, max_t) for seed in range(replays)]
+def replay(curves: dict[str, list[Curve]], sched: Scheduler, budget: int, replays: int, max_t: int,
+           first: str | None) -> dict:
+    runs = [replay_once(curves, sched, budget, seed, max_t, first) for seed in range(replays)]
     finals = sorted(r["champion_final"] for r in runs)
     return {"scheduler": sched.label, "budget": budget, "replays": replays,
             "keeps_best": sum(r["best_completed"] for r in runs) / replays,
@@ -217,8 +219,10 @@ def schedulers(start: int, max_t: int, fine: int, sweep_every: int) -> list[Sche
 
 
 def run_replays(units: Path, budgets: tuple[int, ...], replays: int, sweep_eval_samples: int,
-                sweep_every: int | None = None) -> dict:
-    """`sweep_every`: the sweep's eval cadence (None: the recorded one)."""
+                sweep_every: int | None = None, first: str | None = None) -> dict:
+    """`sweep_every`: the sweep's eval cadence (None: the recorded one); `first`: the config
+    enqueued as trial 1 (None: `bench curves`' DEFAULT_POINT, what the pipeline enqueues)."""
+    from raybench.bench.curves import DEFAULT_POINT
     from raybench.config import ConfigError
 
     curves = load_curves(units, sweep_eval_samples)
@@ -232,10 +236,10 @@ def run_replays(units: Path, budgets: tuple[int, ...], replays: int, sweep_eval_
     for budget in budgets:
         fifo = None
         for sched in schedulers(some.start, max_t, fine, sweep_every or fine):
-            row = replay(curves, sched, budget, replays, max_t)
+            row = replay(curves, sched, budget, replays, max_t, first or DEFAULT_POINT)
             fifo = fifo or row["answer_steps"]
             rows.append({**row, "compute_vs_fifo": row["answer_steps"] / fifo})
-    return {"units": str(units), "configs": {c: [cv.seed for cv in cs] for c, cs in sorted(curves.items())},
+    return {"units": str(units), "trial_1": first or DEFAULT_POINT, "configs": {c: [cv.seed for cv in cs] for c, cs in sorted(curves.items())},
             "config_final_mean": {c: statistics.mean(cv.final for cv in cs) for c, cs in sorted(curves.items())},
             "max_t": max_t, "sweep_eval_samples": sweep_eval_samples, "rows": rows}
 

@@ -137,12 +137,12 @@ def test_curves_records_each_unit_once_with_every_question_s_outcome(tmp_path, r
 
     units = tmp_path / "units"
     argv = ["bench", "curves", "--quick", "--out", str(tmp_path), "--units", str(units),
-            "--configs", "default", "readme-champion"]
+            "--configs", "readme-champion", "late-fusion-linear"]
     assert main(argv) == 0 and ray.is_initialized()
     meta = json.loads((units / "meta.json").read_text())
     qtypes = meta["val_qtypes"]
-    records = {u: json.loads((units / f"{u}.json").read_text()) for u in ("default-s0", "readme-champion-s0")}
-    first, second = records["default-s0"], records["readme-champion-s0"]
+    records = {u: json.loads((units / f"{u}.json").read_text()) for u in ("readme-champion-s0", "late-fusion-linear-s0")}
+    first, second = records["readme-champion-s0"], records["late-fusion-linear-s0"]
     every, see_end, steps = first["eval_every"], first["shared_stage_end"], first["steps"]
     assert [e["step"] for e in first["evals"]] == list(range(every, steps + 1, every))
     assert not first["started_after_shared_stage"] and second["started_after_shared_stage"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from raybench.bench.curves import CONFIGS, FIRST, LOCAL, base_raw, read_evals, unit_config, unit_order
+from raybench.bench.curves import (CONFIGS, DEFAULT_POINT, FIRST, LOCAL, base_raw, read_evals, unit_config,
+                                   unit_order)
 from raybench.train.loop import pack_correct, unpack_correct
 from raybench.tune.shared_stage import shared_stage
 
@@ -46,7 +47,20 @@ def test_every_config_is_valid_and_shares_its_seed_s_scene_stage(tmp_path):
     assert [len(p) for p in paths.values()] == [1, 1] and paths[0] != paths[1]
     champion = unit_config(raw, tmp_path, "readme-champion", 0)
     assert champion.model.fusion.deepstack.num_injections == 2 and champion.train.lr == 0.00126
-    assert unit_config(raw, tmp_path, "default-stage-warmup", 0).train.stages[1].warmup_steps == 100
+    assert unit_config(raw, tmp_path, "former-default-stage-warmup", 0).train.stages[1].warmup_steps == 100
+
+
+def test_default_yaml_is_the_recorded_point_the_sweep_enqueues_as_trial_1(tmp_path):
+    """The replay's trial 1 is DEFAULT_POINT: default.yaml must hold exactly its values, and
+    every recorded point must name each axis the sweep searches (a name means one config)."""
+    from raybench.bench.seeds import DEFAULT_CONFIG
+    from raybench.config import load_config
+
+    base = load_config(DEFAULT_CONFIG, [])
+    assert unit_config(base_raw(tmp_path, quick=False), tmp_path, DEFAULT_POINT, 0).model == base.model
+    assert unit_config(base_raw(tmp_path, quick=False), tmp_path, DEFAULT_POINT, 0).train.lr == base.train.lr
+    for config, overrides in CONFIGS.items():
+        assert set(base.sweep.space) <= set(overrides), config
 
 
 def test_a_resumed_run_s_repeated_evals_are_read_once_the_last_kept(tmp_path):

@@ -48,9 +48,9 @@ def test_fifo_always_keeps_the_best_and_asha_loses_a_late_bloomer():
     curves = {"default": [curve("default", {750: 0.62, MAX_T: 0.90})],
               "bloomer": [curve("bloomer", {750: 0.55, MAX_T: 0.99})],
               "flat": [curve("flat", {750: 0.58, MAX_T: 0.60})]}
-    fifo = replay(curves, Scheduler("fifo"), 3, 5, MAX_T)
+    fifo = replay(curves, Scheduler("fifo"), 3, 5, MAX_T, "default")
     assert fifo["keeps_best"] == 1.0 and fifo["champion_mean"] == pytest.approx(0.99)
-    asha = replay_once(curves, Scheduler("asha", 750, 3, "accuracy", 250), 3, 0, MAX_T)
+    asha = replay_once(curves, Scheduler("asha", 750, 3, "accuracy", 250), 3, 0, MAX_T, "default")
     assert asha["configs"][0] == "default"  # trial 1 is the enqueued default
     assert sorted(asha["configs"]) == ["bloomer", "default", "flat"]
     assert asha["stops"][asha["configs"].index("bloomer")] == 750 and not asha["best_completed"]
