@@ -52,19 +52,21 @@ class Curve:
 @dataclass(frozen=True)
 class Scheduler:
     """What `sweep.scheduler` (+ its rung settings) would be; `every`: the eval cadence."""
-    kind: str                    # fifo | asha | median
-    first_rung: int = 0          # asha: grace period (first rung); median: grace period, in steps
+    kind: str                    # fifo | asha | hyperband | median
+    first_rung: int = 0          # asha/hyperband: grace period (first rung); median: grace period, in steps
     reduction_factor: float = 3
     metric: str = "accuracy"     # or val_loss
     every: int = 250
+    brackets: int = 1            # hyperband: Ray's AsyncHyperBandScheduler(brackets=...)
 
     @property
     def label(self) -> str:
         if self.kind == "fifo":
             return "FIFO (no early stop)"
-        what = f"first rung {self.first_rung}, rf {self.reduction_factor:g}" if self.kind == "asha" \
-            else f"grace {self.first_rung}"
-        return f"{self.kind.upper() if self.kind == 'asha' else 'median stopping'} ({what}, {self.metric}, every {self.every})"
+        if self.kind == "median":
+            return f"median stopping (grace {self.first_rung}, {self.metric}, every {self.every})"
+        name = "ASHA" if self.kind == "asha" else f"async HyperBand, {self.brackets} brackets,"
+        return f"{name} (first rung {self.first_rung}, rf {self.reduction_factor:g}, {self.metric}, every {self.every})"
 
 
 def load_curves(units: Path, sweep_eval_samples: int) -> dict[str, list[Curve]]:
@@ -97,14 +99,24 @@ def _value(curve: Curve, step: int, metric: str) -> float:
     return curve.sweep_accuracy[step] if metric == "accuracy" else -curve.val_loss[step]
 
 
-def simulate(trials: list[Curve], sched: Scheduler, max_t: int) -> list[int]:
-    """The step each trial stops at (max_t: it completed), trials run one after another."""
+def simulate(trials: list[Curve], sched: Scheduler, max_t: int, seed: int = 0) -> list[int]:
+    """The step each trial stops at (max_t: it completed), trials run one after another.
+    HyperBand assigns each trial a bracket at random as Ray does (`seed`: that draw's)."""
+    import numpy as np
     from ray.tune.schedulers.async_hyperband import _Bracket
 
-    bracket = _Bracket(sched.first_rung, max_t, sched.reduction_factor, 0) if sched.kind == "asha" else None
+    brackets = [_Bracket(sched.first_rung, max_t, sched.reduction_factor, s)
+                for s in range(sched.brackets if sched.kind == "hyperband" else 1)] \
+        if sched.kind in ("asha", "hyperband") else []
+    draw = np.random.default_rng(seed)
     history: list[list[tuple[int, float]]] = []  # every earlier trial's (step, value) reports
     stops = []
     for i, curve in enumerate(trials):
+        bracket = None
+        if brackets:  # AsyncHyperBandScheduler.on_trial_add: brackets with more rungs are likelier
+            sizes = np.array([len(b._rungs) for b in brackets])
+            probs = np.e ** (sizes - sizes.max())
+            bracket = brackets[draw.choice(len(brackets), p=probs / probs.sum())]
         mine: list[tuple[int, float]] = []
         stop = max_t
         for step in _reports(curve, sched.every):
@@ -176,7 +188,7 @@ def replay_once(curves: dict[str, list[Curve]], sched: Scheduler, budget: int, s
         """The trial TPE proposed runs (one of its seeds, drawn), the scheduler decides where it
         stops, and its last report is what TPE is told, as Tune tells Optuna."""
         trials.append(rng.choice(curves[config]))
-        stops[:] = simulate(trials, sched, max_t)
+        stops[:] = simulate(trials, sched, max_t, seed)
         last = [s for s in _reports(trials[-1], sched.every) if s <= stops[-1]][-1]
         return trials[-1].sweep_accuracy[last]
 
@@ -204,7 +216,8 @@ def schedulers(start: int, max_t: int, fine: int, sweep_every: int) -> list[Sche
     """FIFO, the pipeline's ASHA as configured (first rung 1/6 of the answer stage in, at the
     sweep's eval cadence), and variants a default could move to: the first rung at 1/9, 1/6,
     1/3 or 1/2 of the answer stage, reduction factor 2 or 3, on accuracy or val loss, at the
-    recorded (finer) eval cadence; the median stopping rule. Steps scale with the recording
+    recorded (finer) eval cadence; async HyperBand (3 brackets from the first rung at 1/9);
+    the median stopping rule. Steps scale with the recording
     (the default's: answer stage 600-1500, evals every 50)."""
     def at(frac: float) -> int:
         return start + round(frac * (max_t - start))
@@ -214,6 +227,7 @@ def schedulers(start: int, max_t: int, fine: int, sweep_every: int) -> list[Sche
         for frac in (1 / 9, 1 / 6, 1 / 3, 1 / 2):
             for rf in (2, 3):
                 out.append(Scheduler("asha", at(frac), rf, metric, fine))
+        out.append(Scheduler("hyperband", at(1 / 9), 2, metric, fine, brackets=3))
     out += [Scheduler("median", at(frac), metric="accuracy", every=fine) for frac in (1 / 6, 1 / 3)]
     return out
 

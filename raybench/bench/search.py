@@ -236,6 +236,25 @@ PIPELINE = "ASHA (first rung 750, rf 3, accuracy, every 250)"  # default.yaml's 
 KEEP_GOAL, COMPUTE_GOAL = 0.90, 0.70
 
 
+def trial_1_rows(units: Path, sweep_eval_samples: int, sweep_every: int, replays: int, max_t: int) -> list[dict]:
+    """FIFO and the pipeline's ASHA, 3 trials, with each recorded config that was or is
+    default.yaml (its former values, its current ones) enqueued as trial 1."""
+    from raybench.bench.curves import DEFAULT_POINT
+    from raybench.bench.replay import Scheduler, load_curves, replay
+
+    curves = load_curves(units, sweep_eval_samples)
+    some = next(iter(curves.values()))[0]
+    pipeline = Scheduler("asha", some.start + round((max_t - some.start) / 6), 3, "accuracy", sweep_every)
+    rows = []
+    for first in (c for c in ("former-default", DEFAULT_POINT) if c in curves):
+        fifo = None
+        for sched in (Scheduler("fifo", every=sweep_every), pipeline):
+            row = replay(curves, sched, 3, replays, max_t, first)
+            fifo = fifo or row["answer_steps"]
+            rows.append({**row, "trial_1": first, "compute_vs_fifo": row["answer_steps"] / fifo})
+    return rows
+
+
 def markdown_section(r: dict) -> str:
     """BENCHMARKS.md's search section: the recorded curves, then the schedulers replayed on them."""
     from raybench.bench.common import markdown_table
@@ -251,11 +270,22 @@ def markdown_section(r: dict) -> str:
              f"The replays draw from {len(r['configs'])} recorded configs on the Ray trainer "
              f"({', '.join(f'{c}: seeds {sorted(s)}' for c, s in r['configs'].items())}); a budget larger than "
              "that proposes every config. A recording still in progress (`bench curves` resumes) widens it.", ""]
-    lines += ["Replays: TPE proposes from the recorded configs as `raybench sweep` does (trial 1 the default), "
+    lines += [f"Replays: TPE proposes from the recorded configs as `raybench sweep` does (trial 1 default.yaml's "
+              f"own values, `{r['trial_1']}`), "
               "each trial's curve is one of its config's seeds drawn at random, trials run one after another. "
               "*Best trial reaches the end*: how often the budget's best trial (best final accuracy) is not "
               "stopped early. *Answer steps / FIFO*: training steps after the shared scene stage, against "
               "no early stopping.", "", r["replay_table"], ""]
+    if r.get("trial_1_rows"):
+        lines += ["What trial 1 is decides most of it: the same replays with another recorded config enqueued "
+                  "as trial 1 (3 trials).", "",
+                  markdown_table([{"first": x["trial_1"], "scheduler": x["scheduler"],
+                                   "keeps": f"{100 * x['keeps_best']:.0f}%", "mean": f"{x['champion_mean']:.3f}",
+                                   "p10": f"{x['champion_p10']:.3f}", "compute": f"{x['compute_vs_fifo']:.2f}"}
+                                  for x in r["trial_1_rows"]],
+                                 {"first": "trial 1", "scheduler": "scheduler", "keeps": "best trial reaches the end",
+                                  "mean": "champion's final acc (mean)", "p10": "10th pct",
+                                  "compute": "answer steps / FIFO"}), ""]
     pipeline = [x for x in r["rows"] if x["scheduler"] == PIPELINE]
     for x in pipeline:
         keeps, compute = x["keeps_best"], x["compute_vs_fifo"]
@@ -281,6 +311,9 @@ def main(args) -> int:
     # The sweep's own eval cadence and questions (default.yaml's), read out of the recording.
     result = run_replays(units, (3,) if args.quick else (3, 6), 8 if args.quick else 200,
                          base.train.eval_samples, None if args.quick else base.train.eval_every)
+    if not args.quick:  # --quick recordings have their own cadence and configs
+        result["trial_1_rows"] = trial_1_rows(units, base.train.eval_samples, base.train.eval_every, 200,
+                                              result["max_t"])
     command = "raybench bench search" + (" --quick" if args.quick else "")
     rel = units.resolve().relative_to(REPO) if units.resolve().is_relative_to(REPO) else units
     result.update(bench="search", command=command, date=time.strftime("%Y-%m-%d"), quick=bool(args.quick), replays=8 if args.quick else 200,

@@ -36,6 +36,20 @@ def test_asha_stops_a_trial_below_the_rung_s_cutoff_as_ray_does():
     assert simulate([first, worse], Scheduler("asha", 1350, 3, "accuracy", 50), MAX_T) == [MAX_T, MAX_T]
 
 
+def test_hyperband_draws_each_trial_s_bracket_and_the_late_bracket_never_stops_it():
+    """Ray's AsyncHyperBandScheduler: bracket s's first rung is grace * rf**s, a trial's bracket
+    drawn (likelier the more rungs it has). With grace 700, rf 2: rungs at 700 and 1400, at
+    1400, or none; the late bloomer is stopped in the first two and kept in the third."""
+    first = curve("a", {700: 0.6, 1400: 0.8, MAX_T: 0.9})
+    bloomer = curve("b", {700: 0.3, 1400: 0.5, MAX_T: 0.99})
+    sched = Scheduler("hyperband", 700, 2, "accuracy", 50, brackets=3)
+    outcomes = [simulate([first, bloomer], sched, MAX_T, seed)[1] for seed in range(40)]
+    assert outcomes == [simulate([first, bloomer], sched, MAX_T, seed)[1] for seed in range(40)]  # seeded
+    assert set(outcomes) == {700, 1400, MAX_T}
+    assert outcomes.count(MAX_T) < outcomes.count(700)  # the rung-less bracket is the least likely
+    assert simulate([first, bloomer], Scheduler("asha", 700, 2, "accuracy", 50), MAX_T) == [MAX_T, 700]
+
+
 def test_median_stopping_waits_for_three_earlier_trials():
     sched = Scheduler("median", 750, metric="accuracy", every=50)
     good = [curve(c, {750: 0.8, MAX_T: 0.9}) for c in "abc"]
@@ -118,3 +132,28 @@ def test_a_recording_s_section_replaces_its_own_in_the_page_and_nothing_else(tmp
                                 "\n## Sweeps — c\n\nsweeps\n")
     splice_section(page, "## Fusion", "## Fusion — x\n\nfusion\n")  # absent: appended
     assert page.read_text().endswith("sweeps\n\n## Fusion — x\n\nfusion\n")
+
+
+def test_trial_1_rows_compare_the_former_and_the_current_default_as_trial_1(tmp_path):
+    """The Search section's trial-1 table: the same replays with the former default or
+    DEFAULT_POINT enqueued first; a trial 1 that is the best config always reaches the end."""
+    from raybench.bench.curves import DEFAULT_POINT
+    from raybench.bench.search import trial_1_rows
+
+    shapes = {"former-default": (0.6, 0.90), DEFAULT_POINT: (0.55, 0.99), "flat": (0.5, 0.5)}
+    for config, (early, final) in shapes.items():
+        evals = []
+        for step in range(650, MAX_T + 1, 50):
+            acc = early if step < 1100 else final
+            right = round(acc * 100)
+            evals.append({"step": step, "accuracy": right / 100, "val_loss": 1 - acc, "n": 100,
+                          "correct": pack_correct([True] * right + [False] * (100 - right))})
+        (tmp_path / f"{config}-s0.json").write_text(json.dumps(
+            {"config": config, "seed": 0, "trainer": "ray", "shared_stage_end": START, "evals": evals}))
+    rows = trial_1_rows(tmp_path, 100, 250, 4, MAX_T)
+    assert [(r["trial_1"], r["scheduler"].split(" ")[0]) for r in rows] == [
+        ("former-default", "FIFO"), ("former-default", "ASHA"), (DEFAULT_POINT, "FIFO"), (DEFAULT_POINT, "ASHA")]
+    by = {(r["trial_1"], r["scheduler"].split(" ")[0]): r for r in rows}
+    assert by[("former-default", "ASHA")]["keeps_best"] == 0.0   # the best is behind trial 1 at the rung
+    assert by[(DEFAULT_POINT, "ASHA")]["keeps_best"] == 1.0
+    assert by[(DEFAULT_POINT, "FIFO")]["compute_vs_fifo"] == 1.0
