@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # imported where used: ~0.9 s that a Ray Train driver never n
 
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 IMAGE_TOKEN = "<image>"
+PAD_TOKEN = SPECIAL_TOKENS["pad_token"]
 
 # GPT-2's split rule with one change: `\p{L}+(?:-\p{L}+)*` keeps "top-left" one word.
 _WORDS = r"'(?:[sdmt]|ll|ve|re)| ?\p{L}+(?:-\p{L}+)*| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -101,8 +102,9 @@ def load_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
     """A tokenizer from a local directory: one saved by `save_tokenizer`, or a real LLM's.
 
     Never downloads. A tokenizer without `<image>` gets it as an added special token (the
-    caller resizes the embeddings to `len(tok)`); one without a pad or bos token reuses eos
-    for it, as the processor needs both.
+    caller resizes the embeddings to `len(tok)`, when the LLM has fewer rows); one without a
+    pad token gets `<pad>` the same way; one without a bos token reuses eos for it, as the
+    processor needs one.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
@@ -118,9 +120,10 @@ def load_tokenizer(directory: str | os.PathLike) -> PreTrainedTokenizerFast:
         tok = PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     if IMAGE_TOKEN not in tok.get_vocab():
         tok.add_special_tokens({"extra_special_tokens": [IMAGE_TOKEN]}, replace_extra_special_tokens=False)
-    if tok.eos_token is not None:
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        if tok.bos_token is None:
-            tok.bos_token = tok.eos_token
+    if tok.pad_token is None:
+        # Not eos (a common stand-in): generation and eval forbid the pad token, and with
+        # pad == eos no answer could end. Qwen3 has a pad; Llama 3 and many others don't.
+        tok.add_special_tokens({"pad_token": PAD_TOKEN})
+    if tok.bos_token is None and tok.eos_token is not None:
+        tok.bos_token = tok.eos_token
     return tok

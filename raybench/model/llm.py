@@ -8,12 +8,18 @@ layers hold fewer keys than earlier ones, and each layer remembers which keys ar
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import (AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
 
 from raybench.model.config import LLMConfig
 
 
-def build_causal_lm(cfg: LLMConfig, vocab_size: int, head_dim: int):
+def build_causal_lm(cfg: LLMConfig, vocab_size: int, head_dim: int, hf_config: dict | None = None):
+    """From `cfg` (a checkpoint, or fresh weights of its sizes), or from `hf_config`, the
+    transformers config a saved model recorded (see `HybridVLM.save_pretrained`)."""
+    if hf_config is not None:
+        config = AutoConfig.for_model(**hf_config)
+        return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=torch.float32)
     if cfg.pretrained_path:
         lm = AutoModelForCausalLM.from_pretrained(cfg.pretrained_path, local_files_only=True,
                                                   attn_implementation="sdpa", dtype=torch.float32)

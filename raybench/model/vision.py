@@ -42,7 +42,12 @@ class ConvStem(nn.Module):
         return self.layers(pixel_values)  # [B, hidden, grid, grid], as the patchify conv
 
 
-def build_siglip(cfg: VisionConfig) -> SiglipVisionModel:
+def build_siglip(cfg: VisionConfig, hf_config: dict | None = None) -> SiglipVisionModel:
+    """From `cfg`, or from `hf_config`, the transformers config a saved model recorded."""
+    if hf_config is not None:
+        config = SiglipVisionConfig.from_dict(hf_config)
+        config._attn_implementation = "sdpa"
+        return SiglipVisionModel(config)
     if cfg.pretrained_path:
         # Local directory only: nothing is fetched at run time.
         return SiglipVisionModel.from_pretrained(cfg.pretrained_path, local_files_only=True,

@@ -74,16 +74,21 @@ class DecoderState:
 
 class HybridVLM(nn.Module):
     def __init__(self, config: ModelConfig, *, vocab_size: int, image_token_id: int,
-                 pad_token_id: int, eos_token_id: int):
+                 pad_token_id: int, eos_token_id: int, towers: dict[str, dict] | None = None):
+        """`towers`: the transformers configs of towers that came from checkpoints, as
+        `save_pretrained` recorded them ("vision", "llm"); such a tower is built from its
+        own config, not from `config`'s sizes."""
         super().__init__()
         self.config = config
         self.vocab_size, self.image_token_id = vocab_size, image_token_id
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
         f = config.fusion
-        self.vision = VisionTower(build_siglip(config.vision))
+        towers = dict(towers or {})
+        self.vision = VisionTower(build_siglip(config.vision, towers.get("vision")))
         # Trained by a `scene` stage, never used for answers (see scene_head.py).
         self.scene_head = SceneHead(self.vision.siglip.config.hidden_size) if config.vision.scene_head else None
-        self.llm = build_causal_lm(config.llm, vocab_size, config.llm_head_dim)
+        self.llm = build_causal_lm(config.llm, vocab_size, config.llm_head_dim, towers.get("llm"))
+        self.towers = checkpoint_towers(config, self.vision.siglip, self.llm, towers)
         hv, d = self.vision.siglip.config.hidden_size, self.llm.config.hidden_size
         if f.projector == "mlp":
             self.projector = PatchMerger(hv, d, f.spatial_merge_size, use_postshuffle_norm=False)
@@ -362,14 +367,28 @@ class HybridVLM(nn.Module):
         meta = {"format": "raybench-hybrid-vlm", "model": cfg.model_dump(mode="json"),
                 "vocab_size": self.vocab_size, "image_token_id": self.image_token_id,
                 "pad_token_id": self.pad_token_id, "eos_token_id": self.eos_token_id}
+        if self.towers:
+            meta["towers"] = self.towers
         (directory / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
         if state_dict is None and self.scene_head is None:
             save_model(self, str(directory / WEIGHTS_NAME))  # dedups tied embeddings
         else:
             state_dict = self.state_dict() if state_dict is None else state_dict
+            skip = self.tied_aliases()
             save_file({k: v.detach().clone().contiguous() for k, v in state_dict.items()
-                       if not k.startswith("scene_head.")}, str(directory / WEIGHTS_NAME))
+                       if not k.startswith("scene_head.") and k not in skip}, str(directory / WEIGHTS_NAME))
         return directory
+
+    def tied_aliases(self) -> set[str]:
+        """Names of parameters that are another's (lm_head tied to the input embeddings, as
+        in Qwen3-0.6B). A gathered state dict holds the tensor under both names; written
+        twice, loading into the tied model fails on the second name (what `save_model` avoids)."""
+        first: dict[int, str] = {}
+        aliases = set()
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(p), name) != name:
+                aliases.add(name)
+        return aliases
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "HybridVLM":
@@ -380,9 +399,25 @@ class HybridVLM(nn.Module):
                              f"{meta.get('format')!r})")
         cfg = ModelConfig.model_validate(meta["model"])
         model = cls(cfg, vocab_size=meta["vocab_size"], image_token_id=meta["image_token_id"],
-                    pad_token_id=meta["pad_token_id"], eos_token_id=meta["eos_token_id"])
+                    pad_token_id=meta["pad_token_id"], eos_token_id=meta["eos_token_id"],
+                    towers=meta.get("towers"))
         load_model(model, str(directory / WEIGHTS_NAME), device=str(device))
         return model.eval()
+
+
+def checkpoint_towers(config: ModelConfig, siglip: nn.Module, llm: nn.Module,
+                      towers: dict[str, dict]) -> dict[str, dict]:
+    """The transformers configs of the towers that came from checkpoints (`towers`: those
+    already recorded, for a model loaded from a save). A checkpoint's own config is what its
+    weights need, and the run config cannot say it: Qwen3-0.6B has more embedding rows
+    (151936) than its tokenizer has tokens and ties lm_head to the input embeddings, and its
+    rope, norms and biases are its own. Rebuilt from the run config (`len(tokenizer)` rows,
+    untied), such a model would not load again."""
+    for name, tower, path in (("vision", siglip, config.vision.pretrained_path),
+                              ("llm", llm, config.llm.pretrained_path)):
+        if path:
+            towers[name] = {k: v for k, v in tower.config.to_dict().items() if k != "_name_or_path"}
+    return towers
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,

@@ -28,8 +28,10 @@ def _random_twin(model, seed: int):
     from raybench.model.vlm import HybridVLM
 
     torch.manual_seed(seed)
+    # towers: a checkpoint tower's own config (its rows, tying, rope), as the model was loaded.
     return HybridVLM(model.config, vocab_size=model.vocab_size, image_token_id=model.image_token_id,
-                     pad_token_id=model.pad_token_id, eos_token_id=model.eos_token_id).eval()
+                     pad_token_id=model.pad_token_id, eos_token_id=model.eos_token_id,
+                     towers=model.towers).eval()
 
 
 def _probe_rows(train: dict[str, Extracted], test: dict[str, Extracted], y_train, y_test,

@@ -245,7 +245,10 @@ class LLMStage(_Stage):
         m = self.model
         n = m.config.num_image_tokens
         z = torch.zeros(n, m.llm.config.hidden_size)
-        rows = [Row(GenRequest([m.pad_token_id + 1] + [m.image_token_id] * n + [m.pad_token_id + 1], 2),
+        # Any real token will do; eos always has an embedding row (pad + 1 has none where
+        # load_tokenizer added <pad> as the last token of an LLM without spare rows).
+        t = m.eos_token_id
+        rows = [Row(GenRequest([t] + [m.image_token_id] * n + [t], 2),
                     z, [z] * len(m.config.deepstack_visual_indexes)) for _ in range(2)]
         self.scheduler.engine.step(rows)
         self.scheduler.engine.step([])

@@ -99,7 +99,7 @@ def test_save_load_offline(tok, tmp_path, monkeypatch):
 
 
 def test_load_foreign_tokenizer_adds_image_token(tmp_path, monkeypatch):
-    """A real LLM's tokenizer (here: a stand-in with only an eos token) gets `<image>`."""
+    """A real LLM's tokenizer (here: a stand-in with only an eos token) gets `<image>` and a pad."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -113,10 +113,11 @@ def test_load_foreign_tokenizer_adds_image_token(tmp_path, monkeypatch):
     foreign.save_pretrained(tmp_path)
 
     loaded = load_tokenizer(tmp_path)
-    assert len(loaded) == len(foreign) + 1  # the caller resizes embeddings to this
+    assert len(loaded) == len(foreign) + 2  # <image> and <pad>: the caller resizes embeddings to this
     assert image_token_id(loaded) == len(foreign)
     assert _ids(loaded, "hello " + IMAGE_TOKEN)[-1] == image_token_id(loaded)
-    assert loaded.pad_token_id == loaded.bos_token_id == loaded.eos_token_id
+    assert loaded.bos_token_id == loaded.eos_token_id
+    assert loaded.pad_token == "<pad>"  # never eos, which generation must be free to emit
     assert _ids(loaded, "hello world") == _ids(foreign, "hello world")
 
 
