@@ -65,8 +65,10 @@ class Scheduler:
             return "FIFO (no early stop)"
         if self.kind == "median":
             return f"median stopping (grace {self.first_rung}, {self.metric}, every {self.every})"
-        name = "ASHA" if self.kind == "asha" else f"async HyperBand, {self.brackets} brackets,"
-        return f"{name} (first rung {self.first_rung}, rf {self.reduction_factor:g}, {self.metric}, every {self.every})"
+        brackets = f"{self.brackets} brackets, " if self.kind == "hyperband" else ""
+        name = "ASHA" if self.kind == "asha" else "async HyperBand"
+        return (f"{name} ({brackets}first rung {self.first_rung}, rf {self.reduction_factor:g}, {self.metric}, "
+                f"every {self.every})")
 
 
 def load_curves(units: Path, sweep_eval_samples: int) -> dict[str, list[Curve]]:
