@@ -160,8 +160,16 @@ def _add_bench_parser(sub) -> None:
                    help="seeds / curves: train every preset / config on this many seeds (train.seed 0..N-1; "
                         "default: seeds 1, curves 2)")
     p.add_argument("--units", default=None,
-                   help="curves / search: where each finished (config, seed) unit is stored and found again "
-                        "(default: the checkout's benchmarks/curves; --quick: OUT/curves/units-quick)")
+                   help="curves / search / seeds: where each finished (config, seed) / (preset, seed, mix) unit "
+                        "is stored and found again (default: the checkout's benchmarks/curves or benchmarks/seeds; "
+                        "--quick: OUT/curves/units-quick or OUT/seeds/units-quick)")
+    p.add_argument("--presets", nargs="+", default=None,
+                   help="seeds: record and render only these presets (default: all)")
+    p.add_argument("--mixes", nargs="+", default=None,
+                   help="seeds: data mixes (names in raybench/bench/seeds.py MIXES; default: default)")
+    p.add_argument("--max-units", type=int, default=None,
+                   help="seeds: train at most N units not yet recorded, then render what is there "
+                        "(0: render only; a session's worth at a time)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="curves: record only these configs (names in raybench/bench/curves.py)")
     p.add_argument("--write-benchmarks-md", action="store_true",

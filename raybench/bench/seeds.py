@@ -3,11 +3,20 @@
 The research document we started from compares LLaVA, BLIP-2, Ovis VET, Qwen3-VL DeepStack
 and dense-sparse fusion in words (cost Low / Medium / High; "best detail capture"; "+15%
 OCR"). This trains every preset with the single-process trainer on the same synthetic data
-(rendered once, shared), with the same seed, steps, batch and learning rate, then measures
-each trained model's inference cost with `bench fusion`'s `measure`: parameters, prefill
-latency, GFLOP/sample. Accuracy is exact match on the validation split, overall and per
-question type (`count` and `glyph` are the fine-detail ones). Samples/s is the trainer's
-own per-eval-window throughput, median of the windows after the first (warm-up).
+(rendered once per data mix, shared), with the same seed, steps, batch and learning rate,
+then measures each trained model's inference cost with `bench fusion`'s `measure`:
+parameters, prefill latency, GFLOP/sample. Accuracy is exact match on the validation split,
+overall and per question type (`count` and `glyph` are the fine-detail ones). Samples/s is
+the trainer's own per-eval-window throughput, median of the windows after the first (warm-up).
+
+Each (preset, seed, mix) is a unit: one JSON file in the units directory (`--units`, by
+default the checkout's `benchmarks/seeds/`), written when the unit ends and skipped ever
+after, as `bench curves` records its units: a recording spans sessions and a crash loses
+only the unit in flight. The table, the claims and their verdicts are rendered from the
+stored units alone, so a partial recording shows what it has.
+
+Each unit trains its scene stage itself: the in-process trainer cannot start from a shared
+one (`bench curves` shares it on Ray Train, `raybench.tune.shared_stage`).
 """
 
 from __future__ import annotations
@@ -15,13 +24,21 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 from raybench.model.presets import PRESETS
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "default.yaml"
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = REPO / "jobs" / "configs" / "default.yaml"
+UNITS_DIR = REPO / "benchmarks" / "seeds"
 FINE_DETAIL = ("count", "glyph")
+
+# name -> overrides of jobs/configs/default.yaml (dotted paths, as `--set`): the data a mix
+# trains and is scored on. `default` is default.yaml's own data section; a unit's name
+# carries its mix, so a mix added here records beside the others.
+MIXES: dict[str, dict] = {"default": {}}
 
 # The research notes' cost table and trade-offs, quoted in docs/architecture.md ("The research
 # claims the benchmarks check"). `level` orders the cost words.
@@ -39,16 +56,41 @@ SEEDS_CLAIMS = {
 }
 
 
-def _raw_config(out: Path, size: str, quick: bool, steps: int | None) -> dict:
-    """default.yaml's data and train sections (the pipeline's own settings), scaled for --quick."""
+def unit_name(preset: str, seed: int, mix: str = "default") -> str:
+    return f"{mix}-{preset}-s{seed}"
+
+
+def unit_order(presets, seeds: int, mixes=("default",)) -> list[tuple[str, int, str]]:
+    """(preset, seed, mix) in recording order, seed by seed: every preset on seed 0 before
+    any on seed 1, so a partial recording is a whole table first and paired verdicts next."""
+    return [(p, s, m) for s in range(seeds) for m in mixes for p in presets]
+
+
+def unit_path(units: Path, unit: tuple[str, int, str]) -> Path:
+    return units / f"{unit_name(*unit)}.json"
+
+
+def todo_units(order: list[tuple[str, int, str]], units: Path) -> list[tuple[str, int, str]]:
+    """The units of `order` with no file yet: a finished unit is never trained again."""
+    return [u for u in order if not unit_path(units, u).is_file()]
+
+
+def _raw_config(out: Path, size: str, quick: bool, steps: int | None, mix: str = "default") -> dict:
+    """default.yaml's data and train sections (the pipeline's own settings) and its vision
+    tower (every preset shares it), with the mix's overrides, scaled for --quick."""
     from raybench.config import load_raw
+    from raybench.tune.space import trial_raw
 
     # A wheel install has no jobs/: the built-in defaults are default.yaml's values.
-    base = load_raw(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else {}
+    base = trial_raw(load_raw(DEFAULT_CONFIG) if DEFAULT_CONFIG.is_file() else {}, MIXES[mix])
     data = {k: v for k, v in base.get("data", {}).items() if k != "path"}
     train = dict(base.get("train", {}))
+    where = "" if mix == "default" else f"-{mix}"  # the default mix keeps its former paths
+    model = {"size": size}
+    if "vision" in base.get("model", {}):  # the tower (conv stem) default.yaml's runs learn with
+        model["vision"] = base["model"]["vision"]
     if quick:
-        size, steps = "tiny", steps or 30
+        model["size"], steps = "tiny", steps or 30
         data.update(num_train=960, num_val=120)
         train.update(batch_size=32, warmup_steps=3)
     if steps:
@@ -63,7 +105,7 @@ def _raw_config(out: Path, size: str, quick: bool, steps: int | None) -> dict:
             last = i == len(train["stages"]) - 1
             st["steps"] = None if last else max(1, st["steps"] * train.get("steps", base_steps) // base_steps)
             if st.get("data"):
-                st["data"] = {**st["data"], "path": str(out / f"seeds-stage-{st['name']}")}
+                st["data"] = {**st["data"], "path": str(out / f"seeds-stage{where}-{st['name']}")}
                 if quick:
                     st["data"]["num_examples"] = min(st["data"].get("num_examples", 6000), 320)
             stages.append(st)
@@ -71,16 +113,44 @@ def _raw_config(out: Path, size: str, quick: bool, steps: int | None) -> dict:
     # Three eval windows for the throughput median; every val row scored at the end.
     train.update(eval_every=max(1, train.get("steps", 600) // 3), eval_samples=data.get("num_val", 1000))
     return {"name": "bench-seeds", "run_dir": str(out / "seeds-runs"),
-            "model": {"size": size}, "data": {**data, "path": str(out / "seeds-data")}, "train": train}
+            "model": model, "data": {**data, "path": str(out / f"seeds-data{where}")}, "train": train}
 
 
-def _preset_config(raw: dict, preset: str, seed: int = 0):
-    from raybench.config import set_path, validate_config
+def unit_raw(raw: dict, preset: str, seed: int, mix: str = "default") -> dict:
+    """A unit's config: the mix's base, the preset, the seed (train.seed: the initial weights
+    and the batch order; the data is the mix's, the same for every seed), its own run dir."""
+    from raybench.config import set_path
 
+    name = unit_name(preset, seed, mix)
     raw = set_path(raw, ["model", "preset"], preset)
-    raw = set_path(raw, ["name"], f"bench-seeds-{preset}")
-    where = f"{raw['run_dir']}/{preset}" + (f"-seed{seed}" if seed else "")
-    return validate_config(set_path(raw, ["run_dir"], where))
+    raw = set_path(raw, ["train", "seed"], seed)
+    raw = set_path(raw, ["name"], f"bench-seeds-{name}")
+    return set_path(raw, ["run_dir"], str(Path(raw["run_dir"]) / name))
+
+
+def _identity(raw: dict) -> str:
+    """A unit's config without where it wrote: two recordings of the same unit in different
+    --out directories are the same unit."""
+    d = json.loads(json.dumps(raw))
+    d.pop("name", None)
+    d.pop("run_dir", None)
+    d.get("data", {}).pop("path", None)
+    for st in d.get("train", {}).get("stages") or []:
+        (st.get("data") or {}).pop("path", None)
+    return json.dumps(d, sort_keys=True)
+
+
+def check_recorded(units: Path, expected: dict[tuple[str, int, str], dict]) -> None:
+    """A unit already on file is skipped only if it trained the config this run would: a
+    changed default.yaml (or --steps, --size) must not mix with the units of the old one."""
+    from raybench.config import ConfigError
+
+    stale = [unit_name(*u) for u, raw in expected.items() if unit_path(units, u).is_file()
+             and _identity(json.loads(unit_path(units, u).read_text())["raw"]) != _identity(raw)]
+    if stale:
+        raise ConfigError(f"bench seeds: {len(stale)} unit(s) in {units} trained another config than this "
+                          f"run's ({', '.join(stale[:4])}{', ...' if len(stale) > 4 else ''}): "
+                          f"record into another --units DIR, or delete those files to train them again")
 
 
 def _throughput(cfg) -> dict:
@@ -101,8 +171,7 @@ def train_and_measure(cfg, batch: int, repeats: int, measure_cost: bool = True) 
     train_s = time.perf_counter() - t0
     row = {"preset": cfg.model.preset, "seed": cfg.train.seed, "train_s": train_s,
            "train_samples_per_s": _throughput(cfg), "accuracy": metrics["accuracy"], "val_loss": metrics["val_loss"],
-           "acc": {k[4:]: v for k, v in metrics.items() if k.startswith("acc/")},
-           "seeds": SEEDS_CLAIMS[cfg.model.preset]}
+           "acc": {k[4:]: v for k, v in metrics.items() if k.startswith("acc/")}}
     if measure_cost:
         model = HybridVLM.from_pretrained(cfg.run_path / "model").requires_grad_(False)
         cost = measure(model, batch, repeats)
@@ -111,62 +180,165 @@ def train_and_measure(cfg, batch: int, repeats: int, measure_cost: bool = True) 
     return row
 
 
-def run_seeds_bench(out: Path, size: str = "small", quick: bool = False, steps: int | None = None,
-                    repeats: int = 7, presets: tuple[str, ...] = PRESETS, seeds: int = 1) -> dict:
-    from raybench.config import set_path
-    from raybench.data.prepare import ensure_tokenizer, tokenizer_dir
-    from raybench.data.synthetic import QTYPES, chance_accuracy, write_curriculum, write_synthetic
+def run_unit(raw: dict, unit: tuple[str, int, str], tokenizer: Path, batch: int, repeats: int,
+             command: str, quick: bool) -> dict:
+    """Train one unit from scratch in its own run dir and measure its model: the unit's record.
+    Cost is measured on every unit (seconds beside the training), so any subset renders."""
+    from raybench.config import dump_config, validate_config
+    from raybench.data.prepare import tokenizer_dir
 
-    batch = 8
-    if quick:
-        repeats, batch = 3, 2
-    out.mkdir(parents=True, exist_ok=True)
-    raw = _raw_config(out, size, quick, steps)
-    shutil.rmtree(raw["run_dir"], ignore_errors=True)
-    shutil.rmtree(raw["data"]["path"], ignore_errors=True)
-    first = _preset_config(raw, presets[0])
-    d = first.data
-    # One data set and one tokenizer for every preset: only the fusion differs.
-    write_synthetic(first.data_path, num_train=d.num_train, num_val=d.num_val,
-                    image_size=first.image_size, seed=d.seed, qtypes=d.qtypes)
-    for st in first.train.stages or []:
+    preset, seed, mix = unit
+    cfg = validate_config(raw)
+    shutil.rmtree(cfg.run_path, ignore_errors=True)  # what a crashed attempt left
+    shutil.copytree(tokenizer, tokenizer_dir(cfg))  # one tokenizer per mix: only the fusion differs
+    started = time.time()
+    row = train_and_measure(cfg, batch, repeats)
+    return {"unit": unit_name(*unit), "mix": mix, "trainer": "local", **row,
+            "wall_s": time.time() - started, "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
+            "commit": _commit(), "quick": quick, "command": command, "cost_batch": batch, "cost_repeats": repeats,
+            "raw": raw, "config": dump_config(cfg)}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")  # a unit file is whole or absent
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.rename(path)
+
+
+def _render_data(raw: dict, out: Path, mix: str) -> Path:
+    """The mix's data, its stages' scenes and its tokenizer, rendered anew (a session that
+    resumes renders the same rows: every generator is seeded); the tokenizer's directory."""
+    from raybench.config import set_path, validate_config
+    from raybench.data.prepare import ensure_tokenizer, tokenizer_dir
+    from raybench.data.synthetic import write_curriculum, write_synthetic
+
+    where = out / "seeds-runs" / f"tokenizer-{mix}"
+    cfg = validate_config(set_path(raw, ["run_dir"], str(where)))
+    d = cfg.data
+    for path in (cfg.data_path, where):
+        shutil.rmtree(path, ignore_errors=True)
+    write_synthetic(cfg.data_path, num_train=d.num_train, num_val=d.num_val, image_size=cfg.image_size,
+                    seed=d.seed, qtypes=d.qtypes, questions_per_image=d.questions_per_image)
+    for st in cfg.train.stages or []:
         if st.data is not None:
-            where = first.stage_path(st)
-            shutil.rmtree(where, ignore_errors=True)
-            write_curriculum(where, st.data.num_examples, image_size=first.image_size, seed=d.seed,
-                             qtypes=first.stage_qtypes(st), max_objects=st.data.max_objects, name=st.name,
+            shutil.rmtree(cfg.stage_path(st), ignore_errors=True)
+            write_curriculum(cfg.stage_path(st), st.data.num_examples, image_size=cfg.image_size, seed=d.seed,
+                             qtypes=cfg.stage_qtypes(st), max_objects=st.data.max_objects,
+                             questions_per_image=d.questions_per_image, name=st.name,
                              letter_share=st.data.letter_share)
-    ensure_tokenizer(first)
-    rows = []
-    for preset in presets:
-        runs = []
-        for seed in range(seeds):  # train.seed: the initial weights and the batch order
-            cfg = _preset_config(set_path(raw, ["train", "seed"], seed), preset, seed)
-            if cfg.run_path != first.run_path:
-                shutil.copytree(tokenizer_dir(first), tokenizer_dir(cfg), dirs_exist_ok=True)
-            # FLOPs and prefill latency don't depend on the weights: measured once, on seed 0.
-            runs.append(train_and_measure(cfg, batch, repeats, measure_cost=seed == 0))
-        rows.append(_over_seeds(runs))
+    ensure_tokenizer(cfg)
+    return tokenizer_dir(cfg)
+
+
+def _command(size: str, quick: bool, steps: int | None) -> str:
+    return f"raybench bench seeds --size {size}" + (" --quick" if quick else "") \
+        + (f" --steps {steps}" if steps else "")
+
+
+def record_units(out: Path, units: Path, size: str = "small", quick: bool = False, steps: int | None = None,
+                 repeats: int = 7, presets=PRESETS, seeds: int = 1, mixes=("default",),
+                 max_units: int | None = None) -> list[str]:
+    """Train the units of presets x seeds x mixes not yet in `units` (at most `max_units` of
+    them, in `unit_order`), each written there as it ends. The names trained."""
+    batch = 2 if quick else 8
+    if quick:
+        repeats = 3
+    raws = {mix: _raw_config(out, size, quick, steps, mix) for mix in mixes}
+    order = unit_order(presets, seeds, mixes)
+    expected = {u: unit_raw(raws[u[2]], *u) for u in order}
+    check_recorded(units, expected)
+    todo = todo_units(order, units)
+    if max_units is not None:
+        todo = todo[:max_units]
+    print(f"[bench seeds] {len(order) - len(todo_units(order, units))} of {len(order)} units already in "
+          f"{units}; {len(todo)} to run now", flush=True)
+    if not todo:
+        return []
+    units.mkdir(parents=True, exist_ok=True)
+    _write_json(units / "meta.json", {"mixes": {m: MIXES[m] for m in mixes}, "presets": list(presets),
+                                      "seeds": seeds, "base": raws})
+    command, tokenizers, done = _command(raws[mixes[0]]["model"]["size"], quick, steps), {}, []
+    for unit in todo:
+        mix = unit[2]
+        if mix not in tokenizers:
+            tokenizers[mix] = _render_data(raws[mix], out, mix)
+        record = run_unit(expected[unit], unit, tokenizers[mix], batch, repeats, command, quick)
+        _write_json(unit_path(units, unit), record)
+        done.append(record["unit"])
+        per_q = " ".join(f"{q}={v:.2f}" for q, v in sorted(record["acc"].items()))
+        print(f"[bench seeds] {record['unit']}: acc {record['accuracy']:.3f} ({per_q}) | "
+              f"{record['wall_s'] / 60:.1f} min", flush=True)
+    return done
+
+
+def load_units(units: Path, mix: str = "default", presets=None, seeds: int | None = None) -> list[dict]:
+    """The recorded units of one mix (only the given presets and seeds 0..seeds-1, if given),
+    in preset order, then seed."""
+    records = [json.loads(p.read_text()) for p in sorted(units.glob("*-s*.json"))]
+    records = [r for r in records if r["mix"] == mix and r["preset"] in (presets or PRESETS)
+               and (seeds is None or r["seed"] < seeds)]
+    return sorted(records, key=lambda r: (PRESETS.index(r["preset"]), r["seed"]))
+
+
+def mix_result(records: list[dict]) -> dict:
+    """One mix's table from its units: a row per preset (the mean over the seeds it has)."""
+    from raybench.data.synthetic import QTYPES, chance_accuracy
+
+    by_preset: dict[str, list[dict]] = {}
+    for r in records:
+        by_preset.setdefault(r["preset"], []).append(r)
+    rows = [_over_seeds(runs) for runs in by_preset.values()]
     qtypes = [q for q in QTYPES if any(q in r["acc"] for r in rows)]
-    cmd = f"raybench bench seeds --size {raw['model']['size']}" + (" --quick" if quick else "")
-    if steps:
-        cmd += f" --steps {steps}"
-    if seeds > 1:
-        cmd += f" --seeds {seeds}"
-    return {"bench": "seeds", "quick": quick, "command": cmd, "config": raw, "batch": batch,
-            "repeats": repeats, "seeds": seeds, "qtypes": qtypes,
-            "chance": {q: chance_accuracy(q) for q in qtypes}, "rows": rows}
+    first = records[0]
+    return {"mix": first["mix"], "config": first["raw"], "batch": first["cost_batch"],
+            "repeats": first["cost_repeats"], "seeds": max(len(r["by_seed"]) for r in rows), "qtypes": qtypes,
+            "chance": {q: chance_accuracy(q) for q in qtypes}, "units": [r["unit"] for r in records], "rows": rows}
+
+
+def result_from_units(units: Path, mixes=("default",), presets=None, seeds: int | None = None) -> dict | None:
+    """`bench seeds`' result, from the stored units alone: the first mix with units at the top
+    (the schema `bench report` reads), every other one under `mixes`. None: nothing recorded."""
+    results = {m: mix_result(rs) for m in mixes if (rs := load_units(units, m, presets, seeds))}
+    if not results:
+        return None
+    top, *others = results
+    r = results[top]
+    first = load_units(units, top, presets, seeds)[0]
+    default_dir = units == UNITS_DIR or units.name == "units-quick"  # --quick's is OUT/seeds/units-quick
+    cmd = first["command"] + ("" if default_dir else f" --units {units}")
+    if list(mixes) != ["default"]:
+        cmd += " --mixes " + " ".join(mixes)
+    if (seeds or r["seeds"]) > 1:
+        cmd += f" --seeds {seeds or r['seeds']}"
+    for m in results.values():
+        m["units_dir"] = str(units)
+        m["asked"] = {"presets": list(presets or PRESETS), "seeds": seeds or r["seeds"]}
+    return {"bench": "seeds", "quick": first["quick"], "command": cmd, **r, "mixes": {m: results[m] for m in others}}
 
 
 def _over_seeds(runs: list[dict]) -> dict:
-    """One preset's row: seed 0's cost, the accuracies' mean over seeds (`by_seed` keeps each)."""
+    """One preset's row: the lowest seed's cost, the accuracies' mean over seeds (`by_seed`
+    keeps each seed's accuracies and its unit's wall time)."""
+    runs = sorted(runs, key=lambda r: r.get("seed", 0))
     row = dict(runs[0])
+    for key in ("raw", "config"):  # a unit's own; the result keeps one mix config
+        row.pop(key, None)
     qtypes = sorted({q for r in runs for q in r["acc"]})
     row["accuracy"] = statistics.fmean(r["accuracy"] for r in runs)
     row["val_loss"] = statistics.fmean(r["val_loss"] for r in runs)
     row["acc"] = {q: statistics.fmean(r["acc"].get(q, float("nan")) for r in runs) for q in qtypes}
     row["train_s"] = statistics.fmean(r["train_s"] for r in runs)
-    row["by_seed"] = [{"accuracy": r["accuracy"], "acc": r["acc"], "val_loss": r["val_loss"]} for r in runs]
+    row["seeds"] = SEEDS_CLAIMS[row["preset"]]
+    row["by_seed"] = [{k: r[k] for k in ("seed", "accuracy", "acc", "val_loss", "wall_s", "date", "commit") if k in r}
+                      for r in runs]
     return row
 
 
@@ -177,7 +349,7 @@ def _fine(r: dict) -> float:
 
 def _runs(row: dict) -> list[dict]:
     """Each seed's accuracies (a result from before --seeds has only the one)."""
-    return row.get("by_seed") or [{"accuracy": row["accuracy"], "acc": row["acc"]}]
+    return row.get("by_seed") or [{"seed": row.get("seed", 0), "accuracy": row["accuracy"], "acc": row["acc"]}]
 
 
 def _mean_range(row: dict, value, digits: int) -> str:
@@ -189,6 +361,8 @@ def _mean_range(row: dict, value, digits: int) -> str:
 def _verdict(diffs: list[float], threshold: float = 0.0) -> str:
     """A claim "a beats b by more than `threshold`" from paired per-seed differences: every
     seed agrees (holds / fails) or the seeds disagree (within noise). One seed decides alone."""
+    if not diffs:
+        return "**not measured** (no seed recorded for both)"
     if all(d > threshold for d in diffs):
         return "**holds**" + (f" on all {len(diffs)} seeds" if len(diffs) > 1 else " (one seed)")
     if all(d <= threshold for d in diffs):
@@ -197,7 +371,10 @@ def _verdict(diffs: list[float], threshold: float = 0.0) -> str:
 
 
 def _paired(a: dict, b: dict, value) -> list[float]:
-    return [value(x) - value(y) for x, y in zip(_runs(a), _runs(b))]
+    """a - b on each seed both have, by seed (a partial recording may hold seed 1 of one
+    preset and not of the other; results from before units kept no seed: their order)."""
+    theirs = {run.get("seed", i): run for i, run in enumerate(_runs(b))}
+    return [value(x) - value(theirs[k]) for i, x in enumerate(_runs(a)) if (k := x.get("seed", i)) in theirs]
 
 
 def markdown_table(r: dict) -> str:
@@ -235,6 +412,8 @@ def claims(r: dict) -> list[str]:
         out.append(f"- cost order (Low < Low-Medium < Medium < Medium-High): measured GFLOP/sample "
                    f"{order}; {agree} of {len(pairs)} pairs the seeds rank differently agree")
     def points(diffs: list[float]) -> str:
+        if not diffs:
+            return "no seed in common"
         return ", ".join(f"{d * 100:+.1f}" for d in diffs) + " points" + (" (per seed)" if len(diffs) > 1 else "")
 
     if "deepstack" in by and len(r["rows"]) > 1:
@@ -265,6 +444,37 @@ def markdown_row(r: dict) -> str:
            + ", ".join(parts) + " |"
 
 
+def _units_lines(r: dict) -> list[str]:
+    """Where the units are, when and at which commit they were recorded, each one's wall time
+    (training and the cost measure), and which presets have fewer seeds than the most."""
+    if "units" not in r:  # a result from before units
+        return []
+    runs = [run for row in r["rows"] for run in _runs(row)]
+    dates = sorted({run["date"] for run in runs if run.get("date")})
+    commits = list(dict.fromkeys(run["commit"] for run in sorted(runs, key=lambda x: x.get("date") or "")
+                                 if run.get("commit")))
+    units = Path(r["units_dir"])
+    where = units.relative_to(REPO) if units.is_relative_to(REPO) else units
+    walls = "; ".join(f"{row['preset']} " + ", ".join(f"s{run['seed']} {run['wall_s'] / 60:.1f}"
+                                                      for run in _runs(row) if "wall_s" in run)
+                      for row in r["rows"])
+    asked = r.get("asked") or {"presets": [row["preset"] for row in r["rows"]], "seeds": r["seeds"]}
+    short = [f"{row['preset']} {len(_runs(row))}" for row in r["rows"] if len(_runs(row)) < asked["seeds"]]
+    missing = [p for p in asked["presets"] if p not in {row["preset"] for row in r["rows"]}]
+    when = " to ".join(dict.fromkeys([dates[0], dates[-1]])) if dates else "undated"
+    lines = [f"{len(runs)} of {len(asked['presets']) * asked['seeds']} units in `{where}/` ({when}, "
+             f"commit {', '.join(commits) or 'unknown'}); wall minutes per unit: {walls}."]
+    if short or missing:
+        lines.append("Partial recording: " + "; ".join(
+            ([f"{', '.join(short)} of {asked['seeds']} seeds so far"] if short else [])
+            + ([f"no unit yet for {', '.join(missing)}"] if missing else [])) + ".")
+    return lines
+
+
+def _mix_block(r: dict) -> list[str]:
+    return [markdown_table(r), "", *claims(r), "", *_units_lines(r)]
+
+
 def markdown_section(r: dict) -> str:
     from raybench.bench.report import heading
 
@@ -272,6 +482,12 @@ def markdown_section(r: dict) -> str:
     head = heading(r,
                    f"size `{r['config']['model']['size']}`, {t['steps']} steps, batch {t['batch_size']}, "
                    f"lr {t['lr']}, {d['num_train']} train / {d['num_val']} val questions")
+    others = []
+    for mix, m in r.get("mixes", {}).items():
+        md = m["config"]["data"]
+        others += ["", f"### Mix `{mix}` ({md['num_train']} train / {md['num_val']} val questions)", "",
+                   *_mix_block(m)]
+    whole = all(len(_runs(row)) == r.get("seeds", 1) for row in r["rows"])
     return "\n".join([
         head, "",
         "Every preset trained by the single-process trainer on the same synthetic data (one "
@@ -279,13 +495,15 @@ def markdown_section(r: dict) -> str:
         "default.yaml's train section, shrunk by --quick); accuracy is exact match on all validation questions, per "
         "question type; cost is the trained model's prefill (as `bench fusion`, batch "
         f"{r['batch']}, {r['repeats']} repeats) and FLOPs. `seeds' cost` is the research "
-        "document's column (section 10); `chance` is a uniform guess over the type's answers.", "",
-        markdown_table(r), "", *claims(r), "",
+        "document's column (section 10); `chance` is a uniform guess over the type's answers."
+        + (f" Data mix `{r['mix']}` first." if others else ""), "",
+        *_mix_block(r), *others, "",
         ("One run per preset on one seed: accuracy differences of a few points are within "
          "run-to-run noise; the cost columns are the stable part." if r.get("seeds", 1) == 1 else
-         f"Accuracy: the mean over {r['seeds']} seeds (`train.seed`: initial weights and batch order; "
-         "the same data), with the lowest and highest seed in brackets; a claim holds or fails "
-         "only when every seed says so. Cost: seed 0's model (it does not depend on the weights)."),
+         f"Accuracy: the mean over {r['seeds'] if whole else 'the recorded'} seeds (`train.seed`: initial weights "
+         "and batch order; the same data), with the lowest and highest seed in brackets; a claim holds or fails "
+         "only when every seed both presets have says so. Cost: the lowest seed's model (it does not depend on "
+         "the weights)."),
     ]) + "\n"
 
 
@@ -315,10 +533,23 @@ def _plot(r: dict, path: Path) -> None:
 
 def main(args) -> int:
     from raybench.bench.common import write_result
+    from raybench.config import ConfigError
 
-    out = Path(args.out)
-    result = run_seeds_bench(out, size=args.size, quick=args.quick, steps=getattr(args, "steps", None),
-                             repeats=args.repeats, seeds=getattr(args, "seeds", None) or 1)
+    out, quick = Path(args.out), args.quick
+    units = Path(args.units) if getattr(args, "units", None) else out / "seeds" / "units-quick" if quick else UNITS_DIR
+    presets = tuple(getattr(args, "presets", None) or PRESETS)
+    mixes = tuple(getattr(args, "mixes", None) or ("default",))
+    unknown = [p for p in presets if p not in PRESETS] + [m for m in mixes if m not in MIXES]
+    if unknown:
+        raise ConfigError(f"bench seeds: {unknown} unknown; presets: {', '.join(PRESETS)}; mixes: {', '.join(MIXES)}")
+    seeds = getattr(args, "seeds", None) or 1
+    record_units(out, units, size=args.size, quick=quick, steps=getattr(args, "steps", None), repeats=args.repeats,
+                 presets=presets, seeds=seeds, mixes=mixes, max_units=getattr(args, "max_units", None))
+    result = result_from_units(units, mixes, presets, seeds)
+    if result is None:
+        print(f"[bench seeds] no unit in {units} yet: nothing to render")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
     write_result(out, "seeds", result, markdown_row(result), _plot)
     print(markdown_table(result))
     return 0

@@ -1,9 +1,19 @@
-"""`bench seeds --seeds N`: a preset's row is the mean over seeds, and a seeds' claim holds or
-fails only when every seed says so (pure functions; the --quick run is in test_bench_quick.py)."""
+"""`bench seeds`: resumable (preset, seed, mix) units, and the table, claims and verdicts
+rendered from the stored units alone. No training here: a unit file is written by hand (the
+--quick recording runs in tests/integration/test_bench_quick.py)."""
+
+import json
+from pathlib import Path
 
 import pytest
 
-from raybench.bench.seeds import _mean_range, _over_seeds, _paired, _verdict
+from raybench.bench import seeds as bench
+from raybench.bench.report import check_written, write_report
+from raybench.bench.seeds import (_mean_range, _over_seeds, _paired, _raw_config, _verdict, record_units,
+                                  result_from_units, unit_name, unit_order, unit_path, unit_raw, todo_units)
+from raybench.cli import main
+from raybench.config import ConfigError
+from raybench.model.presets import PRESETS
 
 
 def run(seed, accuracy, glyph):
@@ -27,3 +37,109 @@ def test_a_claim_needs_every_seed():
     assert _verdict(glyph, threshold=0.15).startswith("**within noise**")  # "+15%": one seed short
     assert _verdict([-0.1, -0.2]).startswith("**fails**")
     assert _verdict([0.2]) == "**holds** (one seed)"
+
+
+def test_differences_pair_seeds_by_number_not_by_position():
+    a = _over_seeds([run(0, 0.6, 0.5), run(1, 0.8, 0.6)])
+    b = _over_seeds([run(1, 0.7, 0.5)])  # seed 0 not recorded yet
+    assert _paired(a, b, lambda r: r["accuracy"]) == pytest.approx([0.1])
+    assert _verdict(_paired(b, _over_seeds([run(0, 0.5, 0.5)]), lambda r: r["accuracy"])).startswith("**not measured")
+
+
+def test_units_are_named_by_mix_preset_seed_and_recorded_seed_by_seed():
+    assert unit_name("dense_sparse", 1) == "default-dense_sparse-s1"
+    assert list(bench.MIXES) == ["default"] and bench.MIXES["default"] == {}  # default.yaml's own data
+    order = unit_order(PRESETS, 2, ("default", "other"))
+    assert len(order) == len(set(order)) == 2 * 2 * len(PRESETS)
+    # every preset on every mix at seed 0 first: a partial recording is a whole table early
+    assert {s for _, s, _ in order[:2 * len(PRESETS)]} == {0}
+    assert order[:len(PRESETS)] == [(p, 0, "default") for p in PRESETS]
+
+
+def test_the_default_mix_keeps_default_yaml_s_data_tower_and_stage_share(tmp_path):
+    raw = _raw_config(tmp_path, "small", quick=False, steps=None)
+    from raybench.config import load_raw, validate_config
+
+    yaml = load_raw(bench.DEFAULT_CONFIG)
+    assert {k: v for k, v in raw["data"].items() if k != "path"} == yaml["data"]
+    assert raw["model"]["vision"] == yaml["model"]["vision"]
+    cfg = validate_config(unit_raw(raw, "deepstack", 1))
+    assert (cfg.model.preset, cfg.train.seed) == ("deepstack", 1)
+    assert cfg.run_path == tmp_path / "seeds-runs" / "default-deepstack-s1"
+    assert cfg.data_path == tmp_path / "seeds-data"
+    assert [st.steps for st in cfg.train.stages] == [st["steps"] for st in yaml["train"]["stages"][:1]] + [None]
+
+
+def unit(raw: dict, preset: str, seed: int, accuracy: float, glyph: float, count: float = 0.5,
+         gflops: float = 1.0, wall_s: float = 600.0) -> dict:
+    """A unit file as `run_unit` writes it, with made-up figures."""
+    stats = {"median": 2.0 * gflops, "min": 1.9 * gflops, "max": 2.1 * gflops, "samples": [2.0 * gflops]}
+    return {"unit": unit_name(preset, seed), "mix": "default", "trainer": "local", "preset": preset, "seed": seed,
+            "train_s": wall_s - 5, "train_samples_per_s": {"median": 50.0, "min": 49.0, "max": 51.0, "samples": [50.0]},
+            "accuracy": accuracy, "val_loss": 1 - accuracy, "acc": {"count": count, "glyph": glyph, "color": 0.9},
+            "params_m": 3.0, "image_tokens": 64, "prefill_ms": stats, "gflops_per_sample": gflops,
+            "peak_rss_growth_mib": 10.0, "wall_s": wall_s, "date": f"2026-12-0{5 + seed}", "commit": f"c0ffee{seed}",
+            "quick": False, "command": "raybench bench seeds --size small", "cost_batch": 8, "cost_repeats": 7,
+            "raw": unit_raw(raw, preset, seed), "config": {}}
+
+
+def write_units(units: Path, raw: dict, which: dict[str, list[tuple[float, float]]]) -> None:
+    units.mkdir(parents=True, exist_ok=True)
+    cost = {"llava": 1.0, "blip2": 2.0, "ovis": 1.5, "deepstack": 3.0, "dense_sparse": 0.5, "hybrid": 2.5}
+    for preset, per_seed in which.items():
+        for seed, (accuracy, glyph) in enumerate(per_seed):
+            record = unit(raw, preset, seed, accuracy, glyph, gflops=cost[preset], wall_s=600.0 + 60 * seed)
+            unit_path(units, (preset, seed, "default")).write_text(json.dumps(record))
+
+
+def test_a_finished_unit_is_not_trained_again(tmp_path):
+    units, out = tmp_path / "units", tmp_path / "out"
+    raw = _raw_config(out, "small", quick=False, steps=None)
+    write_units(units, raw, {"llava": [(0.6, 0.3)], "ovis": [(0.7, 0.4)]})
+    order = unit_order(("llava", "ovis"), 2)
+    assert todo_units(order, units) == [("llava", 1, "default"), ("ovis", 1, "default")]
+    # Every unit asked for is on file: nothing rendered, nothing trained, nothing written.
+    assert record_units(out, units, presets=("llava", "ovis"), seeds=1) == []
+    assert not out.exists()
+    # A unit recorded under another --out is the same unit: paths are not its config.
+    assert record_units(tmp_path / "elsewhere", units, presets=("llava", "ovis"), seeds=1) == []
+    assert record_units(out, units, presets=("llava", "ovis"), seeds=2, max_units=0) == []
+
+
+def test_a_unit_of_another_config_is_not_mixed_in(tmp_path):
+    units, out = tmp_path / "units", tmp_path / "out"
+    write_units(units, _raw_config(out, "small", quick=False, steps=300), {"llava": [(0.6, 0.3)]})
+    with pytest.raises(ConfigError, match="default-llava-s0"):
+        record_units(out, units, presets=("llava",), seeds=1)
+
+
+def test_the_section_renders_from_unit_files_alone_partial_recording_included(tmp_path):
+    units = tmp_path / "units"
+    raw = _raw_config(tmp_path / "recorded-elsewhere", "small", quick=False, steps=None)
+    write_units(units, raw, {"llava": [(0.60, 0.30), (0.62, 0.32)], "blip2": [(0.50, 0.20)],
+                             "ovis": [(0.70, 0.40), (0.72, 0.41)], "deepstack": [(0.80, 0.90), (0.70, 0.30)],
+                             "dense_sparse": [(0.61, 0.50), (0.60, 0.52)]})
+    r = result_from_units(units, seeds=2)
+    assert [row["preset"] for row in r["rows"]] == ["llava", "blip2", "ovis", "deepstack", "dense_sparse"]
+    assert r["seeds"] == 2 and r["command"].endswith(f"--units {units} --seeds 2")
+    assert [s["seed"] for s in r["rows"][1]["by_seed"]] == [0]  # blip2: what it has
+    section = bench.markdown_section(r)
+    assert "| llava " in section and "0.610 (0.600-0.620)" in section
+    assert "Partial recording: blip2 1 of 2 seeds so far; no unit yet for hybrid." in section
+    assert "9 of 12 units in" in section and "2026-12-05 to 2026-12-06" in section
+    assert "llava s0 10.0, s1 11.0" in section  # each unit's wall minutes
+    assert "**holds** on all 2 seeds" in section  # dense_sparse glyph vs llava: +0.20 on both seeds
+    assert "**within noise**" in section  # deepstack's fine detail: ahead on seed 0, behind on seed 1
+    assert result_from_units(units, seeds=1)["seeds"] == 1  # seed 1 left out when not asked for
+    assert result_from_units(tmp_path / "empty") is None
+
+
+def test_bench_seeds_renders_units_into_the_report_without_training(tmp_path):
+    units, out = tmp_path / "units", tmp_path / "out"
+    write_units(units, _raw_config(out, "small", quick=False, steps=None),
+                {p: [(0.5, 0.2), (0.55, 0.25)] for p in PRESETS})
+    assert main(["bench", "seeds", "--out", str(out), "--units", str(units), "--seeds", "2", "--max-units", "0"]) == 0
+    assert check_written(out, "seeds", quick=False) == []  # the schema `bench report` reads
+    assert not (out / "seeds-data").exists()
+    assert write_report(out) == 0
+    assert "## The seeds' comparison" in (out / "BENCHMARKS.md").read_text()
