@@ -14,7 +14,8 @@ from pydantic import Field
 from raybench.model.presets import PRESETS, SIZES, deep_merge, model_defaults
 from raybench.schema import ConfigError, Strict
 
-SCHEDULES = ("constant", "linear", "exponential", "step")
+# keep ratio per stage of each: raybench/model/sparsity.py `keep_ratios`, docs/architecture.md.
+SCHEDULES = ("constant", "linear", "exponential", "step", "quadratic", "dense")
 TOKENIZE_FUNCTIONS = ("softmax", "gumbel_argmax", "st_argmax")
 
 
@@ -75,14 +76,22 @@ class QFormerConfig(Strict):
 class DeepStackConfig(Strict):
     """Qwen3-VL DeepStack: ViT taps -> one merger each -> added after LLM layers 0..K-1."""
     num_injections: int = Field(0, ge=0)
-    # None: spread the taps evenly over the ViT (see `resolved_visual_indexes`).
+    # None: placed by tap_placement (see `ModelConfig.deepstack_visual_indexes`).
     visual_indexes: list[int] | None = None
+    # Which ViT blocks the taps read when visual_indexes is null. first_to_last: evenly from
+    # block 0 to the last block, whose output the main projector also reads. interior:
+    # Qwen3-VL's, evenly inside the tower and short of its last block, cutting it into
+    # num_injections + 1 equal parts (24 blocks, 3 taps: 5, 11, 17, as Qwen3-VL-4B).
+    tap_placement: Literal["first_to_last", "interior"] = "first_to_last"
+    # The research notes' hybrid: each tap goes through the VET as the main projector does
+    # (its own visual head into the shared table) instead of its own merger. Needs projector vet.
+    through_vet: bool = False
 
 
 class SparsityConfig(Strict):
     """Dense->sparse progressive pruning of visual tokens by query relevance."""
     enabled: bool = False
-    schedule: Literal["constant", "linear", "exponential", "step"] = "exponential"
+    schedule: Literal["constant", "linear", "exponential", "step", "quadratic", "dense"] = "exponential"
     final_keep_ratio: float = Field(0.25, gt=0, le=1)
     stage_layers: list[int] = Field(default_factory=lambda: [1, 2])  # prune after these layers
 
@@ -129,7 +138,13 @@ class ModelConfig(Strict):
         k, depth = ds.num_injections, self.vision.num_layers
         if k == 0:
             return []
-        # Evenly from the first to the last ViT block, like Qwen3-VL's (8, 16, 24) of 27.
+        if ds.tap_placement == "interior":
+            # The taps end the first k of k + 1 equal parts of the tower; the last part ends at
+            # the block the main projector reads, so no tap repeats its input (Qwen3-VL: 24
+            # blocks -> 5, 11, 17). Distinct while k < depth (parts at least one block long).
+            return [round((i + 1) * depth / (k + 1)) - 1 for i in range(k)]
+        # Evenly from the first ViT block to the last (small: 0, 2, 3): the last tap reads the
+        # block the main projector reads. Unlike Qwen3-VL's, whose taps are interior.
         return [round(i * (depth - 1) / max(k - 1, 1)) for i in range(k)] if k > 1 else [depth // 2]
 
     @property
@@ -172,25 +187,7 @@ def model_errors(m: ModelConfig) -> list[str]:
     if f.projector == "vet" and f.vet.vocab_size <= f.vet.num_indicator_tokens:
         errs.append(f"model.fusion.vet.vocab_size = {f.vet.vocab_size}: must exceed "
                     f"num_indicator_tokens = {f.vet.num_indicator_tokens}")
-    ds = f.deepstack
-    if ds.num_injections > llm.num_layers:
-        errs.append(f"model.fusion.deepstack.num_injections = {ds.num_injections}: at most "
-                    f"model.llm.num_layers = {llm.num_layers} (one injection after each of layers 0..K-1)")
-    if ds.visual_indexes is None and ds.num_injections > v.num_layers:
-        errs.append(f"model.fusion.deepstack.num_injections = {ds.num_injections}: at most "
-                    f"model.vision.num_layers = {v.num_layers} ViT taps")
-    if ds.visual_indexes is not None:
-        if len(ds.visual_indexes) != ds.num_injections:
-            errs.append(f"model.fusion.deepstack.visual_indexes = {ds.visual_indexes}: needs exactly "
-                        f"num_injections = {ds.num_injections} entries")
-        bad = [i for i in ds.visual_indexes if not 0 <= i < v.num_layers]
-        if bad:
-            errs.append(f"model.fusion.deepstack.visual_indexes = {ds.visual_indexes}: taps {bad} are past "
-                        f"the ViT; allowed 0..{v.num_layers - 1}")
-    if ds.num_injections and f.projector == "qformer":
-        errs.append("model.fusion.deepstack.num_injections = "
-                    f"{ds.num_injections}: DeepStack adds per patch position and needs projector mlp or "
-                    "vet; the Q-Former's queries have no patch positions")
+    errs += _deepstack_errors(m)
     sp = f.sparsity
     if sp.enabled:
         st = sp.stage_layers
@@ -203,4 +200,42 @@ def model_errors(m: ModelConfig) -> list[str]:
         if bad:
             errs.append(f"model.fusion.sparsity.stage_layers = {st}: layers {bad} out of range; "
                         f"allowed 0..{llm.num_layers - 2} (scoring uses the next layer)")
+    return errs
+
+
+def _deepstack_errors(m: ModelConfig) -> list[str]:
+    """model_errors' part for model.fusion.deepstack."""
+    errs: list[str] = []
+    v, llm, f = m.vision, m.llm, m.fusion
+    ds = f.deepstack
+    if ds.num_injections > llm.num_layers:
+        errs.append(f"model.fusion.deepstack.num_injections = {ds.num_injections}: at most "
+                    f"model.llm.num_layers = {llm.num_layers} (one injection after each of layers 0..K-1)")
+    if ds.visual_indexes is None and ds.num_injections > v.num_layers:
+        errs.append(f"model.fusion.deepstack.num_injections = {ds.num_injections}: at most "
+                    f"model.vision.num_layers = {v.num_layers} ViT taps")
+    elif (ds.visual_indexes is None and ds.tap_placement == "interior"
+          and ds.num_injections > v.num_layers - 1):
+        errs.append(f"model.fusion.deepstack.num_injections = {ds.num_injections}: interior taps leave "
+                    f"the last ViT block to the main projector, so at most model.vision.num_layers - 1 "
+                    f"= {v.num_layers - 1}")
+    if ds.visual_indexes is not None and ds.tap_placement != "first_to_last":
+        errs.append(f"model.fusion.deepstack.tap_placement = {ds.tap_placement!r}: visual_indexes "
+                    f"= {ds.visual_indexes} already places the taps; set one or the other")
+    if ds.through_vet and f.projector != "vet":
+        errs.append("model.fusion.deepstack.through_vet = true: the taps go through the main "
+                    f"projector's Visual Embedding Table, so it needs projector vet (got "
+                    f"{f.projector!r}; presets ovis and hybrid have it)")
+    if ds.visual_indexes is not None:
+        if len(ds.visual_indexes) != ds.num_injections:
+            errs.append(f"model.fusion.deepstack.visual_indexes = {ds.visual_indexes}: needs exactly "
+                        f"num_injections = {ds.num_injections} entries")
+        bad = [i for i in ds.visual_indexes if not 0 <= i < v.num_layers]
+        if bad:
+            errs.append(f"model.fusion.deepstack.visual_indexes = {ds.visual_indexes}: taps {bad} are past "
+                        f"the ViT; allowed 0..{v.num_layers - 1}")
+    if ds.num_injections and f.projector == "qformer":
+        errs.append("model.fusion.deepstack.num_injections = "
+                    f"{ds.num_injections}: DeepStack adds per patch position and needs projector mlp or "
+                    "vet; the Q-Former's queries have no patch positions")
     return errs

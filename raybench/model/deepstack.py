@@ -2,7 +2,8 @@
 
 Tap k (ViT block `deepstack_visual_indexes[k]`) goes through its own merger and is added
 to the hidden states at the visual positions after LLM decoder layer k - no gate, no scale,
-prefill only (as `Qwen3VLTextModel._deepstack_process`).
+prefill only (as `Qwen3VLTextModel._deepstack_process`). With `through_vet` the taps go
+through the VET instead of mergers (`deepstack_vet.py`); the injection is the same.
 """
 
 from __future__ import annotations
@@ -28,13 +29,15 @@ class DeepStackMergers(nn.Module):
         `pad_before/after` zero rows line the embeds up with tokens that are visual positions
         but not patches (the VET's indicator tokens): they receive nothing.
         """
-        out = []
-        for merger, tap in zip(self.deepstack_merger_list, taps):
-            e = merger(tap)
-            if pad_before or pad_after:
-                e = nn.functional.pad(e, (0, 0, pad_before, pad_after))
-            out.append(e)
-        return out
+        return [pad_to_visual_span(merger(tap), pad_before, pad_after)
+                for merger, tap in zip(self.deepstack_merger_list, taps)]
+
+
+def pad_to_visual_span(embeds: torch.Tensor, pad_before: int, pad_after: int) -> torch.Tensor:
+    """[B, N, D] -> [B, pad_before + N + pad_after, D] with zero rows: positions that get nothing."""
+    if pad_before or pad_after:
+        return nn.functional.pad(embeds, (0, 0, pad_before, pad_after))
+    return embeds
 
 
 def deepstack_process(hidden_states: torch.Tensor, visual_positions: torch.Tensor,

@@ -24,6 +24,16 @@ def keep_ratios(schedule: str, final_keep_ratio: float, num_stages: int) -> list
     linear       1 - (1 - r) * s / S
     exponential  r ** (s / S)          (PyramidDrop's geometric lambda)
     step         keep everything for the first half of the stages, then r
+    quadratic    1 - (1 - r) * (s / S) ** 2
+    dense        1: nothing pruned, whatever r
+
+    The research notes' `get_sparsity_ratio` gives the share dropped at depth x = layer /
+    layers: x (linear), x ** 2 (which they call exponential), none for the first half then
+    0.75 (step), and none for any other name (constant). With x = s / S and the drop scaled to
+    reach 1 - r at the last stage, `linear` is the notes' linear and `step` their step; the
+    notes' exponential is `quadratic` here (it keeps more early, where `exponential` drops
+    most early) and their constant is `dense`. `constant` and `exponential` keep their own
+    formulas: recorded results were measured with them.
     """
     r, n = final_keep_ratio, num_stages
     if schedule == "constant":
@@ -34,6 +44,10 @@ def keep_ratios(schedule: str, final_keep_ratio: float, num_stages: int) -> list
         return [r ** (s / n) for s in range(1, n + 1)]
     if schedule == "step":
         return [1.0 if s <= n // 2 else r for s in range(1, n + 1)]
+    if schedule == "quadratic":
+        return [1 - (1 - r) * (s / n) ** 2 for s in range(1, n + 1)]
+    if schedule == "dense":
+        return [1.0] * n
     raise ValueError(f"unknown sparsity schedule {schedule!r}")
 
 

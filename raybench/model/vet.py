@@ -39,14 +39,15 @@ def tokenize(logits: torch.Tensor, function: str, tau: float, training: bool) ->
     return hard - soft.detach() + soft
 
 
-class VETProjector(nn.Module):
-    def __init__(self, cfg: VETConfig, vision_hidden: int, llm_hidden: int, merge: int):
+class VisualHead(nn.Module):
+    """Ovis' visual head: merged patches -> probabilities over the table's atoms."""
+
+    def __init__(self, cfg: VETConfig, vision_hidden: int, merge: int):
         super().__init__()
         self.cfg, self.merge = cfg, merge
         atoms = cfg.vocab_size - cfg.num_indicator_tokens
         self.head_linear = nn.Linear(vision_hidden * merge * merge, atoms, bias=False)
         self.head_norm = nn.LayerNorm(atoms)
-        self.vte = VisualEmbeddingTable(cfg.vocab_size, llm_hidden)
 
     def visual_probs(self, patches: torch.Tensor) -> torch.Tensor:
         """[B, P, Hv] -> [B, N, V] probabilities with zero mass on indicator rows."""
@@ -55,8 +56,29 @@ class VETProjector(nn.Module):
         return F.pad(probs, (0, self.cfg.num_indicator_tokens))
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        """[B, P, Hv] -> [B, 1 + N + (n_ind - 1), D]: first indicator, atoms, remaining indicators."""
+        return self.visual_probs(patches)
+
+
+class VETProjector(VisualHead):
+    """The main visual head and the table."""
+
+    def __init__(self, cfg: VETConfig, vision_hidden: int, llm_hidden: int, merge: int):
+        super().__init__(cfg, vision_hidden, merge)
+        self.vte = VisualEmbeddingTable(cfg.vocab_size, llm_hidden)
+
+    def forward(self, patches: torch.Tensor, level_probs: list[torch.Tensor] | None = None):
+        """[B, P, Hv] -> [B, 1 + N + (n_ind - 1), D]: first indicator, atoms, remaining indicators.
+
+        `level_probs` (DeepStack through the VET, `deepstack_vet.py`): other visual heads'
+        probabilities [B, N, V] each, looked up in the same table here, inside this module's
+        forward, so that a wrapper that shards the projector has its table gathered for them;
+        then returns (visual embeds, [B, N, D] per level)."""
         atoms = self.vte(self.visual_probs(patches))
+        if level_probs is not None:
+            return self._framed(atoms), [self.vte(p) for p in level_probs]
+        return self._framed(atoms)
+
+    def _framed(self, atoms: torch.Tensor) -> torch.Tensor:
         n_ind = self.cfg.num_indicator_tokens
         if n_ind == 0:
             return atoms

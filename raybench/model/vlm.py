@@ -2,7 +2,8 @@
 
     pixels -> VisionTower (SigLIP, DeepStack taps)             encode_images()
            -> projector (MLP merger | VET | Q-Former)          project()
-              + DeepStack mergers (one per tap)
+              + DeepStack mergers (one per tap; or, through_vet, one
+                visual head per tap into the VET's table)
            -> LLM: <image> placeholders replaced by visual embeds,
               DeepStack adds after layers 0..K-1,               run_decoder()
               visual tokens pruned after each sparsity stage
@@ -25,7 +26,8 @@ from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from raybench.model.config import ModelConfig, SparsityConfig
-from raybench.model.deepstack import DeepStackMergers, deepstack_process
+from raybench.model.deepstack import DeepStackMergers, deepstack_process, pad_to_visual_span
+from raybench.model.deepstack_vet import DeepStackVisualHeads
 from raybench.model.llm import KVCache, StaticKVCache, attention_mask, build_causal_lm
 from raybench.model.merger import PatchMerger
 from raybench.model.qformer import QFormer
@@ -98,8 +100,12 @@ class HybridVLM(nn.Module):
         else:
             self.projector = QFormer(f.qformer, hv, d)
         self.deepstack_visual_indexes = config.deepstack_visual_indexes
-        self.deepstack = (DeepStackMergers(len(self.deepstack_visual_indexes), hv, d, f.spatial_merge_size)
-                          if self.deepstack_visual_indexes else None)
+        num_taps = len(self.deepstack_visual_indexes)
+        if num_taps and f.deepstack.through_vet:
+            self.deepstack = DeepStackVisualHeads(num_taps, f.vet, hv, f.spatial_merge_size)
+        else:
+            self.deepstack = (DeepStackMergers(num_taps, hv, d, f.spatial_merge_size)
+                              if num_taps else None)
         # Pruning scores with the *next* layer's q/k outside that layer's forward; a wrapper
         # that shards layers (FSDP) sets this to gather that layer's weights first.
         self.before_scoring: Callable[[nn.Module], None] | None = None
@@ -151,11 +157,15 @@ class HybridVLM(nn.Module):
     def project(self, patches: torch.Tensor, taps: list[torch.Tensor]
                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Stage 2: ViT features -> (visual embeds [B,N_vis,D], DeepStack embeds [B,N_vis,D] each)."""
-        visual = self.projector(patches)
         if self.deepstack is None:
-            return visual, []
+            return self.projector(patches), []
         n_ind = self.config.fusion.vet.num_indicator_tokens if self.config.fusion.projector == "vet" else 0
-        return visual, self.deepstack(taps, pad_before=min(n_ind, 1), pad_after=max(n_ind - 1, 0))
+        pad_before, pad_after = min(n_ind, 1), max(n_ind - 1, 0)
+        if isinstance(self.deepstack, DeepStackVisualHeads):
+            # Each tap's visual head gives probabilities; the projector looks them up in its table.
+            visual, levels = self.projector(patches, self.deepstack(taps))
+            return visual, [pad_to_visual_span(e, pad_before, pad_after) for e in levels]
+        return self.projector(patches), self.deepstack(taps, pad_before=pad_before, pad_after=pad_after)
 
     def embed(self, input_ids: torch.Tensor, visual_embeds: torch.Tensor | None
               ) -> tuple[torch.Tensor, torch.Tensor]:
