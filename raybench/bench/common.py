@@ -12,6 +12,27 @@ import time
 from pathlib import Path
 
 
+REPO = Path(__file__).resolve().parents[2]
+
+
+def checkout_commit() -> str | None:
+    """The checkout's short commit, stored with each recorded unit (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                              text=True, check=True).stdout.strip() or None
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def write_unit_json(path: Path, data: dict) -> None:
+    """A recorded unit's file, whole or absent: written aside, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.rename(path)
+
+
 def timed_ms(fn, repeats: int, warmup: int = 2) -> list[float]:
     """Wall-clock milliseconds of `repeats` calls of `fn`, after `warmup` untimed ones."""
     for _ in range(warmup):

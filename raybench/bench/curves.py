@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
+from raybench.bench.common import checkout_commit, write_unit_json
 from raybench.bench.seeds import DEFAULT_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,12 +147,6 @@ def scene_breakdown(cfg, model_dir: Path) -> dict:
     return greedy_scene_report(model, proc, rows, cfg.data.seed, cfg.image_size, cfg.train.batch_size)
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def check_outcomes(evals: list[dict], qtypes: list[str]) -> None:
@@ -200,7 +194,7 @@ def run_unit(cfg, config: str, seed: int, shared_root: Path, datasets: dict, tok
             "trainer": "local" if local else "ray",
             "started_after_shared_stage": reused, "shared_stage_end": shared and shared["end"],
             "steps": cfg.train.steps, "eval_every": cfg.train.eval_every, "eval_samples": cfg.train.eval_samples,
-            "wall_s": wall, "date": time.strftime("%Y-%m-%d", time.gmtime(started)), "commit": _commit(),
+            "wall_s": wall, "date": time.strftime("%Y-%m-%d", time.gmtime(started)), "commit": checkout_commit(),
             "final": {k: v for k, v in evals[-1].items() if k not in ("correct", "stage")},
             "scenes": scene_breakdown(cfg, cfg.run_path / "model"), "evals": evals}
 
@@ -214,10 +208,6 @@ def _summary(record: dict) -> str:
             f"{record['wall_s'] / 60:.1f} min{' (after the shared scene stage)' if record['started_after_shared_stage'] else ''}")
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # a unit file is whole or absent
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.rename(path)
 
 
 def main(args) -> int:
@@ -250,7 +240,7 @@ def main(args) -> int:
     ensure_tokenizer(base)
     qtypes = read_split(base.data_path, "val", columns=["qtype"]).column("qtype").to_pylist()
     qtypes = qtypes[:base.train.eval_samples]
-    _write_json(units / "meta.json", {"configs": CONFIGS, "base": raw, "val_qtypes": qtypes})
+    write_unit_json(units / "meta.json", {"configs": CONFIGS, "base": raw, "val_qtypes": qtypes})
     started_ray = init_ray()
     try:
         datasets = build_datasets(base, tokenizer_dir(base))
@@ -258,7 +248,7 @@ def main(args) -> int:
             cfg = unit_config(raw, out, config, seed)
             record = run_unit(cfg, config, seed, base.run_path, datasets, tokenizer_dir(base).resolve(),
                               tracking_uri(base.run_path), qtypes)
-            _write_json(units / f"{unit_name(config, seed)}.json", record)
+            write_unit_json(units / f"{unit_name(config, seed)}.json", record)
             print(f"[bench curves] {_summary(record)}", flush=True)
     finally:
         if started_ray:

@@ -24,10 +24,10 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
+from raybench.bench.common import checkout_commit, write_unit_json
 from raybench.model.presets import PRESETS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -195,22 +195,12 @@ def run_unit(raw: dict, unit: tuple[str, int, str], tokenizer: Path, batch: int,
     row = train_and_measure(cfg, batch, repeats)
     return {"unit": unit_name(*unit), "mix": mix, "trainer": "local", **row,
             "wall_s": time.time() - started, "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
-            "commit": _commit(), "quick": quick, "command": command, "cost_batch": batch, "cost_repeats": repeats,
+            "commit": checkout_commit(), "quick": quick, "command": command, "cost_batch": batch, "cost_repeats": repeats,
             "raw": raw, "config": dump_config(cfg)}
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip() or None
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")  # a unit file is whole or absent
-    tmp.write_text(json.dumps(data, indent=1))
-    tmp.rename(path)
 
 
 def _render_data(raw: dict, out: Path, mix: str) -> Path:
@@ -263,7 +253,7 @@ def record_units(out: Path, units: Path, size: str = "small", quick: bool = Fals
     if not todo:
         return []
     units.mkdir(parents=True, exist_ok=True)
-    _write_json(units / "meta.json", {"mixes": {m: MIXES[m] for m in mixes}, "presets": list(presets),
+    write_unit_json(units / "meta.json", {"mixes": {m: MIXES[m] for m in mixes}, "presets": list(presets),
                                       "seeds": seeds, "base": raws})
     command, tokenizers, done = _command(raws[mixes[0]]["model"]["size"], quick, steps), {}, []
     for unit in todo:
@@ -271,7 +261,7 @@ def record_units(out: Path, units: Path, size: str = "small", quick: bool = Fals
         if mix not in tokenizers:
             tokenizers[mix] = _render_data(raws[mix], out, mix)
         record = run_unit(expected[unit], unit, tokenizers[mix], batch, repeats, command, quick)
-        _write_json(unit_path(units, unit), record)
+        write_unit_json(unit_path(units, unit), record)
         done.append(record["unit"])
         per_q = " ".join(f"{q}={v:.2f}" for q, v in sorted(record["acc"].items()))
         print(f"[bench seeds] {record['unit']}: acc {record['accuracy']:.3f} ({per_q}) | "
