@@ -23,6 +23,23 @@ def curve(config: str, at: dict[int, float], final: float | None = None, seed: i
     return Curve(config, seed, START, dict(acc), dict(acc), loss or {s: 1 - a for s, a in acc.items()})
 
 
+def write_recorded_unit(folder, config: str, seed: int, early: float, final: float, n: int,
+                        last_as_final: bool = False, **fields) -> None:
+    """A recorded unit, `folder/{config}-s{seed}.json`, in the default's geometry: evals every
+    50 steps from 650 to MAX_T on n questions, `early` accuracy before step 1100 and `final`
+    from there; `last_as_final` adds the last eval as the unit's "final", `fields` the rest."""
+    evals = []
+    for step in range(650, MAX_T + 1, 50):
+        acc = early if step < 1100 else final
+        right = round(acc * n)
+        evals.append({"step": step, "accuracy": right / n, "val_loss": 1 - acc, "n": n,
+                      "correct": pack_correct([True] * right + [False] * (n - right))})
+    record = {"config": config, "seed": seed, "trainer": "ray", "shared_stage_end": START, "evals": evals}
+    if last_as_final:
+        record["final"] = evals[-1]
+    (folder / f"{config}-s{seed}.json").write_text(json.dumps({**record, **fields}))
+
+
 def test_asha_stops_a_trial_below_the_rung_s_cutoff_as_ray_does():
     first = curve("a", {750: 0.6, MAX_T: 0.9})
     worse = curve("b", {750: 0.5, MAX_T: 0.99})     # behind at the rung, best at the end
@@ -98,16 +115,8 @@ def test_bench_search_replays_a_recording_and_writes_its_table(tmp_path):
     shapes = {"default": (0.5, 0.75), "bloomer": (0.25, 1.0), "flat": (0.5, 0.5)}  # (at the rung, final)
     for config, (early, final) in shapes.items():
         for seed in (0, 1):
-            evals = []
-            for step in range(650, MAX_T + 1, 50):
-                acc = early if step < 1100 else final
-                right = round(acc * 8)
-                evals.append({"step": step, "accuracy": right / 8, "val_loss": 1 - acc, "n": 8,
-                              "correct": pack_correct([True] * right + [False] * (8 - right))})
-            (units / f"{config}-s{seed}.json").write_text(json.dumps(
-                {"config": config, "seed": seed, "trainer": "ray", "shared_stage_end": START, "evals": evals,
-                 "final": evals[-1], "wall_s": 300.0,
-                 "scenes": {"qtypes": {"shape": {"accuracy_by_objects": {"4": final}}}}}))
+            write_recorded_unit(units, config, seed, early, final, 8, last_as_final=True, wall_s=300.0,
+                                scenes={"qtypes": {"shape": {"accuracy_by_objects": {"4": final}}}})
     assert main(["bench", "search", "--quick", "--units", str(units), "--out", str(out)]) == 0
     r = json.loads((out / "search.json").read_text())
     assert r["max_t"] == MAX_T and r["configs"] == {c: [0, 1] for c in sorted(shapes)}
@@ -142,14 +151,7 @@ def test_trial_1_rows_compare_the_former_and_the_current_default_as_trial_1(tmp_
 
     shapes = {"former-default": (0.6, 0.90), DEFAULT_POINT: (0.55, 0.99), "flat": (0.5, 0.5)}
     for config, (early, final) in shapes.items():
-        evals = []
-        for step in range(650, MAX_T + 1, 50):
-            acc = early if step < 1100 else final
-            right = round(acc * 100)
-            evals.append({"step": step, "accuracy": right / 100, "val_loss": 1 - acc, "n": 100,
-                          "correct": pack_correct([True] * right + [False] * (100 - right))})
-        (tmp_path / f"{config}-s0.json").write_text(json.dumps(
-            {"config": config, "seed": 0, "trainer": "ray", "shared_stage_end": START, "evals": evals}))
+        write_recorded_unit(tmp_path, config, 0, early, final, 100)
     rows = trial_1_rows(tmp_path, 100, 250, 4, MAX_T)
     assert [(r["trial_1"], r["scheduler"].split(" ")[0]) for r in rows] == [
         ("former-default", "FIFO"), ("former-default", "ASHA"), (DEFAULT_POINT, "FIFO"), (DEFAULT_POINT, "ASHA")]
