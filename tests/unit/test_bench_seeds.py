@@ -9,8 +9,9 @@ import pytest
 
 from raybench.bench import seeds as bench
 from raybench.bench.report import check_written, write_report
-from raybench.bench.seeds import (_mean_range, _over_seeds, _paired, _raw_config, _verdict, record_units,
-                                  result_from_units, unit_name, unit_order, unit_path, unit_raw, todo_units)
+from raybench.bench.seeds import (_over_seeds, _raw_config, record_units, result_from_units, unit_name, unit_order,
+                                  unit_path, unit_raw, todo_units)
+from raybench.bench.seeds_report import _mean_range, _paired, _verdict
 from raybench.cli import main
 from raybench.config import ConfigError
 from raybench.model.presets import PRESETS
