@@ -36,6 +36,22 @@ def _cmd_data_synth(args) -> int:
     return 0
 
 
+def _cmd_data_import(args) -> int:
+    from raybench.data.importer import REPORT_NAME, import_dataset
+
+    report = import_dataset(args.src, args.format, args.out, image_root=args.image_root,
+                            strict=args.strict, split=args.split, val_fraction=args.val_fraction,
+                            overwrite=args.overwrite,
+                            progress=lambda n: print(f"[raybench] {n} records read", file=sys.stderr))
+    print(report.summary())
+    print(f"report: {Path(args.out) / REPORT_NAME}")
+    missing = [s for s in ("train", "val") if not report.rows.get(s)]
+    if missing:
+        print(f"note: no {' or '.join(missing)} rows (training reads split == 'train', eval 'val')")
+    print(f"train on it with --set data.path={args.out}")
+    return 0
+
+
 def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.local:
@@ -190,6 +206,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", help="output directory (default: <run_dir>/data)")
     p.set_defaults(fn=_cmd_data_synth)
+
+    p = data.add_parser("import", help="import a conversation dataset (messages / sharegpt / llava; "
+                                       "JSON, JSONL or Parquet) as raybench Parquet")
+    p.add_argument("src", metavar="SRC", help="a .json (list of records), .jsonl or .parquet file")
+    p.add_argument("--format", required=True, choices=("messages", "sharegpt", "llava"))
+    p.add_argument("--out", required=True, help="output directory (must be empty, or --overwrite)")
+    p.add_argument("--image-root", help="where relative image paths resolve (default: SRC's directory)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad record (default: "
+                   "skip bad records and report them by number)")
+    p.add_argument("--split", help="split for records without their own (default: a stable hash of "
+                   "the image picks train or val)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of images hashed to val when neither record nor --split says (default 0.1)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous import in --out")
+    p.set_defaults(fn=_cmd_data_import)
 
     p = sub.add_parser("train", help="train a model (Ray Train workers under FSDP2; --local: one process)")
     _add_config_args(p)
