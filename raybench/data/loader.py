@@ -1,9 +1,13 @@
-"""Read VQA rows from Parquet: our synthetic set or a user's files with the same columns.
+"""Read rows from Parquet: our synthetic set, a set `raybench data import` wrote, or a
+user's own files with the same columns.
 
 A dataset is one `.parquet` file or a directory of them (searched recursively; names
-starting with `.` or `_` are skipped, as `pyarrow.dataset` does). Every file needs the
-columns in `REQUIRED_COLUMNS`; `split` says which rows are "train" and which "val".
-Images are encoded bytes (PNG, JPEG, ...) decoded with Pillow, never unpickled.
+starting with `.` or `_` are skipped, as `pyarrow.dataset` does). Every file has the same
+columns: `image` (encoded bytes: PNG, JPEG, ... decoded with Pillow, never unpickled), the
+text as either `messages` (a conversation, JSON: see `raybench.data.conversation`) or
+`question` + `answer` (one turn), and optionally `qtype` (what eval reports accuracy by)
+and `split` ("train" / "val" / ...). Without `split`, a stable hash of each row's image
+puts `VAL_FRACTION` of the images in "val" (`stable_split`), the same in every process.
 
 Problems a user can fix (a wrong path, a missing column, an empty split, an undecodable
 image) raise `DataError` with a message that names the file, column or split.
@@ -24,7 +28,14 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from raybench.data.conversation import MESSAGES_COLUMN, dumps, loads, one_turn, stable_split
+
+# The synthetic set's columns (every one of them); a dataset needs `image` and one text form.
 REQUIRED_COLUMNS = ("image", "question", "answer", "qtype", "split")
+TEXT_FORMS = ((MESSAGES_COLUMN,), ("question", "answer"))
+OPTIONAL_COLUMNS = ("qtype", "split")
+KNOWN_COLUMNS = ("image", MESSAGES_COLUMN, "question", "answer", "qtype", "split")
+VAL_FRACTION = 0.1
 
 
 class DataError(ValueError):
@@ -32,7 +43,7 @@ class DataError(ValueError):
 
 
 def _required() -> str:
-    return ", ".join(REQUIRED_COLUMNS)
+    return "image, and messages or question + answer (optional: qtype, split)"
 
 
 def _hidden(path: Path, root: Path) -> bool:
@@ -68,39 +79,65 @@ def _check_schema(file: Path) -> pa.Schema:
         schema = pq.read_schema(file)
     except (pa.ArrowException, OSError) as err:
         raise DataError(f"{file} is not a readable Parquet file: {err}") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in schema.names]
+    names = set(schema.names)
+    missing = ["image"] if "image" not in names else []
+    if not any(set(form) <= names for form in TEXT_FORMS):
+        half = [c for c in ("question", "answer") if c not in names]
+        missing.append(f"{half[0]} (beside {'answer' if half[0] == 'question' else 'question'}; "
+                       "or one messages column)" if len(half) == 1 else "messages (or question + answer)")
     if missing:
         raise DataError(f"{file} is missing column(s) {', '.join(missing)}; "
                         f"a dataset needs columns: {_required()}")
-    wrong = [f"{c} is {schema.field(c).type}, expected binary (encoded image bytes)"
-             for c in ("image",) if not _is_bytes(schema.field(c).type)]
+    wrong = [f"image is {schema.field('image').type}, expected binary (encoded image bytes)"
+             ] if not _is_bytes(schema.field("image").type) else []
     wrong += [f"{c} is {schema.field(c).type}, expected string"
-              for c in REQUIRED_COLUMNS[1:] if not _is_text(schema.field(c).type)]
+              for c in KNOWN_COLUMNS[1:] if c in names and not _is_text(schema.field(c).type)]
     if wrong:
         raise DataError(f"{file}: wrong column type(s): {'; '.join(wrong)}")
     return schema
+
+
+def dataset_columns(path: str | os.PathLike) -> tuple[str, ...]:
+    """The known columns every file of the dataset has (checked: the same in every file)."""
+    files = parquet_files(path)
+    found = None
+    for file in files:
+        cols = tuple(c for c in KNOWN_COLUMNS if c in _check_schema(file).names)
+        if found is not None and cols != found:
+            raise DataError(f"{file} has columns {', '.join(cols)} but {files[0]} has "
+                            f"{', '.join(found)}: every file of a dataset needs the same columns")
+        found = cols
+    return found
+
+
+def split_column(images: Sequence[bytes], val_fraction: float = VAL_FRACTION) -> list[str]:
+    """The split of rows whose data has no `split` column: by a stable hash of the image."""
+    return [stable_split(bytes(b), val_fraction) for b in images]
 
 
 def validate_dataset(path: str | os.PathLike,
                      splits: Sequence[str] = ("train", "val")) -> dict[str, int]:
     """Rows per split, after checking every file's schema.
 
-    Reads Parquet metadata and the `split` column only, never images. Raises DataError
-    when the path is missing, a file lacks a column, the dataset has no rows or one of
-    `splits` has none.
+    Reads Parquet metadata and the `split` column only, never images (but for a dataset
+    without `split`, whose split is hashed from them). Raises DataError when the path is
+    missing, a file lacks a column, the dataset has no rows or one of `splits` has none.
     """
     if isinstance(splits, str):  # a bare "train" would iterate as letters
         splits = (splits,)
     files = parquet_files(path)
+    has_split = "split" in dataset_columns(path)
     counts: dict[str, int] = {}
     total = 0
     for file in files:
-        _check_schema(file)
         rows = pq.read_metadata(file).num_rows
         total += rows
         if rows == 0:
             continue
-        column = pq.read_table(file, columns=["split"]).column("split")
+        if has_split:
+            column = pq.read_table(file, columns=["split"]).column("split")
+        else:
+            column = pa.array(split_column(pq.read_table(file, columns=["image"]).column("image").to_pylist()))
         for item in pc.value_counts(column).to_pylist():
             name = "<null>" if item["values"] is None else str(item["values"])
             counts[name] = counts.get(name, 0) + item["counts"]
@@ -115,26 +152,80 @@ def validate_dataset(path: str | os.PathLike,
     return counts
 
 
+def last_turn(messages_json: str) -> tuple[str, str]:
+    """(the last user text, the last assistant text) of a `messages` cell."""
+    msgs = loads(messages_json)
+    return msgs[-2]["content"], msgs[-1]["content"]
+
+
+def normalize_columns(columns: dict[str, list], want: Sequence[str]) -> dict[str, list]:
+    """Rows in whichever form the data has -> the columns `want`: `messages` from
+    `question` / `answer` (one turn), `question` / `answer` from `messages` (its last
+    turn), `qtype` "" where the data has none. Shared by `read_split` and Ray Data's
+    per-batch reader, so both see the same rows."""
+    n = len(columns["image"]) if "image" in columns else len(next(iter(columns.values())))
+    out = {}
+    for c in want:
+        if c in columns:
+            out[c] = list(columns[c])
+        elif c == MESSAGES_COLUMN:
+            out[c] = [dumps(one_turn(q, a)) for q, a in zip(columns["question"], columns["answer"])]
+        elif c in ("question", "answer"):
+            out[c] = [last_turn(m)[c == "answer"] for m in columns[MESSAGES_COLUMN]]
+        elif c == "qtype":
+            out[c] = [""] * n
+        else:
+            raise KeyError(c)
+    return out
+
+
+def source_columns(present: Sequence[str], want: Sequence[str]) -> list[str]:
+    """The stored columns that `normalize_columns` needs for `want` (plus image, for a
+    hashed split)."""
+    need = set()
+    for c in want:
+        if c in present:
+            need.add(c)
+        elif c == MESSAGES_COLUMN:
+            need |= {"question", "answer"}
+        elif c in ("question", "answer"):
+            need.add(MESSAGES_COLUMN)
+    if "split" not in present:
+        need.add("image")
+    return [c for c in KNOWN_COLUMNS if c in need]
+
+
 def read_split(path: str | os.PathLike, split: str,
                columns: Sequence[str] | None = None) -> pa.Table:
-    """The rows with `split == split`, in file order; `columns` selects columns (default: all).
+    """The rows with `split == split`, in file order; `columns` selects columns (default:
+    the stored ones), in either text form whichever form is stored (`normalize_columns`).
 
     Raises DataError when the split has no rows: training on nothing is never intended.
     """
     files = parquet_files(path)
-    for file in files:
-        _check_schema(file)
+    present = dataset_columns(path)
+    if columns is None:
+        columns = list(present)
+    unknown = [c for c in columns if c not in KNOWN_COLUMNS]
+    if unknown:
+        raise DataError(f"dataset at {path} has no column(s) {', '.join(unknown)}; "
+                        f"columns: {', '.join(present)}")
     dataset = ds.dataset([str(f) for f in files], format="parquet")
-    if columns is not None:
-        unknown = [c for c in columns if c not in dataset.schema.names]
-        if unknown:
-            raise DataError(f"dataset at {path} has no column(s) {', '.join(unknown)}; "
-                            f"columns: {', '.join(dataset.schema.names)}")
-        columns = list(columns)
-    table = dataset.to_table(columns=columns, filter=pc.field("split") == split)
+    read = source_columns(present, columns)
+    if "split" in present:
+        table = dataset.to_table(columns=read, filter=pc.field("split") == split)
+    else:
+        table = dataset.to_table(columns=read)
+        table = table.filter(pa.array([s == split for s in split_column(table.column("image").to_pylist())]))
+        if "split" in columns:
+            table = table.append_column("split", pa.array([split] * table.num_rows, pa.string()))
     if table.num_rows == 0:
         raise DataError(f"dataset at {Path(path).expanduser()} has 0 rows with split == {split!r}")
-    return table
+    if all(c in table.column_names for c in columns):
+        return table.select(list(columns))
+    rows = normalize_columns(table.select([c for c in table.column_names]).to_pydict(), columns)
+    types = {"image": table.schema.field("image").type} if "image" in table.column_names else {}
+    return pa.table({c: pa.array(v, types.get(c, pa.string())) for c, v in rows.items()})
 
 
 # ----------------------------------------------------------------------------- images

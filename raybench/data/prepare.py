@@ -58,7 +58,7 @@ def ensure_tokenizer(cfg: RunConfig):
     if cfg.model.llm.pretrained_path:
         tok = load_tokenizer(cfg.model.llm.pretrained_path)
     else:
-        train = read_split(cfg.data_path, "train", columns=["question", "answer"])
+        train = read_split(cfg.data_path, "train", columns=["messages"])
         tok = build_tokenizer(tokenizer_corpus(train), vocab_size=cfg.data.tokenizer_vocab_size)
     save_tokenizer(tok, out)
     return tok

@@ -1,5 +1,7 @@
 """Rows -> model tensors. One place decides the sequence layout, so training, evaluation,
-generation and serving agree:
+generation and serving agree: every row is a conversation (`raybench.data.conversation`)
+rendered by the chat template (`raybench.data.chat_template`); a synthetic VQA row is the
+one-turn conversation
 
     <s> <image> x num_image_tokens  question tokens | " answer" tokens </s>
     |------------------- prompt (labels -100) -------|---- loss here ----|
@@ -14,6 +16,8 @@ from typing import Sequence
 
 import torch
 
+from raybench.data.chat_template import chat_template_for
+from raybench.data.conversation import MESSAGES_COLUMN, loads, one_turn
 from raybench.data.loader import decode_images
 from raybench.data.tokenizer import image_token_id
 
@@ -43,32 +47,43 @@ class VQAProcessor:
         self.image_token_id = image_token_id(tokenizer)
         self.pad_id, self.bos_id, self.eos_id = (tokenizer.pad_token_id, tokenizer.bos_token_id,
                                                  tokenizer.eos_token_id)
+        self.template = chat_template_for(tokenizer)
 
     def text_ids(self, text: str) -> list[int]:
-        """User text as plain text: a literal "<image>" or "</s>" in a question (a request or
-        a Parquet row) is spelled out in ordinary tokens, never turned into the special token,
-        so the placeholder count always matches the visual tokens and no answer ends early."""
+        """Message text as plain text, as both templates encode it: a literal "<image>" or
+        "</s>" in a question (a request or a Parquet row) is spelled out in ordinary tokens,
+        never turned into the special token, so the placeholder count always matches the
+        visual tokens and no answer ends early."""
         return self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
 
-    def prompt_ids(self, question: str) -> list[int]:
-        return [self.bos_id] + [self.image_token_id] * self.num_image_tokens + self.text_ids(question.strip())
+    def conversation_ids(self, messages, num_image_tokens: int | None = None) -> tuple[list[int], list[int]]:
+        """A training conversation -> (token ids, labels: the id where the loss falls, else -100)."""
+        n = self.num_image_tokens if num_image_tokens is None else num_image_tokens
+        ids, loss = self.template.render(messages, [self.image_token_id] * n, prompt=False)
+        return ids, [t if on else IGNORE_INDEX for t, on in zip(ids, loss)]
 
-    def answer_ids(self, answer: str) -> list[int]:
-        # Leading space: the answer is a new word after the question (one token per word).
-        return self.text_ids(" " + answer.strip()) + [self.eos_id]
+    def conversation_prompt_ids(self, messages, num_image_tokens: int | None = None) -> list[int]:
+        """A conversation ending with a user turn -> the prompt the assistant's answer follows
+        (token for token the prefix that answer had in training)."""
+        n = self.num_image_tokens if num_image_tokens is None else num_image_tokens
+        return self.template.render(messages, [self.image_token_id] * n, prompt=True)[0]
+
+    def prompt_ids(self, question: str) -> list[int]:
+        return self.conversation_prompt_ids(one_turn(question))
 
     def encode_train(self, questions: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
         """Right-padded input_ids / attention_mask / labels (loss on answer + eos only)."""
-        seqs, labels = [], []
-        for q, a in zip(questions, answers):
-            p, ans = self.prompt_ids(q), self.answer_ids(a)
-            seqs.append(p + ans)
-            labels.append([IGNORE_INDEX] * len(p) + ans)
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        lab = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, (s, lb) in enumerate(zip(seqs, labels)):
+        return self.encode_conversations([one_turn(q, a) for q, a in zip(questions, answers)])
+
+    def encode_conversations(self, conversations: Sequence, num_image_tokens: int | None = None
+                             ) -> dict[str, torch.Tensor]:
+        """Right-padded input_ids / attention_mask / labels (loss on the assistant turns)."""
+        rendered = [self.conversation_ids(c, num_image_tokens) for c in conversations]
+        width = max(len(ids) for ids, _ in rendered)
+        ids = torch.full((len(rendered), width), self.pad_id, dtype=torch.long)
+        lab = torch.full((len(rendered), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rendered), width), dtype=torch.long)
+        for i, (s, lb) in enumerate(rendered):
             ids[i, : len(s)] = torch.tensor(s)
             lab[i, : len(lb)] = torch.tensor(lb)
             mask[i, : len(s)] = 1
@@ -76,7 +91,11 @@ class VQAProcessor:
 
     def encode_prompts(self, questions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Left-padded prompts for `HybridVLM.generate`."""
-        seqs = [self.prompt_ids(q) for q in questions]
+        return self.encode_prompt_conversations([one_turn(q) for q in questions])
+
+    def encode_prompt_conversations(self, conversations: Sequence) -> dict[str, torch.Tensor]:
+        """Left-padded prompts (conversations ending with a user turn) for `HybridVLM.generate`."""
+        seqs = [self.conversation_prompt_ids(c) for c in conversations]
         width = max(map(len, seqs))
         ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -89,10 +108,14 @@ class VQAProcessor:
         return decode_images(list(images), self.image_size)
 
     def collate(self, rows: dict[str, Sequence]) -> dict[str, torch.Tensor]:
-        """A columnar batch (image bytes, question, answer) -> training tensors. Consecutive
+        """A columnar batch (image bytes, and messages or question + answer) -> training
+        tensors. Consecutive
         rows about the same image (`data.questions_per_image`) decode it once and carry
         `image_index`, so the model runs the vision tower once per image."""
-        batch = self.encode_train(rows["question"], rows["answer"])
+        if MESSAGES_COLUMN in rows:
+            batch = self.encode_conversations([loads(m) for m in rows[MESSAGES_COLUMN]])
+        else:
+            batch = self.encode_train(rows["question"], rows["answer"])
         images = list(rows["image"])
         first, image_index = shared_images(torch.tensor([a == b for a, b in zip(images[1:], images)],
                                                         dtype=torch.bool))

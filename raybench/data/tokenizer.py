@@ -68,16 +68,22 @@ def build_tokenizer(texts: Iterable[str], vocab_size: int = 512) -> PreTrainedTo
 
 
 def tokenizer_corpus(table_or_tables: pa.Table | Iterable[pa.Table]) -> Iterator[str]:
-    """Questions, and answers with a leading space, from one or more tables."""
+    """Every message's text from one or more tables (`messages`, or `question` / `answer`
+    columns): user and system text as is, assistant text with a leading space (as the
+    raybench chat template encodes it)."""
+    from raybench.data.conversation import loads, one_turn
+
     tables = [table_or_tables] if isinstance(table_or_tables, pa.Table) else table_or_tables
     for table in tables:
-        for batch in table.select(["question", "answer"]).to_batches():
-            questions, answers = batch.column(0).to_pylist(), batch.column(1).to_pylist()
-            for q, a in zip(questions, answers):
-                if q is not None:
-                    yield q.strip()
-                if a is not None:
-                    yield " " + a.strip()
+        if "messages" in table.column_names:
+            conversations = (loads(m) for m in table.column("messages").to_pylist() if m is not None)
+        else:
+            conversations = (one_turn(q, a) for q, a in zip(table.column("question").to_pylist(),
+                                                            table.column("answer").to_pylist()))
+        for messages in conversations:
+            for m in messages:
+                if m["content"] is not None:
+                    yield (" " if m["role"] == "assistant" else "") + m["content"].strip()
 
 
 def image_token_id(tok) -> int:

@@ -4,7 +4,8 @@
     -> split equally across workers -> iter_torch_batches on each worker
 
 Decoded images stay uint8 in the object store (4x smaller than float); workers normalise
-per batch. Rows hold a single `<image>` placeholder that workers expand to the model's
+per batch. Rows (conversations rendered by the chat template) hold a single `<image>`
+placeholder, whose column each row carries (`image_pos`), that workers expand to the model's
 `num_image_tokens`, so the materialised data does not depend on the model: a sweep builds
 it once and every trial (VET indicators, Q-Former queries, ...) trains on the same blocks. The split is deterministic (ordered, materialised, `split(equal=True)`) so a
 resumed run sees the same rows in the same order and can skip to the exact batch.
@@ -23,12 +24,15 @@ from ray.data.expressions import col
 from ray.data.collate_fn import NumpyBatchCollateFn
 from ray.train import DataConfig
 
-from raybench.data.loader import decode_rgb_uint8, normalize_pixels
+from raybench.data.conversation import MESSAGES_COLUMN, loads, stable_split
+from raybench.data.loader import (VAL_FRACTION, dataset_columns, decode_rgb_uint8, normalize_columns,
+                                  normalize_pixels, source_columns)
 from raybench.data.processor import IGNORE_INDEX, VQAProcessor, group_rows, shared_images
 from raybench.data.synthetic import DESCRIBE, scene_targets
 from raybench.data.tokenizer import load_tokenizer
 
-COLUMNS = ["image", "question", "answer", "qtype"]
+# `answer` is the last assistant turn: a `scene` stage reads its targets from the captions.
+COLUMNS = ["image", MESSAGES_COLUMN, "qtype", "answer"]
 
 
 @functools.lru_cache(maxsize=4)
@@ -38,32 +42,38 @@ def _processor(tokenizer_dir: str, num_image_tokens: int, image_size: int) -> VQ
 
 def preprocess(batch: dict[str, np.ndarray], tokenizer_dir: str, image_size: int,
                max_length: int) -> dict[str, np.ndarray]:
-    """PNG bytes + text -> uint8 pixels and fixed-width, right-padded token arrays with one
-    `<image>` placeholder (see `expand_image_tokens`)."""
+    """Image bytes + a conversation (in either stored form) -> uint8 pixels and fixed-width,
+    right-padded token arrays with one `<image>` placeholder (see `expand_image_tokens`)."""
     proc = _processor(tokenizer_dir, 1, image_size)
-    enc = proc.encode_train(list(batch["question"]), list(batch["answer"]))
+    rows = normalize_columns(batch, COLUMNS)
+    enc = proc.encode_conversations([loads(m) for m in rows[MESSAGES_COLUMN]])
     width = enc["input_ids"].shape[1]
     if width > max_length:
-        raise ValueError(f"a question/answer needs {width} tokens, more than max_length={max_length}")
+        raise ValueError(f"a conversation needs {width} tokens, more than data.max_length={max_length}")
     pad = max_length - width
     # A `scene` stage's targets, read from its `describe` captions (-100: not a caption row).
     scene = np.array([scene_targets(a) if q == DESCRIBE else [IGNORE_INDEX] * 9
-                      for q, a in zip(batch["qtype"], batch["answer"])], dtype=np.int64)
+                      for q, a in zip(rows["qtype"], rows["answer"])], dtype=np.int64)
     return {
-        "pixels": np.stack([decode_rgb_uint8(b, image_size) for b in batch["image"]]),
+        "pixels": np.stack([decode_rgb_uint8(b, image_size) for b in rows["image"]]),
         "input_ids": np.pad(enc["input_ids"].numpy(), ((0, 0), (0, pad)), constant_values=proc.pad_id),
         "attention_mask": np.pad(enc["attention_mask"].numpy(), ((0, 0), (0, pad))),
         "labels": np.pad(enc["labels"].numpy(), ((0, 0), (0, pad)), constant_values=IGNORE_INDEX),
-        "qtype": batch["qtype"],
+        "image_pos": (enc["input_ids"] == proc.image_token_id).int().argmax(1).numpy(),
+        "qtype": np.array(rows["qtype"], dtype=object),
         "scene_targets": scene,
     }
 
 
 def build_dataset(path: Path, split: str, tokenizer_dir: Path, image_size: int,
                   max_length: int, limit: int | None = None) -> ray.data.Dataset:
-    ds = ray.data.read_parquet(str(path), columns=COLUMNS + ["split"], shuffle=None)
-    # A predicate expression: Ray pushes it down into the Parquet scan.
-    ds = ds.filter(expr=col("split") == split).select_columns(COLUMNS)
+    present = dataset_columns(path)
+    read = source_columns(present, COLUMNS)
+    ds = ray.data.read_parquet(str(path), columns=read + (["split"] if "split" in present else []), shuffle=None)
+    if "split" in present:  # a predicate expression: Ray pushes it down into the Parquet scan
+        ds = ds.filter(expr=col("split") == split).select_columns(read)
+    else:  # the loader's hashed split (`raybench.data.loader.split_column`)
+        ds = ds.filter(fn=lambda row: stable_split(bytes(row["image"]), VAL_FRACTION) == split)
     if limit is not None:
         ds = ds.limit(limit)
     ds = ds.map_batches(preprocess, batch_format="numpy", batch_size=256, fn_kwargs=dict(
@@ -111,14 +121,15 @@ def group_shuffled(chunks: Iterable[dict], batch_size: int, seed: int) -> Iterat
 
 
 def expand_image_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                        num_image_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`<s> <image> text` -> `<s> <image> x num_image_tokens text` (the processor's layout:
-    the placeholder is always column 1, so this is two concatenations, no per-row work)."""
-    b, n = input_ids.shape[0], num_image_tokens
-    image_ids = input_ids[:, 1:2].expand(b, n)
-    return (torch.cat([input_ids[:, :1], image_ids, input_ids[:, 2:]], 1),
-            torch.cat([attention_mask[:, :1], attention_mask[:, 1:2].expand(b, n), attention_mask[:, 2:]], 1),
-            torch.cat([labels[:, :1], labels[:, 1:2].expand(b, n), labels[:, 2:]], 1))
+                        num_image_tokens: int, image_pos: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row's one `<image>` placeholder (at column `image_pos`; default 1, right after
+    `<s>`) -> num_image_tokens copies of it: one gather, no per-row work."""
+    b, width = input_ids.shape
+    pos = torch.ones(b, 1, dtype=torch.long) if image_pos is None else image_pos.long().view(b, 1)
+    j = torch.arange(width + num_image_tokens - 1).unsqueeze(0)
+    src = torch.where(j < pos, j, torch.where(j < pos + num_image_tokens, pos, j - num_image_tokens + 1))
+    return tuple(t.gather(1, src.expand(b, -1)) for t in (input_ids, attention_mask, labels))
 
 
 def to_model_batch(batch: dict, device: torch.device, num_image_tokens: int, scene: bool = False) -> dict:
@@ -127,7 +138,7 @@ def to_model_batch(batch: dict, device: torch.device, num_image_tokens: int, sce
     carries the scene targets (the model then trains its tower on those, not on answers)."""
     width = int(batch["attention_mask"].sum(1).max())
     ids, mask, labels = expand_image_tokens(batch["input_ids"][:, :width], batch["attention_mask"][:, :width],
-                                            batch["labels"][:, :width], num_image_tokens)
+                                            batch["labels"][:, :width], num_image_tokens, batch.get("image_pos"))
     pixels = batch["pixels"]
     # Consecutive rows about one image (data.questions_per_image): normalise and encode it once.
     first, image_index = shared_images((pixels[1:] == pixels[:-1]).flatten(1).all(1))

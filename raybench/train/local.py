@@ -21,7 +21,8 @@ from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_coun
                                  merge_counts, pack_correct, train_step)
 from raybench.train.stages import PlannedStage, plan, set_trainable, stage_at
 
-COLUMNS = ["image", "question", "answer", "qtype"]
+# `answer` is the last assistant turn: a `scene` stage reads its targets from the captions.
+COLUMNS = ["image", "messages", "qtype", "answer"]
 
 
 def shuffled_batches(table: pa.Table, batch_size: int, seed: int) -> Iterator[dict]:

@@ -79,6 +79,21 @@ def answer_exact_match(logits: torch.Tensor, labels: torch.Tensor, suppressed: l
     return hit.all(dim=1)
 
 
+def turn_exact_match(logits: torch.Tensor, labels: torch.Tensor, suppressed: list[int]) -> list[list[bool]]:
+    """Per sample, per assistant turn (each contiguous run of labelled positions), whether
+    greedy decoding reproduces that turn given the reference conversation before it."""
+    logits = logits.clone()
+    logits[..., suppressed] = float("-inf")
+    hit = logits.argmax(-1) == labels
+    on = labels != -100
+    start = on & ~torch.nn.functional.pad(on[:, :-1], (1, 0), value=False)
+    turn = start.long().cumsum(1) * on  # 1, 2, ... on each turn's positions, 0 elsewhere
+    out = []
+    for row_hit, row_turn, n in zip(hit, turn, start.sum(1).tolist()):
+        out.append([bool(row_hit[row_turn == t].all()) for t in range(1, n + 1)])
+    return out
+
+
 @torch.no_grad()
 def evaluate_counts(model: nn.Module, batches: Iterable[dict], suppressed: list[int]) -> dict:
     """Raw sums (loss, samples, hits per qtype): they add across ranks, averages don't. Also
@@ -86,6 +101,7 @@ def evaluate_counts(model: nn.Module, batches: Iterable[dict], suppressed: list[
     model.eval()
     loss_sum, n_total = 0.0, 0
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    turns: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # "turn1", "followup"
     every: list[bool] = []
     for batch in batches:
         out = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch["labels"],
@@ -93,26 +109,40 @@ def evaluate_counts(model: nn.Module, batches: Iterable[dict], suppressed: list[
         n = batch["input_ids"].shape[0]
         loss_sum += out.loss.item() * n
         n_total += n
-        correct = answer_exact_match(out.logits, out.labels, suppressed).tolist()
+        per_turn = turn_exact_match(out.logits, out.labels, suppressed)
+        correct = [all(t) for t in per_turn]
         every += correct
-        for qtype, ok in zip(batch["qtype"], correct):
+        for qtype, ok, row in zip(batch["qtype"], correct, per_turn):
             hits[qtype][0] += int(ok)
             hits[qtype][1] += 1
-    return {"loss_sum": loss_sum, "n": n_total, "hits": dict(hits), "correct": every}
+            if len(row) > 1:  # a conversation: its first answer and its follow-ups apart
+                for i, t in enumerate(row):
+                    cell = turns["turn1" if i == 0 else "followup"]
+                    cell[0] += int(t)
+                    cell[1] += 1
+    return {"loss_sum": loss_sum, "n": n_total, "hits": dict(hits), "turns": dict(turns), "correct": every}
 
 
 def merge_counts(parts: list[dict]) -> dict[str, float]:
-    """Counts from one or more ranks -> val loss, accuracy overall and per qtype."""
+    """Counts from one or more ranks -> val loss, accuracy (a conversation counts when every
+    assistant turn is right) overall and per qtype, and, where rows are multi-turn, the
+    accuracy of first turns and of follow-up turns (`acc/turn1`, `acc/followup`)."""
     loss_sum, n = sum(p["loss_sum"] for p in parts), sum(p["n"] for p in parts)
     hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    turns: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for p in parts:
-        for qtype, (h, m) in p["hits"].items():
-            hits[qtype][0] += h
-            hits[qtype][1] += m
+        for into, got in ((hits, p["hits"]), (turns, p.get("turns", {}))):
+            for key, (h, m) in got.items():
+                into[key][0] += h
+                into[key][1] += m
     metrics = {"val_loss": loss_sum / max(n, 1),
                "accuracy": sum(h for h, _ in hits.values()) / max(n, 1)}
     for qtype, (h, m) in sorted(hits.items()):
-        metrics[f"acc/{qtype}"] = h / m
+        if qtype:  # "": the data has no question types
+            metrics[f"acc/{qtype}"] = h / m
+    for key in ("turn1", "followup"):
+        if key in turns:
+            metrics[f"acc/{key}"] = turns[key][0] / turns[key][1]
     return metrics
 
 

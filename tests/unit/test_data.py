@@ -266,7 +266,7 @@ def test_missing_column_is_named(tmp_path):
         validate_dataset(tmp_path)
     msg = str(info.value)
     assert "bad.parquet" in msg and "missing column(s) answer" in msg
-    assert "image, question, answer, qtype, split" in msg
+    assert "image, and messages or question + answer" in msg
 
 
 def test_wrong_column_type(tmp_path):
