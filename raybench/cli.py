@@ -83,7 +83,7 @@ def _cmd_eval(args) -> int:
     model = HybridVLM.from_pretrained(args.model)
     proc = VQAProcessor(load_tokenizer(args.model), model.config.num_image_tokens,
                         model.config.vision.image_size)
-    val = read_split(cfg.data_path, "val", columns=COLUMNS).slice(0, cfg.train.eval_samples)
+    val = read_split(cfg.data_path, "val", columns=COLUMNS + ["question"]).slice(0, cfg.train.eval_samples)
     metrics = evaluate(model, val_batches(val, proc, cfg.train.batch_size), [proc.image_token_id, proc.pad_id])
     if args.by_objects:
         metrics["scenes"] = _scene_report(model, proc, val.to_pydict(), cfg)
@@ -107,10 +107,22 @@ def _cmd_ask(args) -> int:
     from raybench.data.tokenizer import load_tokenizer
     from raybench.model.vlm import HybridVLM
 
+    from raybench.data.conversation import conversation_errors, one_turn
+
+    if args.messages:
+        messages = json.loads(Path(args.messages).read_text())
+        errors = conversation_errors(messages, for_training=False)
+        if errors:
+            print(f"error: {args.messages}: {'; '.join(errors)}", file=sys.stderr)
+            return 2
+    else:
+        messages = one_turn(args.question)
     model = HybridVLM.from_pretrained(args.model)
     tok = load_tokenizer(args.model)
     proc = VQAProcessor(tok, model.config.num_image_tokens, model.config.vision.image_size)
-    prompt = proc.encode_prompts([args.question])
+    prompt = proc.encode_prompt_conversations([messages])
+    if args.print_ids:
+        print(json.dumps(prompt["input_ids"][0].tolist()))
     pixels = proc.pixel_values([Path(args.image).read_bytes()])
     with torch.no_grad():
         out = model.generate(prompt["input_ids"], prompt["attention_mask"], pixels,
@@ -193,14 +205,7 @@ def _add_bench_parser(sub) -> None:
     p.set_defaults(fn=_cmd_bench)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raybench", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("validate", help="validate a config and print it fully expanded")
-    _add_config_args(p)
-    p.set_defaults(fn=_cmd_validate)
-
+def _add_data_parser(sub) -> None:
     data = sub.add_parser("data", help="data sets").add_subparsers(dest="data_command", required=True)
     p = data.add_parser("synth", help="render the synthetic VQA set to Parquet")
     _add_config_args(p)
@@ -222,6 +227,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a previous import in --out")
     p.set_defaults(fn=_cmd_data_import)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raybench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="validate a config and print it fully expanded")
+    _add_config_args(p)
+    p.set_defaults(fn=_cmd_validate)
+
+    _add_data_parser(sub)
+
     p = sub.add_parser("train", help="train a model (Ray Train workers under FSDP2; --local: one process)")
     _add_config_args(p)
     p.add_argument("--local", action="store_true", help="single process, no Ray")
@@ -238,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ask", help="answer a question about an image with a saved model")
     p.add_argument("--model", required=True, help="model directory (safetensors + config.json)")
     p.add_argument("--image", required=True)
-    p.add_argument("--question", required=True)
+    q = p.add_mutually_exclusive_group(required=True)
+    q.add_argument("--question", help="one question (a one-turn conversation)")
+    q.add_argument("--messages", metavar="FILE", help="a conversation as JSON: [{role, content}, ...] "
+                   "(optional system first, user / assistant alternating, ending with the user's question)")
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--print-ids", action="store_true", help="print the prompt's token ids (JSON) before the answer")
     p.set_defaults(fn=_cmd_ask)
 
     _add_bench_parser(sub)

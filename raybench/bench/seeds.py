@@ -30,7 +30,7 @@ from pathlib import Path
 from raybench.bench.common import checkout_commit, write_unit_json
 # The rendering, re-exported: `bench report` finds each bench's section as
 # raybench.bench.<name>.markdown_section, and main writes the row, table and plot.
-from raybench.bench.seeds_report import (FINE_DETAIL, _plot, claims, markdown_row,  # noqa: F401
+from raybench.bench.seeds_report import (FINE_DETAIL, claims, plot, markdown_row,  # noqa: F401
                                          markdown_section, markdown_table)
 from raybench.model.presets import PRESETS
 
@@ -354,6 +354,6 @@ def main(args) -> int:
         print(f"[bench seeds] no unit in {units} yet: nothing to render")
         return 0
     out.mkdir(parents=True, exist_ok=True)
-    write_result(out, "seeds", result, markdown_row(result), _plot)
+    write_result(out, "seeds", result, markdown_row(result), plot)
     print(markdown_table(result))
     return 0

@@ -177,7 +177,7 @@ def markdown_section(r: dict) -> str:
     ]) + "\n"
 
 
-def _plot(r: dict, path: Path) -> None:
+def plot(r: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -216,6 +216,29 @@ def _prepare_out(out: Path, overwrite: bool) -> None:
                         f"{REPORT_NAME}: remove it yourself or pick another --out")
 
 
+class _ParquetWriter:
+    """Rows (in SCHEMA's column order) -> `data-NNNNN.parquet` files of at most
+    `rows_per_file` rows each, named in `report.files`."""
+
+    def __init__(self, folder: Path, rows_per_file: int, report: ImportReport):
+        self.folder, self.rows_per_file, self.report = folder, rows_per_file, report
+        self.rows: dict[str, list] = {name: [] for name in SCHEMA.names}
+
+    def add(self, values: tuple) -> None:
+        for name, value in zip(SCHEMA.names, values):
+            self.rows[name].append(value)
+        if len(self.rows["image"]) >= self.rows_per_file:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.rows["image"]:
+            name = f"data-{len(self.report.files):05d}.parquet"
+            pq.write_table(pa.table(self.rows, schema=SCHEMA), self.folder / name)
+            self.report.files.append(name)
+            for column in self.rows.values():
+                column.clear()
+
+
 def import_dataset(src: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                    image_root: str | os.PathLike | None = None, strict: bool = False,
                    split: str | None = None, val_fraction: float = 0.1, overwrite: bool = False,
@@ -239,16 +262,7 @@ def import_dataset(src: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
     base = out.resolve()  # a name even for "."
     tmp = base.parent / f".{base.name}.importing-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)
-    rows: dict[str, list] = {name: [] for name in SCHEMA.names}
-
-    def flush() -> None:
-        if rows["image"]:
-            name = f"data-{len(report.files):05d}.parquet"
-            pq.write_table(pa.table(rows, schema=SCHEMA), tmp / name)
-            report.files.append(name)
-            for column in rows.values():
-                column.clear()
-
+    writer = _ParquetWriter(tmp, rows_per_file, report)
     try:
         for index, record in read_records(src):
             report.records += 1
@@ -266,13 +280,9 @@ def import_dataset(src: str | os.PathLike, fmt: str, out: str | os.PathLike, *,
                 report.bad.append((index, str(err)))
                 continue
             row_split = parsed.split or split or conversation.stable_split(image, val_fraction)
-            for name, value in zip(SCHEMA.names, (image, conversation.dumps(messages), parsed.qtype,
-                                                  row_split, index)):
-                rows[name].append(value)
+            writer.add((image, conversation.dumps(messages), parsed.qtype, row_split, index))
             report.rows[row_split] = report.rows.get(row_split, 0) + 1
-            if len(rows["image"]) >= rows_per_file:
-                flush()
-        flush()
+        writer.flush()
         if report.records == 0:
             raise DataError(f"{src} holds no records")
         if not report.files:

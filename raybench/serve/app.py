@@ -264,7 +264,7 @@ class ChatIngress:
                            code="request_too_large")
         req = parse_chat_request(await request.body(), limits, self.cfg.served_model_name,
                                  self.cfg.default_temperature)
-        prompt_ids = self.proc.prompt_ids(req.question)
+        prompt_ids = self.proc.conversation_prompt_ids(req.messages)
         if len(prompt_ids) + req.max_tokens > self.max_positions:
             raise APIError(400, f"prompt ({len(prompt_ids)} tokens) + max_tokens ({req.max_tokens}) exceeds "
                            f"the model's context of {self.max_positions} tokens", param="messages",
@@ -281,7 +281,8 @@ class ChatIngress:
         headers = {BATCH_HEADER: ",".join(f"{k}={v}" for k, v in out.batch_sizes.items())}
         text = cut_at_stop(self.proc.decode_answer(out.tokens), gen.stop)[0]
         return JSONResponse(chat_completion(cid, req.model, text, out.finish_reason, len(prompt_ids),
-                                            len(out.tokens)), headers=headers)
+                                            len(out.tokens), (gen.prompt_ids, out.tokens) if req.return_token_ids
+                                            else None), headers=headers)
 
     async def _start(self, req: ChatRequest, gen: GenRequest, t0: float) -> tuple[Any, Any, float]:
         """Admission (429 beyond `limits.max_queued_requests` waiting for a first token), then

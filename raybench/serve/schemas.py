@@ -1,14 +1,15 @@
 """OpenAI chat-completions shapes and request validation (no Ray, no torch).
 
 `parse_chat_request(body, limits, model_name)` turns raw request bytes into a
-`ChatRequest` (one question, one image's bytes, generation parameters) or raises
+`ChatRequest` (a conversation, one image's bytes, generation parameters) or raises
 `APIError`, which the ingress renders as OpenAI's error shape:
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "...", "code": "..."}}
 
-The model answers one question about one image, so the prompt is the text of the last
-user message and the image is the one `image_url` part across the user messages; system
-and earlier turns are accepted (clients send them) but do not reach the model.
+The conversation is the whole request: system (and developer) messages before the first
+user turn, then every user and assistant turn, rendered by the chat template the model was
+trained with (`raybench.data.chat_template`), so history reaches the model. The image is the
+one `image_url` part across the user messages; it belongs to the first user turn.
 """
 
 from __future__ import annotations
@@ -89,6 +90,8 @@ class ChatCompletionRequest(_Lenient):
     # vLLM's extra sampling parameters (load tests fix the answer length with them).
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    # vLLM's: the response carries the prompt's and the answer's token ids.
+    return_token_ids: bool = False
     # Accepted by the shape, refused by the server (400 naming the field): see _unsupported.
     logprobs: bool | None = None
     top_logprobs: int | None = None
@@ -98,7 +101,7 @@ class ChatCompletionRequest(_Lenient):
 @dataclass
 class ChatRequest:
     """What the pipeline needs from one validated request."""
-    question: str
+    messages: list[dict[str, str]]  # the conversation (raybench.data.conversation), ending with user
     image: bytes
     max_tokens: int
     temperature: float
@@ -110,6 +113,7 @@ class ChatRequest:
     ignore_eos: bool = False
     min_tokens: int = 0
     include_usage: bool = False    # stream_options.include_usage: a last chunk with the usage
+    return_token_ids: bool = False
     image_param: str = "messages"  # where the image was, for errors found while decoding it
 
 
@@ -158,9 +162,9 @@ def parse_chat_request(body: bytes, limits: LimitsConfig, served_model_name: str
     if req.min_tokens > max_tokens:
         raise APIError(400, f"min_tokens = {req.min_tokens} must be <= {param} = {max_tokens}",
                        param="min_tokens", code="invalid_value")
-    question, image, where = _question_and_image(req.messages, limits)
+    messages, image, where = _conversation_and_image(req.messages, limits)
     temperature = default_temperature if req.temperature is None else req.temperature
-    return ChatRequest(question=question, image=image, max_tokens=max_tokens, temperature=temperature,
+    return ChatRequest(messages=messages, image=image, return_token_ids=req.return_token_ids, max_tokens=max_tokens, temperature=temperature,
                        top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed, stream=req.stream,
                        model=served_model_name, image_param=where, stop=_stop_strings(req.stop),
                        ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
@@ -181,11 +185,13 @@ def _unsupported(req: ChatCompletionRequest) -> None:
         ("top_k", req.top_k not in (None, -1, 0), f"top_k = {req.top_k}: not supported (use top_p)"),
         ("stream_options", req.stream_options is not None and not req.stream,
          "stream_options is only allowed with stream: true"),
+        ("return_token_ids", req.return_token_ids and req.stream,
+         "return_token_ids is supported without stream only"),
     ]
     for param, bad, message in refused:
         if bad:
-            raise APIError(400, message, param=param, code="unsupported_parameter" if param != "stream_options"
-                           else "invalid_value")
+            raise APIError(400, message, param=param, code="unsupported_parameter"
+                           if param not in ("stream_options", "return_token_ids") else "invalid_value")
 
 
 def _stop_strings(stop: str | list[str] | None) -> list[str]:
@@ -219,39 +225,72 @@ def _short(value: Any, n: int = 80) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def _question_and_image(messages: list[Message], limits: LimitsConfig) -> tuple[str, bytes, str]:
+def _message_texts(msg: Message, i: int, images: list[tuple[str, str]]) -> list[str]:
+    """A message's text parts; its image parts are appended to `images` as (param, url)."""
+    if isinstance(msg.content, str):
+        return [msg.content]
+    texts = []
+    for j, part in enumerate(msg.content or []):
+        where = f"messages.{i}.content.{j}"
+        kind = part.get("type")
+        if kind == "text":
+            texts.append(_validated(TextPart, part, where).text)
+        elif kind == "image_url":
+            if msg.role != "user":
+                raise APIError(400, f"{where}: images are only accepted in user messages",
+                               param=where, code="invalid_value")
+            p = _validated(ImagePart, part, where)
+            images.append((f"{where}.image_url", p.image_url if isinstance(p.image_url, str) else p.image_url.url))
+        else:
+            raise APIError(400, f"{where}: unsupported content part type {kind!r}; "
+                           "allowed: 'text', 'image_url'", param=f"{where}.type", code="unsupported_content_type")
+    return texts
+
+
+def _conversation_and_image(messages: list[Message], limits: LimitsConfig
+                            ) -> tuple[list[dict[str, str]], bytes, str]:
+    """The request's conversation (system text first, then user / assistant turns, ending
+    with the user's question; consecutive messages of one role joined by a newline) and
+    its one image."""
     images: list[tuple[str, str]] = []  # (param path, url)
-    last_user_text: str | None = None
+    system: list[str] = []
+    turns: list[dict[str, str]] = []
     for i, msg in enumerate(messages):
-        texts = []
-        if isinstance(msg.content, str):
-            texts.append(msg.content)
-        elif msg.content is not None:
-            for j, part in enumerate(msg.content):
-                where = f"messages.{i}.content.{j}"
-                kind = part.get("type")
-                if kind == "text":
-                    texts.append(_validated(TextPart, part, where).text)
-                elif kind == "image_url":
-                    if msg.role != "user":
-                        raise APIError(400, f"{where}: images are only accepted in user messages",
-                                       param=where, code="invalid_value")
-                    p = _validated(ImagePart, part, where)
-                    images.append((f"{where}.image_url", p.image_url if isinstance(p.image_url, str)
-                                   else p.image_url.url))
-                else:
-                    raise APIError(400, f"{where}: unsupported content part type {kind!r}; "
-                                   "allowed: 'text', 'image_url'", param=f"{where}.type",
-                                   code="unsupported_content_type")
-        if msg.role == "user":
-            last_user_text = " ".join(t.strip() for t in texts if t.strip())
-    if last_user_text is None:
+        texts = _message_texts(msg, i, images)
+        text = " ".join(t.strip() for t in texts if t.strip())
+        if msg.role == "tool":
+            raise APIError(400, f"messages.{i}: role 'tool' is not supported (this model calls no tools)",
+                           param=f"messages.{i}.role", code="unsupported_value")
+        if msg.role in ("system", "developer"):
+            if turns:
+                raise APIError(400, f"messages.{i}: a {msg.role} message after the conversation started; "
+                               "system and developer messages go before the first user message",
+                               param=f"messages.{i}.role", code="invalid_value")
+            if text:
+                system.append(text)
+            continue
+        if not turns and msg.role == "assistant":
+            raise APIError(400, f"messages.{i}: the conversation starts with an assistant message; "
+                           "it starts with a user message (after any system messages)",
+                           param=f"messages.{i}.role", code="invalid_value")
+        if turns and turns[-1]["role"] == msg.role:
+            turns[-1]["content"] = "\n".join(t for t in (turns[-1]["content"], text) if t)
+        else:
+            turns.append({"role": msg.role, "content": text})
+    if not turns:
         raise APIError(400, "messages: needs a user message", param="messages", code="invalid_value")
-    if not last_user_text:
-        raise APIError(400, "the last user message has no text (the question about the image)",
-                       param="messages", code="invalid_value")
-    if len(last_user_text) > limits.max_prompt_chars:
-        raise APIError(400, f"the question is {len(last_user_text)} characters; at most "
+    if turns[-1]["role"] != "user":
+        raise APIError(400, "the last message must be a user message (the question to answer)",
+                       param=f"messages.{len(messages) - 1}.role", code="invalid_value")
+    for k, turn in enumerate(turns):
+        if not turn["content"]:
+            what = "the last user message has no text (the question about the image)" if k == len(turns) - 1 \
+                else f"an empty {turn['role']} turn (turn {k + 1})"
+            raise APIError(400, what, param="messages", code="invalid_value")
+    conversation = ([{"role": "system", "content": "\n".join(system)}] if system else []) + turns
+    chars = sum(len(m["content"]) for m in conversation)
+    if chars > limits.max_prompt_chars:
+        raise APIError(400, f"the conversation is {chars} characters; at most "
                        f"{limits.max_prompt_chars} allowed", param="messages", code="invalid_value")
     if not images:
         raise APIError(400, "no image: add a user content part {\"type\": \"image_url\", \"image_url\": "
@@ -260,7 +299,7 @@ def _question_and_image(messages: list[Message], limits: LimitsConfig) -> tuple[
         raise APIError(400, f"{len(images)} images; at most {limits.max_images} per request "
                        "(the model answers about one image)", param=images[-1][0], code="too_many_images")
     where, url = images[0]
-    return last_user_text, decode_image_url(url, where, limits), where
+    return conversation, decode_image_url(url, where, limits), where
 
 
 def _validated(model: type[BaseModel], part: dict, where: str):
@@ -334,13 +373,20 @@ def completion_id() -> str:
 
 
 def chat_completion(cid: str, model: str, content: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
-    return {
+                    prompt_tokens: int, completion_tokens: int,
+                    token_ids: tuple[list[int], list[int]] | None = None) -> dict[str, Any]:
+    """A chat completion; `token_ids` (prompt ids, answer ids): vLLM's `return_token_ids`
+    fields (`prompt_token_ids`, and `token_ids` on the choice)."""
+    out = {
         "id": cid, "object": "chat.completion", "created": int(time.time()), "model": model,
         "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                      "logprobs": None, "finish_reason": finish_reason}],
         "usage": usage(prompt_tokens, completion_tokens),
     }
+    if token_ids is not None:
+        out["prompt_token_ids"] = list(token_ids[0])
+        out["choices"][0]["token_ids"] = list(token_ids[1])
+    return out
 
 
 def chat_chunk(cid: str, model: str, created: int, delta: dict[str, Any],

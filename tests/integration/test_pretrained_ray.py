@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import random
 
 import pytest
@@ -66,7 +67,10 @@ def test_the_exported_model_keeps_its_checkpoint_quirks_and_reproduces_the_shard
     assert fresh["val_loss"] == pytest.approx(result.metrics["val_loss"], rel=1e-6)
 
 
-def test_deployed_it_answers_over_http_as_generate_does(trained):
+def test_deployed_it_answers_over_http_as_generate_does(trained, tmp_path, capsys):
+    """...and a conversation (a system message, two earlier turns, the question) reaches the
+    served LLM stage as the very prompt ids `raybench ask --messages` and the trainer render."""
+    from raybench.cli import main
     from ray import serve
 
     from raybench.data.processor import VQAProcessor
@@ -98,7 +102,29 @@ def test_deployed_it_answers_over_http_as_generate_does(trained):
         body = {"model": "raybench-vlm", "max_tokens": 6, "messages": [{"role": "user", "content": [
             {"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": image}}]}]}
         r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=120)
+        history = [{"role": "system", "content": "Answer in one word."},
+                   {"role": "user", "content": "what colour is the circle?"}, {"role": "assistant", "content": "red"},
+                   {"role": "user", "content": "and its position?"}, {"role": "assistant", "content": "top-left"},
+                   {"role": "user", "content": question}]
+        sent = [dict(m) for m in history]
+        sent[1]["content"] = [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": history[1]["content"]}]
+        chat = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": "raybench-vlm", "max_tokens": 6, "messages": sent, "return_token_ids": True})
     finally:
         serve.shutdown()
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == proc.decode_answer(ids)
+    assert chat.status_code == 200, chat.text
+    served = chat.json()["prompt_token_ids"]
+    (tmp_path / "chat.json").write_text(json.dumps(history))
+    (tmp_path / "scene.png").write_bytes(buf.getvalue())
+    capsys.readouterr()
+    assert main(["ask", "--model", str(out), "--image", str(tmp_path / "scene.png"), "--messages",
+                 str(tmp_path / "chat.json"), "--max-tokens", "6", "--print-ids"]) == 0
+    ask_ids, ask_answer = capsys.readouterr().out.splitlines()[:2]
+    trained_ids, labels = proc.conversation_ids(history + [{"role": "assistant", "content": "circle"}])
+    answer_starts = max(i for i, lb in enumerate(labels) if lb == -100 and i + 1 < len(labels)
+                        and labels[i + 1] != -100) + 1
+    assert served == json.loads(ask_ids) == trained_ids[:answer_starts]
+    assert served.count(proc.image_token_id) == model.config.num_image_tokens
+    assert chat.json()["choices"][0]["message"]["content"] == ask_answer.strip()

@@ -56,7 +56,7 @@ def refused(raw: bytes, limits: LimitsConfig = LIMITS) -> APIError:
 
 def test_parses_text_and_image_parts():
     req = parse(body(max_tokens=5, temperature=0))
-    assert req.question == "what color is the circle?"
+    assert req.messages == [{"role": "user", "content": "what color is the circle?"}]
     assert req.image == png()
     assert (req.max_tokens, req.temperature, req.top_p, req.stream) == (5, 0.0, 1.0, False)
     assert req.image_param == "messages.0.content.1.image_url"
@@ -69,17 +69,43 @@ def test_defaults_and_aliases():
     assert parse(body(stream=True, top_p=0.5, seed=7)).stream
 
 
-def test_system_and_earlier_turns_are_accepted_last_user_text_is_the_question():
+def test_system_and_earlier_turns_reach_the_model_as_one_conversation():
     raw = json.dumps({"messages": [
         {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "developer", "content": "Answer in one word."},
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(png())}},
                                      {"type": "text", "text": "first question"}]},
         {"role": "assistant", "content": "red"},
         {"role": "user", "content": "  and the shape?  "},
+        {"role": "user", "content": "quickly"},
     ], "user": "ignored-field"}).encode()
     req = parse(raw)
-    assert req.question == "and the shape?"
+    assert req.messages == [{"role": "system", "content": "You are a helpful assistant.\nAnswer in one word."},
+                            {"role": "user", "content": "first question"},
+                            {"role": "assistant", "content": "red"},
+                            {"role": "user", "content": "and the shape?\nquickly"}]
     assert req.image == png()
+
+
+def _image_q() -> dict:
+    return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(png())}},
+                                        {"type": "text", "text": "q"}]}
+
+
+@pytest.mark.parametrize("messages, param", [
+    ([_image_q(), {"role": "assistant", "content": "a"}], "messages.1.role"),
+    ([{"role": "assistant", "content": "a"}, _image_q()], "messages.0.role"),
+    ([_image_q(), {"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "messages.1.role"),
+    ([_image_q(), {"role": "tool", "content": "{}"}, {"role": "user", "content": "q"}], "messages.1.role"),
+])
+def test_a_conversation_the_template_cannot_render_is_a_400_naming_the_message(messages, param):
+    err = refused(json.dumps({"messages": messages}).encode())
+    assert err.status == 400 and err.param == param
+
+
+def test_return_token_ids_is_vllm_s_and_refused_with_stream():
+    assert parse(body(return_token_ids=True)).return_token_ids
+    assert refused(body(return_token_ids=True, stream=True)).param == "return_token_ids"
 
 
 def test_image_url_as_plain_string_and_jpeg():
