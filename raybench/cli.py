@@ -85,6 +85,11 @@ def _cmd_eval(args) -> int:
                         model.config.vision.image_size)
     val = read_split(cfg.data_path, "val", columns=COLUMNS + ["question"]).slice(0, cfg.train.eval_samples)
     metrics = evaluate(model, val_batches(val, proc, cfg.train.batch_size), [proc.image_token_id, proc.pad_id])
+    if "acc/followup" in metrics:  # conversations: also answered as served, own answers in the history
+        from raybench.data.chat_eval import served_turn_accuracy
+
+        metrics.update(served_turn_accuracy(model, proc, val.column("image").to_pylist(),
+                                            val.column("messages").to_pylist()))
     if args.by_objects:
         metrics["scenes"] = _scene_report(model, proc, val.to_pydict(), cfg)
     print(json.dumps(metrics, indent=2))

@@ -21,10 +21,14 @@ from pathlib import Path
 
 
 def _val_example(cfg) -> tuple[bytes, str, str]:
+    """The first validation row's image and its first question and answer (the question a
+    conversation opens with: a question asked without history)."""
+    from raybench.data.conversation import assistant_turns, loads
     from raybench.data.loader import read_split
 
-    row = read_split(cfg.data_path, "val", columns=["image", "question", "answer"]).slice(0, 1).to_pylist()[0]
-    return row["image"], row["question"], row["answer"]
+    row = read_split(cfg.data_path, "val", columns=["image", "messages"]).slice(0, 1).to_pylist()[0]
+    history, answer = assistant_turns(loads(row["messages"]))[0]
+    return row["image"], history[-1]["content"], answer
 
 
 def ask_endpoint(base_url: str, image: bytes, question: str, model: str, api_key: str | None = None,
