@@ -15,8 +15,10 @@ sections, and re-exports the names callers import from `raybench.config`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field
 
@@ -33,14 +35,65 @@ __all__ = [
     "ASHAConfig", "ConfigError", "DataConfig", "DeepStackConfig", "Dimension", "FusionConfig", "LLMConfig",
     "MODULES", "ModelConfig", "Module", "QFormerConfig", "RunConfig", "SCHEDULES", "SparsityConfig", "Stage",
     "StageData", "SweepConfig", "TOKENIZE_FUNCTIONS", "TPEConfig", "TrainConfig", "VETConfig", "VisionConfig",
-    "apply_overrides", "dump_config", "expand_model", "flatten", "format_validation_error", "load_config",
-    "load_raw", "parse_override", "set_path", "validate_config",
+    "URI", "apply_overrides", "dump_config", "expand_model", "flatten", "format_validation_error", "load_config",
+    "load_raw", "local_or_uri", "parse_override", "set_path", "uri_scheme", "validate_config",
 ]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+def uri_scheme(location: object) -> str | None:
+    """`s3` for `s3://bucket/x`, `file` for `file:///abs`; None for a local path (a `Path`, or
+    a string without `scheme://`)."""
+    m = _SCHEME.match(location) if isinstance(location, str) else None
+    return m.group(1).lower() if m else None
+
+
+class URI(str):
+    """A location on a filesystem other than the local one (`s3://bucket/prefix`,
+    `gs://bucket/x`, ...), kept as the string itself: `pathlib.Path` would make it
+    `s3:/bucket/prefix`. `pyarrow.fs` and Ray Data read it (`raybench.data.loader`).
+    `resolve()` and `expanduser()` return it unchanged, so code that makes a local path
+    absolute (`str(cfg.data_path.resolve())`) passes a URI through as it is."""
+
+    def resolve(self, strict: bool = False) -> "URI":
+        return self
+
+    def expanduser(self) -> "URI":
+        return self
+
+
+def _file_uri_error(location: str) -> str | None:
+    """What is wrong with a `file://` URI (None: nothing), e.g. a host: `file://data/x` is
+    host `data`, not the relative path `data/x`."""
+    parts = urlsplit(location)
+    if parts.netloc not in ("", "localhost"):
+        return (f"a file:// URI names a path on this machine: file:///abs/path (three slashes), "
+                f"not host {parts.netloc!r}")
+    if parts.query or parts.fragment:
+        return "a file:// URI takes no ?query or #fragment"
+    return None
+
+
+def local_or_uri(location: str) -> Path | URI:
+    """A config's location as what reads it: a `Path` for a local path and for `file://`
+    (it is local: `file:///data/x` -> `/data/x`), a `URI` (the string) for any other scheme."""
+    scheme = uri_scheme(location)
+    if scheme is None:
+        return Path(location)
+    if scheme == "file":
+        err = _file_uri_error(location)
+        if err:
+            raise ConfigError(f"{location}: {err}")
+        return Path(unquote(urlsplit(location).path))
+    return URI(location)
 
 
 class RunConfig(Strict):
     name: str = Field("default", pattern=r"^[A-Za-z0-9_.-]+$")
-    run_dir: str | None = None  # None: runs/<name>
+    # None: runs/<name>. Local (a path or file:///abs): it holds the MLflow sqlite store, the
+    # tokenizer and logs; checkpoints go to shared storage with train.storage_path: s3://...
+    run_dir: str | None = None
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -48,23 +101,25 @@ class RunConfig(Strict):
 
     @property
     def run_path(self) -> Path:
-        return Path(self.run_dir or Path("runs") / self.name)
+        return local_or_uri(self.run_dir) if self.run_dir else Path("runs") / self.name
 
     @property
-    def data_path(self) -> Path:
-        return Path(self.data.path) if self.data.path else self.run_path / "data"
+    def data_path(self) -> Path | URI:
+        """The dataset: a `Path` when local (`file://` included), else the `URI` itself."""
+        return local_or_uri(self.data.path) if self.data.path else self.run_path / "data"
 
     @property
     def image_size(self) -> int:
         return self.data.image_size or self.model.vision.image_size
 
-    def stage_path(self, stage: "Stage") -> Path | None:
-        """Where a stage's own scenes are (None: it trains on the training set)."""
+    def stage_path(self, stage: "Stage") -> Path | URI | None:
+        """Where a stage's own scenes are (None: it trains on the training set); a `URI` for
+        a `data.path` on another filesystem, as `data_path`."""
         d = stage.data
         if d is None:
             return None
         if d.path:
-            return Path(d.path)
+            return local_or_uri(d.path)
         k = self.data.questions_per_image
         name = f"{stage.name}-{d.max_objects}obj-{d.num_examples}" + (f"-{k}q" if k > 1 else "")
         qtypes = self.stage_qtypes(stage)
@@ -79,9 +134,28 @@ class RunConfig(Strict):
         return stage_qtypes(stage, self.data.qtypes)
 
 
+def location_errors(cfg: RunConfig) -> list[str]:
+    """`run_dir` must be local; a `file://` location must name a path on this machine."""
+    errs = []
+    places = [("run_dir", cfg.run_dir), ("data.path", cfg.data.path)] + [
+        (f"train.stages.{i}.data.path", st.data.path) for i, st in enumerate(cfg.train.stages or [])
+        if st.data is not None]
+    for where, location in places:
+        scheme = uri_scheme(location)
+        if scheme == "file":
+            err = _file_uri_error(location)
+            if err:
+                errs.append(f"{where} = {location!r}: {err}")
+        elif scheme is not None and where == "run_dir":
+            errs.append(f"run_dir = {location!r}: must be a local directory (a path or file:///abs/path): "
+                        "it holds the MLflow sqlite store, the tokenizer and logs; put checkpoints on "
+                        f"shared storage with train.storage_path: {scheme}://... instead")
+    return errs
+
+
 def _cross_field_errors(cfg: RunConfig) -> list[str]:
     """Constraints that span fields; each line: path = value: what is allowed."""
-    return (model_errors(cfg.model) + stage_errors(cfg.train, cfg.data.qtypes)
+    return (location_errors(cfg) + model_errors(cfg.model) + stage_errors(cfg.train, cfg.data.qtypes)
             + qtype_errors("data.qtypes", cfg.data.qtypes))
 
 

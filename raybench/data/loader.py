@@ -2,7 +2,10 @@
 user's own files with the same columns.
 
 A dataset is one `.parquet` file or a directory of them (searched recursively; names
-starting with `.` or `_` are skipped, as `pyarrow.dataset` does). Every file has the same
+starting with `.` or `_` are skipped, as `pyarrow.dataset` does), local or a URI that
+`pyarrow.fs.FileSystem.from_uri` takes (`file:///abs`, `s3://bucket/prefix`, `gs://...`;
+credentials from the usual environment), read through that filesystem and never turned
+into a local path. Every file has the same
 columns: `image` (encoded bytes: PNG, JPEG, ... decoded with Pillow, never unpickled), the
 text as either `messages` (a conversation, JSON: see `raybench.data.conversation`) or
 `question` + `answer` (one turn), and optionally `qtype` (what eval reports accuracy by)
@@ -10,24 +13,31 @@ and `split` ("train" / "val" / ...). Without `split`, a stable hash of each row'
 puts `VAL_FRACTION` of the images in "val" (`stable_split`), the same in every process.
 
 Problems a user can fix (a wrong path, a missing column, an empty split, an undecodable
-image) raise `DataError` with a message that names the file, column or split.
+image; for a URI also a missing bucket or credentials) raise `DataError` with a message that
+names the file (or URI), column or split.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import io
 import os
+import posixpath
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from raybench.config import uri_scheme
 from raybench.data.conversation import MESSAGES_COLUMN, dumps, loads, one_turn, stable_split
 
 # The synthetic set's columns (every one of them); a dataset needs `image` and one text form.
@@ -50,17 +60,91 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
 
 
-def parquet_files(path: str | os.PathLike) -> list[Path]:
-    """The Parquet files of a dataset path (a file, or every `*.parquet` under a directory)."""
+@functools.lru_cache(maxsize=16)
+def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a URI; cached: an S3 filesystem resolves the bucket's
+    region once, not once per file."""
+    return pafs.FileSystem.from_uri(uri)
+
+
+def _reason(err: BaseException) -> str:
+    """The underlying error's first line (pyarrow's can run to dozens of lines)."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[0][:500] + (" ..." if len(lines) > 1 or len(lines[0]) > 500 else "")
+
+
+@contextlib.contextmanager
+def _remote(uri: str) -> Iterator[None]:
+    """A URI's filesystem errors (no such bucket, no credentials, no network) as DataError."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as err:
+        raise DataError(f"cannot read dataset {uri}: {type(err).__name__}: {_reason(err)}") from None
+
+
+def _join(uri: str, rel: str) -> str:
+    """The URI of a file `rel` below the dataset URI (any ?query stays at the end)."""
+    base, sep, query = uri.partition("?")
+    return f"{base.rstrip('/')}/{rel}{sep}{query}"
+
+
+@dataclass
+class _Files:
+    """A dataset's Parquet files as read: local `Path`s (`fs` None) or paths inside `fs`;
+    `shown`: how messages name each one (a URI's: its own URI); `where`: the dataset."""
+
+    paths: list
+    shown: list
+    where: str | Path
+    fs: pafs.FileSystem | None = None
+
+
+def _uri_files(uri: str) -> _Files:
+    with _remote(uri):
+        fs, root = _filesystem(uri)
+        root = root.rstrip("/") or root
+        info = fs.get_file_info(root)
+        if info.type == pafs.FileType.NotFound:
+            raise DataError(f"dataset path does not exist: {uri}")
+        if info.type == pafs.FileType.File:
+            found = [(root, uri)]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+            rels = sorted(posixpath.relpath(i.path, root) for i in infos
+                          if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+            found = [(posixpath.join(root, r), _join(uri, r)) for r in rels
+                     if not any(part.startswith((".", "_")) for part in r.split("/"))]
+    if not found:
+        raise DataError(f"no .parquet files under {uri} (a dataset needs columns: {_required()})")
+    return _Files([f for f, _ in found], [u for _, u in found], uri, fs)
+
+
+def _files(path: str | os.PathLike) -> _Files:
+    """The dataset's files, the filesystem they are on and how messages name them."""
+    if uri_scheme(path) is not None:
+        return _uri_files(path)
     p = Path(path).expanduser()
     if not p.exists():
         raise DataError(f"dataset path does not exist: {p}")
     if p.is_file():
-        return [p]
+        return _Files([p], [p], p)
     files = sorted(f for f in p.rglob("*.parquet") if f.is_file() and not _hidden(f, p))
     if not files:
         raise DataError(f"no .parquet files under {p} (a dataset needs columns: {_required()})")
-    return files
+    return _Files(files, files, p)
+
+
+def _reading(files: _Files):
+    """Where a URI's read errors become DataError (a local path's propagate as they did)."""
+    return _remote(str(files.where)) if files.fs is not None else contextlib.nullcontext()
+
+
+def parquet_files(path: str | os.PathLike) -> list[Path] | list[str]:
+    """The Parquet files of a dataset path (a file, or every `*.parquet` under a directory):
+    `Path`s for a local path, each file's URI for a URI."""
+    return list(_files(path).shown)
 
 
 def _is_text(t: pa.DataType) -> bool:
@@ -74,11 +158,15 @@ def _is_bytes(t: pa.DataType) -> bool:
             or pa.types.is_fixed_size_binary(t))
 
 
-def _check_schema(file: Path) -> pa.Schema:
+def _check_schema(file: Path | str, filesystem: pafs.FileSystem | None = None,
+                  shown: Path | str | None = None) -> pa.Schema:
+    """The file's schema, checked; `filesystem`: where `file` is (None: local), `shown`: its
+    name in messages (default: `file`)."""
     try:
-        schema = pq.read_schema(file)
+        schema = pq.read_schema(file, filesystem=filesystem)
     except (pa.ArrowException, OSError) as err:
-        raise DataError(f"{file} is not a readable Parquet file: {err}") from None
+        raise DataError(f"{shown or file} is not a readable Parquet file: {err}") from None
+    file = shown or file
     names = set(schema.names)
     missing = ["image"] if "image" not in names else []
     if not any(set(form) <= names for form in TEXT_FORMS):
@@ -99,12 +187,15 @@ def _check_schema(file: Path) -> pa.Schema:
 
 def dataset_columns(path: str | os.PathLike) -> tuple[str, ...]:
     """The known columns every file of the dataset has (checked: the same in every file)."""
-    files = parquet_files(path)
+    return _columns(_files(path))
+
+
+def _columns(files: _Files) -> tuple[str, ...]:
     found = None
-    for file in files:
-        cols = tuple(c for c in KNOWN_COLUMNS if c in _check_schema(file).names)
+    for file, shown in zip(files.paths, files.shown):
+        cols = tuple(c for c in KNOWN_COLUMNS if c in _check_schema(file, files.fs, shown).names)
         if found is not None and cols != found:
-            raise DataError(f"{file} has columns {', '.join(cols)} but {files[0]} has "
+            raise DataError(f"{shown} has columns {', '.join(cols)} but {files.shown[0]} has "
                             f"{', '.join(found)}: every file of a dataset needs the same columns")
         found = cols
     return found
@@ -125,25 +216,28 @@ def validate_dataset(path: str | os.PathLike,
     """
     if isinstance(splits, str):  # a bare "train" would iterate as letters
         splits = (splits,)
-    files = parquet_files(path)
-    has_split = "split" in dataset_columns(path)
+    files = _files(path)
+    has_split = "split" in _columns(files)
     counts: dict[str, int] = {}
     total = 0
-    for file in files:
-        rows = pq.read_metadata(file).num_rows
-        total += rows
-        if rows == 0:
-            continue
-        if has_split:
-            column = pq.read_table(file, columns=["split"]).column("split")
-        else:
-            column = pa.array(split_column(pq.read_table(file, columns=["image"]).column("image").to_pylist()))
-        for item in pc.value_counts(column).to_pylist():
-            name = "<null>" if item["values"] is None else str(item["values"])
-            counts[name] = counts.get(name, 0) + item["counts"]
-    where = Path(path).expanduser()
+    fs = files.fs
+    with _reading(files):
+        for file in files.paths:
+            rows = pq.read_metadata(file, filesystem=fs).num_rows
+            total += rows
+            if rows == 0:
+                continue
+            if has_split:
+                column = pq.read_table(file, columns=["split"], filesystem=fs).column("split")
+            else:
+                images = pq.read_table(file, columns=["image"], filesystem=fs).column("image").to_pylist()
+                column = pa.array(split_column(images))
+            for item in pc.value_counts(column).to_pylist():
+                name = "<null>" if item["values"] is None else str(item["values"])
+                counts[name] = counts.get(name, 0) + item["counts"]
+    where = files.where
     if total == 0:
-        raise DataError(f"dataset at {where} is empty: 0 rows in {len(files)} file(s)")
+        raise DataError(f"dataset at {where} is empty: 0 rows in {len(files.paths)} file(s)")
     for split in splits:
         if counts.get(split, 0) == 0:
             found = ", ".join(f"{k!r}: {v}" for k, v in sorted(counts.items()))
@@ -202,25 +296,27 @@ def read_split(path: str | os.PathLike, split: str,
 
     Raises DataError when the split has no rows: training on nothing is never intended.
     """
-    files = parquet_files(path)
-    present = dataset_columns(path)
+    files = _files(path)
+    present = _columns(files)
     if columns is None:
         columns = list(present)
     unknown = [c for c in columns if c not in KNOWN_COLUMNS]
     if unknown:
         raise DataError(f"dataset at {path} has no column(s) {', '.join(unknown)}; "
                         f"columns: {', '.join(present)}")
-    dataset = ds.dataset([str(f) for f in files], format="parquet")
     read = source_columns(present, columns)
-    if "split" in present:
-        table = dataset.to_table(columns=read, filter=pc.field("split") == split)
-    else:
-        table = dataset.to_table(columns=read)
+    with _reading(files):
+        dataset = ds.dataset([str(f) for f in files.paths], format="parquet", filesystem=files.fs)
+        if "split" in present:
+            table = dataset.to_table(columns=read, filter=pc.field("split") == split)
+        else:
+            table = dataset.to_table(columns=read)
+    if "split" not in present:
         table = table.filter(pa.array([s == split for s in split_column(table.column("image").to_pylist())]))
         if "split" in columns:
             table = table.append_column("split", pa.array([split] * table.num_rows, pa.string()))
     if table.num_rows == 0:
-        raise DataError(f"dataset at {Path(path).expanduser()} has 0 rows with split == {split!r}")
+        raise DataError(f"dataset at {files.where} has 0 rows with split == {split!r}")
     if all(c in table.column_names for c in columns):
         return table.select(list(columns))
     rows = normalize_columns(table.select([c for c in table.column_names]).to_pydict(), columns)

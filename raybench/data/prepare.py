@@ -12,7 +12,8 @@ from raybench.data.tokenizer import build_tokenizer, load_tokenizer, save_tokeni
 
 
 def ensure_data(cfg: RunConfig) -> dict[str, int]:
-    """Rows per split; synthesises `<run_dir>/data` on first use, never a user's path."""
+    """Rows per split; synthesises `<run_dir>/data` on first use, never a user's path: a
+    `data.path` (local, `file://` or a URI such as `s3://bucket/prefix`) is only validated."""
     path = cfg.data_path
     if cfg.data.path is None and not path.exists():
         write_synthetic(path, num_train=cfg.data.num_train, num_val=cfg.data.num_val,
@@ -34,7 +35,7 @@ def ensure_data(cfg: RunConfig) -> dict[str, int]:
         if st.data is None:
             continue
         where = cfg.stage_path(st)
-        if st.data.path is None and not where.exists():
+        if st.data.path is None and not where.exists():  # a stage's own data.path: validated only
             write_curriculum(where, st.data.num_examples, image_size=cfg.image_size, seed=cfg.data.seed,
                              qtypes=cfg.stage_qtypes(st), max_objects=st.data.max_objects,
                              questions_per_image=cfg.data.questions_per_image, name=st.name,

@@ -14,6 +14,7 @@ resumed run sees the same rows in the same order and can skip to the exact batch
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -65,11 +66,14 @@ def preprocess(batch: dict[str, np.ndarray], tokenizer_dir: str, image_size: int
     }
 
 
-def build_dataset(path: Path, split: str, tokenizer_dir: Path, image_size: int,
+def build_dataset(path: str | os.PathLike, split: str, tokenizer_dir: Path, image_size: int,
                   max_length: int, limit: int | None = None) -> ray.data.Dataset:
+    """`path`: a local path or a URI (`s3://bucket/prefix`, ...), which reaches Ray Data as
+    it is (never through `pathlib`)."""
     present = dataset_columns(path)
     read = source_columns(present, COLUMNS)
-    ds = ray.data.read_parquet(str(path), columns=read + (["split"] if "split" in present else []), shuffle=None)
+    ds = ray.data.read_parquet(str(os.fspath(path)), columns=read + (["split"] if "split" in present else []),
+                               shuffle=None)
     if "split" in present:  # a predicate expression: Ray pushes it down into the Parquet scan
         ds = ds.filter(expr=col("split") == split).select_columns(read)
     else:  # the loader's hashed split (`raybench.data.loader.split_column`)

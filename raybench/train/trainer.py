@@ -53,17 +53,21 @@ def check_cluster_fits(cfg: RunConfig, reserved: float = 0.0) -> None:
 
 
 def storage_path(cfg: RunConfig) -> str:
+    """Where Ray Train keeps checkpoints: `train.storage_path` exactly as written (a URI such
+    as s3://bucket/x or file:///abs reaches Ray unchanged), else `<run_dir>/ray`."""
     return cfg.train.storage_path or str((cfg.run_path / "ray").resolve())
 
 
 def stage_data(cfg: RunConfig) -> tuple[tuple[str, str], ...]:
-    """(dataset name, path) of every stage that trains on its own scenes."""
+    """(dataset name, path) of every stage that trains on its own scenes (a local path made
+    absolute; a URI as it is)."""
     return tuple((f"stage-{st.name}", str(cfg.stage_path(st).resolve()))
                  for st in cfg.train.stages or [] if st.data is not None)
 
 
 def dataset_key(cfg: RunConfig, tokenizer: Path | None = None) -> tuple:
-    """What the materialised train/val data depend on (not the model: see train/data.py)."""
+    """What the materialised train/val data depend on (not the model: see train/data.py).
+    The data path: a local one absolute, a URI as it is (`URI.resolve` is itself)."""
     tok_dir = Path(tokenizer or tokenizer_dir(cfg)).resolve()
     return (str(cfg.data_path.resolve()), str(tok_dir), cfg.model.vision.image_size, cfg.data.max_length,
             cfg.train.eval_samples, stage_data(cfg))
@@ -81,11 +85,12 @@ def build_datasets(cfg: RunConfig, tokenizer: Path | None = None) -> dict:
     key = dataset_key(cfg, tokenizer)
     path, tok_dir, image_size, max_length, eval_samples, stages = key
     common = dict(tokenizer_dir=Path(tok_dir), image_size=image_size, max_length=max_length)
+    # The paths stay strings: a URI (s3://bucket/x) through Path would be s3:/bucket/x.
     out = {"key": key,
-           "train": build_dataset(Path(path), "train", **common),
-           "val": build_dataset(Path(path), "val", limit=eval_samples, **common)}
+           "train": build_dataset(path, "train", **common),
+           "val": build_dataset(path, "val", limit=eval_samples, **common)}
     for name, stage_path in stages:
-        out[name] = build_dataset(Path(stage_path), "curriculum", **common)
+        out[name] = build_dataset(stage_path, "curriculum", **common)
     return out
 
 
