@@ -27,8 +27,14 @@ def _cmd_data_synth(args) -> int:
     from raybench.data.loader import validate_dataset
     from raybench.data.synthetic import write_synthetic
 
+    from raybench.config import URI
+
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else cfg.data_path
+    if isinstance(out, URI):
+        print(f"error: data synth writes to a local directory, not {out}: render it locally "
+              "(--out DIR), then copy it there", file=sys.stderr)
+        return 2
     write_synthetic(out, num_train=cfg.data.num_train, num_val=cfg.data.num_val,
                     image_size=cfg.image_size, seed=cfg.data.seed, qtypes=cfg.data.qtypes,
                     questions_per_image=cfg.data.questions_per_image)

@@ -8,6 +8,9 @@ Three workloads per preset, each timed eager and compiled in the same run:
                  (`StaticKVCache`), 8 steps after an untimed prefill, eager vs compiled
     train step   `raybench.train.loop.train_step` (forward + backward + clip + AdamW step)
                  on a compiled copy of the same model (same initial weights, same batch)
+    served decode  ms per decode step of the LLM stage's continuous-batching engine
+                 (serve/engine.py) with `batch` live rows: eager, against `serve.compile`
+                 (the step compiled per batch-size bucket, serve/compiled_decode.py)
 
 The compiled first call (tracing + inductor codegen + the C++ build + one run) is reported
 on its own as compile time; latencies are median / min / max over repeats after warm-up,
@@ -34,7 +37,7 @@ import torch
 from torch._inductor.utils import fresh_cache
 
 PRESETS = ("hybrid", "llava")  # the searched family, and plain late fusion for contrast
-WORKLOADS = ("prefill", "decode", "train_step")
+WORKLOADS = ("prefill", "decode", "train_step", "served_decode")
 SEEDS_CLAIM = 1.8  # "Overall inference: 1.8x faster vs eager mode" (docs/architecture.md)
 
 
@@ -114,9 +117,6 @@ DECODE_STEPS = 8  # tokens per timed decode run (after an untimed prefill)
 def bench_decode(preset: str, size: str, batch: int, repeats: int, warmup: int, backend: str) -> dict:
     """ms per generated token: eager `decode_step` vs a compiled one, both on the static KV
     cache (the growing cache changes shapes every step; a compiled step would recompile)."""
-    from torch._dynamo.utils import counters
-
-    from raybench.bench.common import summarize
     from raybench.config import validate_config
     from raybench.cost import probe_inputs, probe_model
     from raybench.model.llm import StaticKVCache
@@ -139,20 +139,59 @@ def bench_decode(preset: str, size: str, batch: int, repeats: int, warmup: int, 
             pos = pos + 1
         return (time.perf_counter() - t0) * 1000 / DECODE_STEPS
 
+    return _interleaved(per_token_ms, model.decode_step, compiled, repeats, warmup)
+
+
+def bench_served_decode(preset: str, size: str, batch: int, repeats: int, warmup: int, backend: str) -> dict:
+    """ms per decode step of the serving engine's pool, `batch` rows: eager vs compiled."""
+    from raybench.config import validate_config
+    from raybench.cost import probe_inputs, probe_model
+    from raybench.serve.compiled_decode import CompiledDecode
+    from raybench.serve.engine import DecodeEngine, Row
+    from raybench.serve.payloads import GenRequest
+
+    model = probe_model(validate_config({"model": {"preset": preset, "size": size}}).model)
+    ids, mask, pixels = probe_inputs(model, batch)
+    with torch.no_grad():
+        visual, deepstack = model.project(*model.encode_images(pixels))
+    prompts = [row[m.bool()].tolist() for row, m in zip(ids, mask)]
+    cpu = torch.device("cpu")
+
+    def per_step_ms(engine: DecodeEngine) -> float:
+        engine.reset()
+        engine.step([Row(GenRequest(p, DECODE_STEPS + 1, ignore_eos=True), visual[i], [d[i] for d in deepstack])
+                     for i, p in enumerate(prompts)])  # prefill: untimed
+        t0 = time.perf_counter()
+        for _ in range(DECODE_STEPS):
+            engine.step([])
+        return (time.perf_counter() - t0) * 1000 / DECODE_STEPS
+
+    return _interleaved(per_step_ms, DecodeEngine(model, cpu),
+                        DecodeEngine(model, cpu, compiled=CompiledDecode(model, batch, backend=backend)),
+                        repeats, warmup)
+
+
+def _interleaved(per_step_ms, eager, compiled, repeats: int, warmup: int) -> dict:
+    """`per_step_ms(x)` for the eager and the compiled `x`: the compiled first call (compile
+    time), then interleaved repeats, as `compare` does for whole calls."""
+    from torch._dynamo.utils import counters
+
+    from raybench.bench.common import summarize
+
     counters.clear()
     t0 = time.perf_counter()
-    per_token_ms(compiled)
+    per_step_ms(compiled)
     compile_s = time.perf_counter() - t0
     breaks, graphs = dict(counters["graph_break"]), counters["stats"]["unique_graphs"]
     for _ in range(warmup):
-        per_token_ms(model.decode_step)
-        per_token_ms(compiled)
-    eager, fast = [], []
+        per_step_ms(eager)
+        per_step_ms(compiled)
+    slow, fast = [], []
     for _ in range(repeats):
-        eager.append(per_token_ms(model.decode_step))
-        fast.append(per_token_ms(compiled))
-    return {"steps": DECODE_STEPS, "compile_s": compile_s, "eager_ms": summarize(eager),
-            "compiled_ms": summarize(fast), "speedup": statistics.median(eager) / statistics.median(fast),
+        slow.append(per_step_ms(eager))
+        fast.append(per_step_ms(compiled))
+    return {"steps": DECODE_STEPS, "compile_s": compile_s, "eager_ms": summarize(slow),
+            "compiled_ms": summarize(fast), "speedup": statistics.median(slow) / statistics.median(fast),
             "graphs": graphs, "graph_breaks": sum(breaks.values()),
             "recompiles": counters["stats"]["unique_graphs"] - graphs,
             "graph_break_reasons": {k.splitlines()[0][:120]: v for k, v in breaks.items()}}
@@ -201,7 +240,8 @@ def run_compile_bench(size: str = "small", quick: bool = False, repeats: int = 7
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
     for preset in presets:
         row = {"preset": preset}
-        for name, fn in (("prefill", bench_prefill), ("decode", bench_decode), ("train_step", bench_train_step)):
+        for name, fn in (("prefill", bench_prefill), ("decode", bench_decode), ("train_step", bench_train_step),
+                         ("served_decode", bench_served_decode)):
             torch._dynamo.reset()
             try:
                 # A cold compile every time: inductor's on-disk caches (kept across runs in

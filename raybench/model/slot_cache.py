@@ -26,10 +26,16 @@ _GROW_ROWS = 8
 
 
 class SlotKVCache:
-    """`decode_step`'s cache for a pool of rows at different positions."""
+    """`decode_step`'s cache for a pool of rows at different positions.
 
-    def __init__(self, num_layers: int):
+    `rows`: allocate this many row slots at once and never grow them, for a compiled decode
+    step (serve/compiled_decode.py), whose graphs are specialised on the buffers' shapes. A
+    step may then run on more rows than are live (a batch-size bucket); the extra rows write
+    into slots no live row owns, which `admit` resets before use."""
+
+    def __init__(self, num_layers: int, rows: int | None = None):
         self.num_layers = num_layers
+        self.fixed_rows = rows
         self._clear()
 
     def _clear(self) -> None:
@@ -45,7 +51,9 @@ class SlotKVCache:
         its decode steps. Returns their pool indices (appended after the live rows)."""
         first, k = self.n, len(rows)
         src = torch.tensor(rows, device=prefilled.keys[0].device)
-        self._reserve(first + k, [prefilled.keys[l].shape[2] + max(room) for l in range(self.num_layers)],
+        if self.fixed_rows is not None and first + k > self.fixed_rows:
+            raise ValueError(f"the pool holds {self.fixed_rows} rows; {first + k} asked for")
+        self._reserve(max(first + k, self.fixed_rows or 0), [prefilled.keys[l].shape[2] + max(room) for l in range(self.num_layers)],
                       prefilled.keys[0])
         for l in range(self.num_layers):
             t = prefilled.keys[l].shape[2]
@@ -79,7 +87,7 @@ class SlotKVCache:
             self.length = torch.zeros(self.num_layers, 0, dtype=torch.long, device=like.device)
         have = self.length.shape[1]
         if rows > have:  # room for a few more rows too: a pool that grows one row at a time copies less
-            rows = -(-rows // _GROW_ROWS) * _GROW_ROWS
+            rows = rows if self.fixed_rows else -(-rows // _GROW_ROWS) * _GROW_ROWS
             self.length = torch.cat([self.length, self.length.new_zeros(self.num_layers, rows - have)], 1)
         for l in range(self.num_layers):
             cap = -(-capacity[l] // _GROW) * _GROW

@@ -125,7 +125,9 @@ class ServeConfig(Strict):
     # Chain stage calls by passing each DeploymentResponse on (the tensors go stage to
     # stage); False awaits each stage in the ingress and passes the values (a bench knob).
     chain_responses: bool = True
-    compile: bool = False           # torch.compile each stage's modules
+    # torch.compile: the LLM stage's decode step once per batch-size bucket (1, 2, 4, ...,
+    # compiled at start-up), the vision and projection stages per block.
+    compile: bool = False
     torch_threads: int | None = Field(None, ge=1)  # None: Ray's default for the CPU share
     api_key_env: str = "RAYBENCH_API_KEY"  # bearer auth is on when this env var is set
     # As vLLM's --api-key: a key set means bearer auth, no key means an open server (with a

@@ -54,12 +54,17 @@ class StepResult:
 
 
 class DecodeEngine:
+    """`compiled`: a `CompiledDecode` (serve/compiled_decode.py) that runs the decode step,
+    and makes the pool's cache; None: the eager `model.decode_step` on a growing pool."""
+
     def __init__(self, model: HybridVLM, device: torch.device,
-                 decode_text: Callable[[list[int]], str] | None = None):
+                 decode_text: Callable[[list[int]], str] | None = None, compiled=None):
         self.model, self.device = model, device
         self.decode_text = decode_text  # answer text so far, for stop strings
+        self.compiled = compiled
+        self.decode_step = compiled if compiled is not None else model.decode_step
         self.rows: list[Row] = []       # row i lives in the pool's slot i
-        self.cache = SlotKVCache(len(model.decoder_layers))
+        self.cache = self._new_cache()
         self.failed_steps = 0           # decode steps failing in a row (the stage's health)
         self.cancelled_rows = 0         # rows dropped because their caller went away
         # Static batching (a bench baseline: how LLM servers batched before Orca): finished
@@ -90,7 +95,7 @@ class DecodeEngine:
         rows = self.rows
         token = torch.tensor([r.tokens[-1] for r in rows], device=self.device)
         pos = torch.tensor([r.next_pos for r in rows], device=self.device)
-        logits = self.model.decode_step(token, pos, self.cache)
+        logits = self.decode_step(token, pos, self.cache)
         self.cache.advance()
         for r in rows:
             r.next_pos += 1
@@ -172,5 +177,10 @@ class DecodeEngine:
                 self.rows[i] = self.rows[moved]
             self.rows.pop()
 
+    def _new_cache(self) -> SlotKVCache:
+        if self.compiled is not None:
+            return self.compiled.new_cache()
+        return SlotKVCache(len(self.model.decoder_layers))
+
     def reset(self) -> None:
-        self.rows, self.cache = [], SlotKVCache(len(self.model.decoder_layers))
+        self.rows, self.cache = [], self._new_cache()

@@ -32,6 +32,7 @@ from raybench.data.loader import DataError, decode_rgb_uint8, normalize_pixels
 from raybench.model.vlm import HybridVLM
 from raybench.serve import metrics
 from raybench.serve.batching import batch
+from raybench.serve.compiled_decode import BUCKETS, CompiledDecode
 from raybench.serve.engine import DecodeEngine, Row, StepResult
 from raybench.serve.payloads import GenOut, GenRequest, ProjectionOut, StageError, VisionOut
 from raybench.serve.model_source import resolve_model_dir
@@ -233,12 +234,20 @@ class LLMStage(_Stage):
         cfg = self.model.config
         # The tokenizer only renders answers for stop strings; the ingress has its own.
         proc = VQAProcessor(load_tokenizer(self.model_dir), cfg.num_image_tokens, cfg.vision.image_size)
-        self.scheduler = Scheduler(DecodeEngine(self.model, self.device, proc.decode_answer), 16,
+        compiled = CompiledDecode(self.model, BUCKETS[-1]) if self.compiled else None
+        self.scheduler = Scheduler(DecodeEngine(self.model, self.device, proc.decode_answer, compiled), 16,
                                    on_step=self._count_step)
+
+    def _compile(self) -> None:
+        """The decode step, compiled per batch-size bucket (`_setup`); prefill stays eager:
+        its prompt lengths vary from batch to batch."""
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         if "max_batch_size" in user_config:
-            self.scheduler.set_max_rows(int(user_config["max_batch_size"]))
+            n = int(user_config["max_batch_size"])
+            if self.compiled and n > BUCKETS[-1]:
+                raise ValueError(f"max_batch_size = {n}: a compiled LLM stage decodes at most {BUCKETS[-1]} rows")
+            self.scheduler.set_max_rows(n)
         self.scheduler.set_static(user_config.get("scheduling", "continuous") == "static")
 
     def warm_up(self) -> None:
@@ -248,10 +257,16 @@ class LLMStage(_Stage):
         # Any real token will do; eos always has an embedding row (pad + 1 has none where
         # load_tokenizer added <pad> as the last token of an LLM without spare rows).
         t = m.eos_token_id
-        rows = [Row(GenRequest([t] + [m.image_token_id] * n + [t], 2),
-                    z, [z] * len(m.config.deepstack_visual_indexes)) for _ in range(2)]
-        self.scheduler.engine.step(rows)
-        self.scheduler.engine.step([])
+        engine = self.scheduler.engine
+
+        def rows(k: int) -> list[Row]:
+            return [Row(GenRequest([t] + [m.image_token_id] * n + [t], 2),
+                        z, [z] * len(m.config.deepstack_visual_indexes)) for _ in range(k)]
+
+        # Compiled: every bucket up to the pool's size, so no request waits for a compile.
+        for k in ([b for b in BUCKETS if b <= self.scheduler.max_rows] if self.compiled else [2]):
+            engine.step(rows(k))
+            engine.step([])
 
     def _count_step(self, result: StepResult, seconds: float) -> None:
         if result.decoded:
