@@ -4,6 +4,7 @@
 # (teacher-forced and as served). Usage (in an installed checkout): scripts/digits_seeds.sh 0 1
 # Runs write runs/digits-s<S>/; wall times and scores go to runs/digits-seeds.tsv.
 set -euo pipefail
+. "$(dirname "$0")/seed_run.sh"
 export HF_HUB_OFFLINE=1
 config=jobs/configs/digits.yaml
 table=runs/digits-seeds.tsv
@@ -16,14 +17,10 @@ if [ ! -d runs/digits-data ]; then
 fi
 for seed in "$@"; do
   run=runs/digits-s$seed
-  start=$(date +%s)
-  raybench pipeline --config "$config" --set sweep.seed="$seed" --set train.seed="$seed" \
-    --set run_dir="$run" > "$run.log" 2>&1
-  wall=$(( $(date +%s) - start ))
-  champion=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['champion'])" "$run/pipeline.json")
+  run_seed "$config" "$run" "$seed"
   raybench eval --config "$config" --set train.eval_samples=1000 --set run_dir="$run" \
-    --model "$run/trials/$champion/model" > "$run.eval.json"
-  python3 - "$seed" "$wall" "$champion" "$run.eval.json" "$(git rev-parse --short HEAD)" >> "$table" <<'PY'
+    --model "$run/trials/$CHAMPION/model" > "$run.eval.json"
+  python3 - "$seed" "$WALL" "$CHAMPION" "$run.eval.json" "$(git rev-parse --short HEAD)" >> "$table" <<'PY'
 import json, sys
 seed, wall, champion, path, commit = sys.argv[1:]
 r = json.load(open(path))

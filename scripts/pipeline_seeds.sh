@@ -5,20 +5,17 @@
 # Each run writes runs/s<S>/ (its pipeline.json names the champion); wall times and scores
 # go to runs/pipeline-seeds.tsv.
 set -euo pipefail
+. "$(dirname "$0")/seed_run.sh"
 export HF_HUB_OFFLINE=1
 config=${CONFIG:-jobs/configs/default.yaml}
 table=runs/pipeline-seeds.tsv
 mkdir -p runs
 for seed in "$@"; do
   run=runs/s$seed
-  start=$(date +%s)
-  raybench pipeline --config "$config" --set sweep.seed="$seed" --set train.seed="$seed" \
-    --set run_dir="$run" > "$run.log" 2>&1
-  wall=$(( $(date +%s) - start ))
-  champion=$(python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['champion'])" "$run/pipeline.json")
+  run_seed "$config" "$run" "$seed"
   raybench eval --config "$config" --set train.eval_samples=1000 --set run_dir="$run" \
-    --model "$run/trials/$champion/model" --by-objects > "$run.eval.json"
-  python3 - "$seed" "$wall" "$champion" "$run.eval.json" "$(git rev-parse --short HEAD)" >> "$table" <<'PY'
+    --model "$run/trials/$CHAMPION/model" --by-objects > "$run.eval.json"
+  python3 - "$seed" "$WALL" "$CHAMPION" "$run.eval.json" "$(git rev-parse --short HEAD)" >> "$table" <<'PY'
 import json, sys
 seed, wall, champion, path, commit = sys.argv[1:]
 text = open(path).read()

@@ -202,10 +202,6 @@ def run_unit(raw: dict, unit: tuple[str, int, str], tokenizer: Path, batch: int,
             "raw": raw, "config": dump_config(cfg)}
 
 
-
-
-
-
 def _render_data(raw: dict, out: Path, mix: str) -> Path:
     """The mix's data, its stages' scenes and its tokenizer, rendered anew (a session that
     resumes renders the same rows: every generator is seeded); the tokenizer's directory."""
