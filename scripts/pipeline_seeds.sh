@@ -19,7 +19,7 @@ for seed in "$@"; do
 import json, sys
 seed, wall, champion, path, commit = sys.argv[1:]
 text = open(path).read()
-report = json.loads(text[text.index("\n{") + 1:])  # the human-readable report comes first
+report = json.loads(text[text.index("{"):])  # the by-objects report goes to stderr
 four = {q: report["scenes"]["qtypes"][q]["accuracy_by_objects"].get("4") for q in ("shape", "position")}
 types = " ".join(f"{k[4:]}={v:.3f}" for k, v in sorted(report.items()) if k.startswith("acc/"))
 print(f"seed={seed}\tcommit={commit}\twall_s={wall}\tchampion={champion}\taccuracy={report['accuracy']:.3f}\t"

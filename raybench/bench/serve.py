@@ -177,7 +177,7 @@ def _in_process(model_dir: Path, bodies: list[bytes], concurrency: int, n: int, 
 
     def serve_batch(raw: list[bytes]) -> list[str]:
         reqs = [parse_chat_request(b, limits, "raybench-vlm") for b in raw]
-        prompt = proc.encode_prompts([r.question for r in reqs])
+        prompt = proc.encode_prompt_conversations([r.messages for r in reqs])
         with torch.inference_mode():
             out = model.generate(prompt["input_ids"], prompt["attention_mask"],
                                  proc.pixel_values([r.image for r in reqs]), max_new_tokens=MAX_TOKENS)
@@ -257,8 +257,9 @@ def n_requests(concurrency: int, quick: bool, repeats: int) -> int:
 # ------------------------------------------------------------------ the run
 
 def _serve_apps(model_dir: Path) -> dict:
-    from raybench.serve.app import build_application
-    from raybench.serve.config import validate_serve_config
+    from raybench.bench.serve_payload import payload_app
+    from raybench.serve.app import ChatIngress, build_application
+    from raybench.serve.config import deployment_options, validate_serve_config
 
     stage = {"num_cpus": 0.2, "max_batch_size": 32, "max_ongoing_requests": 64}
     unbatched = {"num_cpus": 0.2, "max_batch_size": 1, "max_ongoing_requests": 64}
@@ -276,6 +277,9 @@ def _serve_apps(model_dir: Path) -> dict:
         "serve no-op, 3 hops": lambda: NoopIngress.bind(NoopStage.options(name="Noop1").bind(),
                                                         NoopStage.options(name="Noop2").bind(),
                                                         NoopStage.options(name="Noop3").bind()),
+        # The real ingress and hops with real payloads, stages that compute nothing.
+        PAYLOAD_APP: lambda: payload_app(ChatIngress.options(**deployment_options(validate_serve_config(base).ingress)),
+                                         validate_serve_config(base).model_dump(mode="json"), str(model_dir)),
         "single deployment, batched": lambda: build_application(validate_serve_config(
             {**base, "topology": "single", "vision": stage, "projection": stage, "llm": stage})),
         # unbatched first: its closed-loop rate sets the open loop's arrival rates
@@ -289,6 +293,7 @@ def _serve_apps(model_dir: Path) -> dict:
 
 
 BOUNDED_APP = "3-stage, bounded queue"  # the default limits.max_queued_requests
+PAYLOAD_APP = "real ingress + payloads, no-op stages"
 
 
 def _run_serve_configs(names: list[str], apps: dict, port: int, bodies, quick, repeats, rows, tag=""):
@@ -449,7 +454,7 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
         apps = _serve_apps(model_dir)
         # --quick: the rows the goals need, one Ray start; the full run adds the floor-lowering
         # variants (values via the ingress, a fresh Ray in throughput-optimized mode).
-        names = [n for n in apps if not (quick and n == "3-stage, batched, values via ingress")]
+        names = [n for n in apps if not (quick and n in ("3-stage, batched, values via ingress", PAYLOAD_APP))]
         owned = _start_ray(port, throughput_optimized=False)
         try:
             _run_serve_configs(names, apps, port, bodies, quick, repeats, rows)

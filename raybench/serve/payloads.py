@@ -33,7 +33,7 @@ class ProjectionOut:
 
 @dataclass
 class GenRequest:
-    prompt_ids: list[int]              # bos + <image> x N + question tokens (not padded)
+    prompt_ids: list[int]              # the conversation rendered by the chat template (not padded)
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
