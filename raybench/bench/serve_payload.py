@@ -10,7 +10,7 @@ from typing import Any, AsyncIterator
 import torch
 from ray import serve
 
-from raybench.serve.payloads import GenOut, GenRequest, ProjectionOut, VisionOut
+from raybench.serve.payloads import GenOut, GenRequest, ProjectionOut, VisionOut, to_wire
 
 
 class _Shapes:
@@ -38,12 +38,12 @@ class _Shapes:
 
 class PayloadVision(_Shapes):
     async def encode(self, image: bytes) -> VisionOut:
-        return VisionOut(self.patches.clone(), [self.patches.clone() for _ in range(self.taps)])
+        return VisionOut(to_wire(self.patches), [to_wire(self.patches) for _ in range(self.taps)])
 
 
 class PayloadProjection(_Shapes):
     async def project(self, features: VisionOut) -> ProjectionOut:
-        return ProjectionOut(self.visual.clone(), [self.visual.clone() for _ in range(self.taps)])
+        return ProjectionOut(to_wire(self.visual), [to_wire(self.visual) for _ in range(self.taps)])
 
 
 class PayloadLLM(_Shapes):

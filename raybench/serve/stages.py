@@ -34,7 +34,8 @@ from raybench.serve import metrics
 from raybench.serve.batching import batch
 from raybench.serve.compiled_decode import BUCKETS, CompiledDecode
 from raybench.serve.engine import DecodeEngine, Row, StepResult
-from raybench.serve.payloads import GenOut, GenRequest, ProjectionOut, StageError, VisionOut
+from raybench.serve.payloads import (GenOut, GenRequest, ProjectionOut, StageError, VisionOut, from_wire,
+                                     to_wire)
 from raybench.serve.model_source import resolve_model_dir
 from raybench.serve.scheduler import Scheduler
 
@@ -195,7 +196,7 @@ class VisionStage(_Stage):
         with torch.inference_mode():
             patches, taps = self.model.encode_images(pixels)
             patches, taps = patches.cpu(), [t.cpu() for t in taps]
-        return [VisionOut(patches[i].clone(), [t[i].clone() for t in taps]) for i in range(len(arrays))]
+        return [VisionOut(to_wire(patches[i]), [to_wire(t[i]) for t in taps]) for i in range(len(arrays))]
 
 
 class ProjectionStage(_Stage):
@@ -213,12 +214,12 @@ class ProjectionStage(_Stage):
         return await self._run_batch(features, self._project)
 
     def _project(self, feats: list[VisionOut]) -> list[ProjectionOut]:
-        patches = torch.stack([f.patches for f in feats]).to(self.device)
-        taps = [torch.stack([f.taps[k] for f in feats]).to(self.device) for k in range(len(feats[0].taps))]
+        patches = torch.stack([from_wire(f.patches) for f in feats]).to(self.device)
+        taps = [torch.stack([from_wire(f.taps[k]) for f in feats]).to(self.device) for k in range(len(feats[0].taps))]
         with torch.inference_mode():
             visual, deepstack = self.model.project(patches, taps)
             visual, deepstack = visual.cpu(), [d.cpu() for d in deepstack]
-        return [ProjectionOut(visual[i].clone(), [d[i].clone() for d in deepstack]) for i in range(len(feats))]
+        return [ProjectionOut(to_wire(visual[i]), [to_wire(d[i]) for d in deepstack]) for i in range(len(feats))]
 
 
 class LLMStage(_Stage):
@@ -281,7 +282,7 @@ class LLMStage(_Stage):
         if isinstance(projected, StageError):
             yield projected
             return
-        row = Row(gen, projected.visual_embeds, projected.deepstack_embeds)
+        row = Row(gen, from_wire(projected.visual_embeds), [from_wire(d) for d in projected.deepstack_embeds])
         stream = self.scheduler.submit(row)
         tokens: list[int] = []
         async for chunk in stream.chunks():
