@@ -82,13 +82,6 @@ def loads(text: str) -> list[dict[str, str]]:
     return messages
 
 
-def row_conversation(row: dict) -> list[dict[str, str]]:
-    """A row's conversation: its `messages`, or its `question` / `answer` as one turn."""
-    if row.get(MESSAGES_COLUMN) is not None:
-        return loads(row[MESSAGES_COLUMN])
-    return one_turn(row["question"], row["answer"])
-
-
 def assistant_turns(messages: Sequence[dict[str, str]]) -> list[tuple[list[dict[str, str]], str]]:
     """Each assistant turn as (the conversation before it, its reference text): what eval
     asks, turn by turn, with the reference answers of earlier turns in the history."""

@@ -43,7 +43,6 @@ from raybench.data.conversation import MESSAGES_COLUMN, dumps, loads, one_turn, 
 # The synthetic set's columns (every one of them); a dataset needs `image` and one text form.
 REQUIRED_COLUMNS = ("image", "question", "answer", "qtype", "split")
 TEXT_FORMS = ((MESSAGES_COLUMN,), ("question", "answer"))
-OPTIONAL_COLUMNS = ("qtype", "split")
 KNOWN_COLUMNS = ("image", MESSAGES_COLUMN, "question", "answer", "qtype", "split")
 VAL_FRACTION = 0.1
 
