@@ -197,7 +197,7 @@ def _add_bench_parser(sub) -> None:
                    help="seeds: training steps per preset (default: jobs/configs/default.yaml's train.steps)")
     p.add_argument("--seeds", type=int, default=None,
                    help="seeds / curves: train every preset / config on this many seeds (train.seed 0..N-1; "
-                        "default: seeds 1, curves 2)")
+                        "default: 2; seeds --quick 1)")
     p.add_argument("--units", default=None,
                    help="curves / search / seeds: where each finished (config, seed) / (preset, seed, mix) unit "
                         "is stored and found again (default: the checkout's benchmarks/curves or benchmarks/seeds; "

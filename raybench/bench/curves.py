@@ -172,7 +172,7 @@ def run_unit(cfg, config: str, seed: int, shared_root: Path, datasets: dict, tok
     from raybench.train.checkpoint import SHARED_READY
     from raybench.train.local import train_local
     from raybench.train.trainer import fit
-    from raybench.tune.shared_stage import shared_stage
+    from raybench.train.shared_stage import shared_stage
 
     local = config in LOCAL
     shared = None if local else shared_stage(cfg, shared_root)

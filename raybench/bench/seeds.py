@@ -7,7 +7,7 @@ OCR"). This trains every preset with the single-process trainer on the same synt
 then measures each trained model's inference cost with `bench fusion`'s `measure`:
 parameters, prefill latency, GFLOP/sample. Accuracy is exact match on the validation split,
 overall and per question type (`count` and `glyph` are the fine-detail ones). Samples/s is
-the trainer's own per-eval-window throughput, median of the windows after the first (warm-up).
+the trainer's own per-eval-window throughput in the answer stage, after its first window.
 
 Each (preset, seed, mix) is a unit: one JSON file in the units directory (`--units`, by
 default the checkout's `benchmarks/seeds/`), written when the unit ends and skipped ever
@@ -15,8 +15,10 @@ after, as `bench curves` records its units: a recording spans sessions and a cra
 only the unit in flight. The table, the claims and their verdicts are rendered from the
 stored units alone, so a partial recording shows what it has (the rendering: seeds_report.py).
 
-Each unit trains its scene stage itself: the in-process trainer cannot start from a shared
-one (`bench curves` shares it on Ray Train, `raybench.tune.shared_stage`).
+Presets share their scene stage as a sweep's trials do (`raybench.train.shared_stage`): it
+trains only the vision tower, which every preset has alike, so the first preset of a seed and
+mix trains it and saves its end state under `<out>/seeds-runs/shared-stages`, and the others
+start from it, bit for bit where they would have been (tests/unit/test_shared_stage.py).
 """
 
 from __future__ import annotations
@@ -157,22 +159,30 @@ def check_recorded(units: Path, expected: dict[tuple[str, int, str], dict]) -> N
 
 
 def _throughput(cfg) -> dict:
-    windows = [json.loads(x)["samples_per_s"]
-               for x in (cfg.run_path / "logs" / "train_local.jsonl").read_text().splitlines() if x.strip()]
-    kept = windows[1:] or windows
+    """The last stage's eval windows after its first (the first holds warm-up, or the end of
+    the scene stage in a unit that trained it): every unit's figure from the same steps."""
+    lines = [json.loads(x) for x in (cfg.run_path / "logs" / "train_local.jsonl").read_text().splitlines() if x.strip()]
+    windows = [x["samples_per_s"] for x in lines]
+    last = [x["samples_per_s"] for x in lines if x["stage"] == lines[-1]["stage"]]
+    kept = last[1:] or last
     return {"median": statistics.median(kept), "min": min(kept), "max": max(kept), "samples": windows}
 
 
-def train_and_measure(cfg, batch: int, repeats: int, measure_cost: bool = True) -> dict:
+def train_and_measure(cfg, batch: int, repeats: int, measure_cost: bool = True, shared_root: Path | None = None) -> dict:
     from raybench.bench.fusion import measure
     from raybench.model.vlm import HybridVLM
+    from raybench.train.checkpoint import SHARED_READY
     from raybench.train.local import train_local
+    from raybench.train.shared_stage import shared_stage
 
+    shared = shared_stage(cfg, shared_root) if shared_root is not None else None
+    started_after = shared is not None and (Path(shared["path"]) / SHARED_READY).is_file()
     t0 = time.perf_counter()
     tag = f"{cfg.model.preset} seed {cfg.train.seed}"
-    metrics = train_local(cfg, log=lambda line: print(f"  [{tag}] {line}", flush=True))
+    metrics = train_local(cfg, log=lambda line: print(f"  [{tag}] {line}", flush=True), shared_root=shared_root)
     train_s = time.perf_counter() - t0
     row = {"preset": cfg.model.preset, "seed": cfg.train.seed, "train_s": train_s,
+           "shared_stage": None if shared is None else {"end": shared["end"], "started_after": started_after},
            "train_samples_per_s": _throughput(cfg), "accuracy": metrics["accuracy"], "val_loss": metrics["val_loss"],
            "acc": {k[4:]: v for k, v in metrics.items() if k.startswith("acc/")}}
     if measure_cost:
@@ -195,7 +205,7 @@ def run_unit(raw: dict, unit: tuple[str, int, str], tokenizer: Path, batch: int,
     shutil.rmtree(cfg.run_path, ignore_errors=True)  # what a crashed attempt left
     shutil.copytree(tokenizer, tokenizer_dir(cfg))  # one tokenizer per mix: only the fusion differs
     started = time.time()
-    row = train_and_measure(cfg, batch, repeats)
+    row = train_and_measure(cfg, batch, repeats, shared_root=cfg.run_path.parent)
     return {"unit": unit_name(*unit), "mix": mix, "trainer": "local", **row,
             "wall_s": time.time() - started, "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
             "commit": checkout_commit(), "quick": quick, "command": command, "cost_batch": batch, "cost_repeats": repeats,
@@ -342,7 +352,8 @@ def main(args) -> int:
     unknown = [p for p in presets if p not in PRESETS] + [m for m in mixes if m not in MIXES]
     if unknown:
         raise ConfigError(f"bench seeds: {unknown} unknown; presets: {', '.join(PRESETS)}; mixes: {', '.join(MIXES)}")
-    seeds = getattr(args, "seeds", None) or 1
+    # Two seeds by default: a verdict pairs seeds (one run is one draw); --quick checks the machinery.
+    seeds = getattr(args, "seeds", None) or (1 if quick else 2)
     record_units(out, units, size=args.size, quick=quick, steps=getattr(args, "steps", None), repeats=args.repeats,
                  presets=presets, seeds=seeds, mixes=mixes, max_units=getattr(args, "max_units", None))
     result = result_from_units(units, mixes, presets, seeds)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 import time
+from pathlib import Path
 from typing import Callable, Iterator
 
 import pyarrow as pa
@@ -17,9 +20,11 @@ from raybench.data.prepare import ensure_data, ensure_tokenizer
 from raybench.data.processor import VQAProcessor, group_rows, shared_images
 from raybench.data.synthetic import scene_targets
 from raybench.model.vlm import HybridVLM
+from raybench.train import checkpoint as ckpt
 from raybench.train.loop import (build_optimizer, build_scheduler, evaluate_counts, format_eval,
                                  merge_counts, pack_correct, train_step)
-from raybench.train.stages import PlannedStage, plan, set_trainable, stage_at
+from raybench.train.stages import SCENE_MODULES, PlannedStage, plan, set_trainable, stage_at
+from raybench.train.shared_stage import shared_stage
 
 # `answer` is the last assistant turn: a `scene` stage reads its targets from the captions.
 COLUMNS = ["image", "messages", "qtype", "answer"]
@@ -43,11 +48,13 @@ def shuffled_batches(table: pa.Table, batch_size: int, seed: int) -> Iterator[di
 
 
 def training_batches(stages: list[PlannedStage], tables: dict[str, pa.Table], batch_size: int,
-                     seed: int) -> Iterator[dict]:
+                     seed: int, start: int = 0) -> Iterator[dict]:
     """Each stage's batches in turn, from its own table (`tables[stage.dataset]`), each stage
-    its own seeded shuffle starting at its first epoch."""
+    its own seeded shuffle starting at its first epoch. `start`: a stage boundary to begin at
+    (a run that starts after shared stages draws exactly the batches it would have)."""
     for i, st in enumerate(stages):
-        yield from itertools.islice(shuffled_batches(tables[st.dataset], batch_size, seed + i), st.end - st.start)
+        if st.end > start:
+            yield from itertools.islice(shuffled_batches(tables[st.dataset], batch_size, seed + i), st.end - st.start)
 
 
 def val_batches(table: pa.Table, proc: VQAProcessor, batch_size: int) -> list[dict]:
@@ -60,37 +67,40 @@ def val_batches(table: pa.Table, proc: VQAProcessor, batch_size: int) -> list[di
     return out
 
 
-def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str, float]:
+def train_local(cfg: RunConfig, log: Callable[[str], None] = print,
+                shared_root: Path | None = None) -> dict[str, float]:
+    """Train `cfg` in this process; the final model goes to `<run_dir>/model`. With
+    `shared_root`, leading `scene` stages are shared as a sweep's trials share them
+    (raybench/train/shared_stage.py): the first run with their key saves their end state
+    there, a later one starts from it, exactly where it would have been."""
     torch.manual_seed(cfg.train.seed)
     counts = ensure_data(cfg)
     tok = ensure_tokenizer(cfg)
     model = HybridVLM.for_tokenizer(cfg.model, tok)
     proc = VQAProcessor(tok, cfg.model.num_image_tokens, cfg.model.vision.image_size)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"[raybench] {cfg.model.preset}/{cfg.model.size}: {n_params / 1e6:.2f} M parameters, "
-        f"{counts['train']} train / {counts['val']} val rows from {cfg.data_path}")
+    log(f"[raybench] {cfg.model.preset}/{cfg.model.size}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f} M "
+        f"parameters, {counts['train']} train / {counts['val']} val rows from {cfg.data_path}")
 
     train = read_split(cfg.data_path, "train", columns=COLUMNS)
     val = read_split(cfg.data_path, "val", columns=COLUMNS).slice(0, cfg.train.eval_samples)
     evals = val_batches(val, proc, cfg.train.batch_size)
-    suppressed = [proc.image_token_id, proc.pad_id]
     optimizer, t, stages = build_optimizer(model, cfg.train), cfg.train, plan(cfg)
     scheduler = build_scheduler(optimizer, t, stages)
+    shared = shared_stage(cfg, shared_root) if shared_root is not None else None
+    start = _start_shared(shared, model, optimizer, scheduler, log)
     logs = cfg.run_path / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     history = (logs / "train_local.jsonl").open("w")
 
     metrics: dict[str, float] = {}
-    tables = {"train": train}
-    for st in stages:
-        if st.data is not None:
-            tables[st.dataset] = read_split(st.data_path, "curriculum", columns=COLUMNS)
+    tables = {"train": train, **{st.dataset: read_split(st.data_path, "curriculum", columns=COLUMNS)
+                                 for st in stages if st.data is not None and st.end > start}}
     if len(stages) > 1:
-        log("[raybench] stages: " + ", ".join(_describe(st, tables) for st in stages))
-    batches = training_batches(stages, tables, t.batch_size, t.seed)
+        log("[raybench] stages: " + ", ".join(_describe(st, tables) for st in stages if st.end > start))
+    batches = training_batches(stages, tables, t.batch_size, t.seed, start)
     window_start, window_samples, losses = time.perf_counter(), 0, []
     stage = None
-    for step in range(1, t.steps + 1):
+    for step in range(start + 1, t.steps + 1):
         current = stage_at(stages, step - 1)
         if current is not stage:  # a new stage: its modules learn, the others freeze
             stage = current
@@ -102,22 +112,56 @@ def train_local(cfg: RunConfig, log: Callable[[str], None] = print) -> dict[str,
         loss = train_step(model, batch, optimizer, scheduler, t.grad_clip)
         losses.append(loss)
         window_samples += t.batch_size
+        if shared and step == shared["end"]:
+            _save_shared(shared, model, optimizer, cfg.name, log)
         if step % t.eval_every == 0 or step == t.steps:
             rate = window_samples / (time.perf_counter() - window_start)
-            counts = evaluate_counts(model, evals, suppressed)
-            metrics = merge_counts([counts])
-            train_loss = sum(losses) / len(losses)
-            log(format_eval(step, t.steps, train_loss, metrics, rate) + (f" | {stage.name}" if len(stages) > 1 else ""))
-            _record(history, {"step": step, "stage": stage.name, "train_loss": train_loss, "samples_per_s": rate,
-                              **metrics}, counts)
+            metrics = _evaluate(model, evals, [proc.image_token_id, proc.pad_id], history, log, step, t.steps,
+                                sum(losses) / len(losses), rate, stage.name, len(stages) > 1)
             window_start, window_samples, losses = time.perf_counter(), 0, []
     history.close()
-
     out = cfg.run_path / "model"
     model.save_pretrained(out)
     tok.save_pretrained(out)
     (cfg.run_path / "config.json").write_text(json.dumps(dump_config(cfg), indent=2))
     log(f"[raybench] model saved to {out} (safetensors + config.json + tokenizer)")
+    return metrics
+
+
+def _start_shared(shared: dict | None, model, optimizer, scheduler, log) -> int:
+    """The step this run starts at: the shared stages' end when another run left them, else 0."""
+    if not shared or not (Path(shared["path"]) / ckpt.SHARED_READY).is_file():
+        return 0
+    state = ckpt.load_shared(Path(shared["path"]), model, optimizer, scheduler)
+    log(f"[raybench] starting at step {state.step}, after stages up to {shared['name']} from {shared['path']}")
+    return state.step
+
+
+def _save_shared(shared: dict, model, optimizer, name: str, log) -> None:
+    """Leave the shared stages' end state for later runs: written aside and renamed into
+    place, so a reader sees a whole state or none."""
+    final = Path(shared["path"])
+    if (final / ckpt.SHARED_READY).is_file():
+        return
+    tmp = final.with_name(f".{final.name}.{name}.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ckpt.save_shared(tmp, model, optimizer, SCENE_MODULES, 0, {"stage": shared["name"], "step": shared["end"],
+                                                             "trial": name})
+    try:
+        tmp.rename(final)
+        log(f"[raybench] step {shared['end']}: stages up to {shared['name']} saved for later runs at {final}")
+    except OSError:  # another run got there first: theirs is the same state
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _evaluate(model, evals, suppressed, history, log, step: int, steps: int, train_loss: float, rate: float,
+              stage: str, staged: bool) -> dict[str, float]:
+    """One evaluation: logged, and recorded in logs/train_local.jsonl."""
+    counts = evaluate_counts(model, evals, suppressed)
+    metrics = merge_counts([counts])
+    log(format_eval(step, steps, train_loss, metrics, rate) + (f" | {stage}" if staged else ""))
+    _record(history, {"step": step, "stage": stage, "train_loss": train_loss, "samples_per_s": rate,
+                      **metrics}, counts)
     return metrics
 
 

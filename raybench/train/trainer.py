@@ -104,7 +104,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None, *, tracking_uri
     store and parent run, the inference-cost metric its workers measure and report with every
     eval (a Pareto sweep's second objective), the sweep's already materialised `datasets`
     (used when their `key` matches this config) and where its shared scene stages' end state
-    is or goes (raybench/tune/shared_stage.py)."""
+    is or goes (raybench/train/shared_stage.py)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer

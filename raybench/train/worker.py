@@ -105,7 +105,7 @@ def _resume(model, optimizer, scheduler, stages) -> ckpt.TrainerState | None:
 
 def _start_shared(model, optimizer, scheduler, shared: dict | None) -> ckpt.TrainerState | None:
     """A sweep trial whose leading scene stages another trial already ran (see
-    raybench/tune/shared_stage.py) starts at their end."""
+    raybench/train/shared_stage.py) starts at their end."""
     if not shared:
         return None
     path = Path(shared["path"])

@@ -51,7 +51,7 @@ class SweepConfig(Strict):
     seed: int = 0
     # Leading `scene` stages (the tower's pretraining, the LLM side frozen) run once: a trial
     # whose config does not change them starts from the first trial's end state of them
-    # (raybench/tune/shared_stage.py). Off: every trial trains them itself.
+    # (raybench/train/shared_stage.py). Off: every trial trains them itself.
     share_scene_stages: bool = True
     trial_max_failures: int = Field(1, ge=-1)  # Tune-level trial restarts
     driver_cpus: float = Field(0.01, gt=0)  # the per-trial driver function; 0 is refused by Tune

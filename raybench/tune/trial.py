@@ -61,7 +61,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raybench.train.trainer import fit
-    from raybench.tune.shared_stage import shared_stage
+    from raybench.train.shared_stage import shared_stage
 
     global _TRIALS_RUN_HERE
     # A reused driver (`sweep.reuse_trial_drivers`) was launched for an earlier trial: this

@@ -10,7 +10,7 @@ import pytest
 from raybench.bench.curves import (CONFIGS, DEFAULT_POINT, FIRST, LOCAL, base_raw, read_evals, unit_config,
                                    unit_order)
 from raybench.train.loop import pack_correct, unpack_correct
-from raybench.tune.shared_stage import shared_stage
+from raybench.train.shared_stage import shared_stage
 
 
 def test_the_first_configs_run_on_every_seed_before_the_rest():

@@ -1,6 +1,8 @@
-"""A sweep's leading scene stages, run once (raybench/tune/shared_stage.py): the key says when
+"""A sweep's leading scene stages, run once (raybench/train/shared_stage.py): the key says when
 two trials' stages would not differ, and a trial started from the saved end state is exactly
 where it would have been had it trained the stages itself (one gloo rank, FSDP2, in process)."""
+
+import json
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from raybench.train import checkpoint as ckpt
 from raybench.train.loop import build_optimizer, build_scheduler, train_step
 from raybench.train.parallel import mixed_precision, parallelize
 from raybench.train.stages import SCENE_MODULES, plan, set_trainable, stage_at
-from raybench.tune.shared_stage import shared_stage, stage_key
+from raybench.train.shared_stage import shared_stage, stage_key
 
 VOCAB, PAD, EOS, IMG = 60, 0, 2, 3
 SEE = {"name": "see", "steps": 2, "objective": "scene", "train": ["vision"], "lr": 5e-3,
@@ -133,3 +135,42 @@ def test_a_trial_started_from_the_shared_stage_is_where_running_it_would_have_le
     own.train(data, 2, 5)
     for k, v in own.weights().items():
         assert torch.equal(b.weights()[k], v), k
+
+
+def _local(tmp_path, name: str, preset: str):
+    return validate_config({
+        "name": name, "run_dir": str(tmp_path / name), "model": {"preset": preset, "size": "tiny"},
+        "data": {"num_train": 96, "num_val": 32, "path": str(tmp_path / "data")},
+        "train": {"steps": 5, "batch_size": 8, "eval_every": 5, "eval_samples": 32, "warmup_steps": 1,
+                  "stages": [{**SEE, "data": {"num_examples": 32, "path": str(tmp_path / "see")}}, {"name": "main"}]}})
+
+
+def test_in_process_runs_share_the_scene_stage_and_end_where_their_own_would(tmp_path):
+    from safetensors.torch import load_file
+
+    from raybench.train.local import train_local
+
+    def weights(cfg):
+        return load_file(str(cfg.run_path / "model" / "model.safetensors"))
+
+    from raybench.data.synthetic import write_curriculum, write_synthetic
+
+    root, lines = tmp_path / "shared", []
+    first = _local(tmp_path, "first", "hybrid")
+    write_synthetic(tmp_path / "data", num_train=96, num_val=32, image_size=first.image_size, seed=0)
+    write_curriculum(tmp_path / "see", 32, image_size=first.image_size, seed=0, qtypes=["describe"], name="see")
+    train_local(first, log=lines.append, shared_root=root)
+    assert any("saved for later runs" in x for x in lines)
+    # Another preset (another LLM side) starts after the stage the first run left ...
+    lines.clear()
+    later = _local(tmp_path, "later", "llava")
+    train_local(later, log=lines.append, shared_root=root)
+    assert any("starting at step 2" in x for x in lines)
+    history = (later.run_path / "logs" / "train_local.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in history] == [5]
+    # ... and ends bit for bit where training the stage itself leaves it.
+    alone = _local(tmp_path, "alone", "llava")
+    train_local(alone, log=lambda _: None)
+    mine = weights(later)
+    for k, v in weights(alone).items():
+        assert torch.equal(mine[k], v), k

@@ -16,7 +16,8 @@ stages after the shared ones. `train.lr` is left out only when every shared stag
 own `lr`. A field missing here would silently share what differs, so the rule is the other
 way round: everything counts unless it is listed as not taking part.
 
-Light (no torch, no Ray): the sweep driver and tests use it.
+Light (no torch, no Ray): the sweep driver, the in-process trainer (`bench seeds` shares the
+stage between presets) and tests use it.
 """
 
 from __future__ import annotations
