@@ -37,7 +37,7 @@ def _cmd_data_synth(args) -> int:
         return 2
     write_synthetic(out, num_train=cfg.data.num_train, num_val=cfg.data.num_val,
                     image_size=cfg.image_size, seed=cfg.data.seed, qtypes=cfg.data.qtypes,
-                    questions_per_image=cfg.data.questions_per_image)
+                    questions_per_image=cfg.data.questions_per_image, mix=cfg.data.mix)
     print(f"wrote {validate_dataset(out)} rows to {out}")
     return 0
 

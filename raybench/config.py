@@ -106,7 +106,10 @@ class RunConfig(Strict):
     @property
     def data_path(self) -> Path | URI:
         """The dataset: a `Path` when local (`file://` included), else the `URI` itself."""
-        return local_or_uri(self.data.path) if self.data.path else self.run_path / "data"
+        if self.data.path:
+            return local_or_uri(self.data.path)
+        # Another mix's scenes in the same run_dir render beside, never in place of, these.
+        return self.run_path / ("data" if self.data.mix == "default" else f"data-{self.data.mix}")
 
     @property
     def image_size(self) -> int:
@@ -134,6 +137,16 @@ class RunConfig(Strict):
         return stage_qtypes(stage, self.data.qtypes)
 
 
+def mix_errors(cfg: RunConfig) -> list[str]:
+    """The `detail` mix's scenes come only as the training set: a stage's own scenes are the
+    default mix's, which a scene stage (the tower's pretraining) wants and an answer stage would not."""
+    if cfg.data.mix == "default":
+        return []
+    return [f"train.stages.{i}.data: an answer stage's own scenes would be the default mix's, not data.mix = "
+            f"{cfg.data.mix!r}; train it on the training set (leave data out)"
+            for i, st in enumerate(cfg.train.stages or []) if st.data is not None and st.objective != "scene"]
+
+
 def location_errors(cfg: RunConfig) -> list[str]:
     """`run_dir` must be local; a `file://` location must name a path on this machine."""
     errs = []
@@ -156,7 +169,7 @@ def location_errors(cfg: RunConfig) -> list[str]:
 def _cross_field_errors(cfg: RunConfig) -> list[str]:
     """Constraints that span fields; each line: path = value: what is allowed."""
     return (location_errors(cfg) + model_errors(cfg.model) + stage_errors(cfg.train, cfg.data.qtypes)
-            + qtype_errors("data.qtypes", cfg.data.qtypes))
+            + qtype_errors("data.qtypes", cfg.data.qtypes, cfg.data.mix) + mix_errors(cfg))
 
 
 # A field that moved: say where to, rather than pydantic's "extra inputs are not permitted".

@@ -43,7 +43,7 @@ UNITS_DIR = REPO / "benchmarks" / "seeds"
 # name -> overrides of jobs/configs/default.yaml (dotted paths, as `--set`): the data a mix
 # trains and is scored on. `default` is default.yaml's own data section; a unit's name
 # carries its mix, so a mix added here records beside the others.
-MIXES: dict[str, dict] = {"default": {}}
+MIXES: dict[str, dict] = {"default": {}, "detail": {"data.mix": "detail"}}
 
 # The research notes' cost table and trade-offs, quoted in docs/architecture.md ("The research
 # claims the benchmarks check"). `level` orders the cost words.
@@ -225,7 +225,7 @@ def _render_data(raw: dict, out: Path, mix: str) -> Path:
     for path in (cfg.data_path, where):
         shutil.rmtree(path, ignore_errors=True)
     write_synthetic(cfg.data_path, num_train=d.num_train, num_val=d.num_val, image_size=cfg.image_size,
-                    seed=d.seed, qtypes=d.qtypes, questions_per_image=d.questions_per_image)
+                    seed=d.seed, qtypes=d.qtypes, questions_per_image=d.questions_per_image, mix=d.mix)
     for st in cfg.train.stages or []:
         if st.data is not None:
             shutil.rmtree(cfg.stage_path(st), ignore_errors=True)
@@ -289,17 +289,18 @@ def load_units(units: Path, mix: str = "default", presets=None, seeds: int | Non
 
 def mix_result(records: list[dict]) -> dict:
     """One mix's table from its units: a row per preset (the mean over the seeds it has)."""
-    from raybench.data.synthetic import QTYPES, chance_accuracy
+    from raybench.data.synthetic import chance_accuracy, mix_qtypes
 
+    mix = records[0]["mix"]
     by_preset: dict[str, list[dict]] = {}
     for r in records:
         by_preset.setdefault(r["preset"], []).append(r)
     rows = [_over_seeds(runs) for runs in by_preset.values()]
-    qtypes = [q for q in QTYPES if any(q in r["acc"] for r in rows)]
+    qtypes = [q for q in mix_qtypes(MIXES[mix].get("data.mix", "default")) if any(q in r["acc"] for r in rows)]
     first = records[0]
     return {"mix": first["mix"], "config": first["raw"], "batch": first["cost_batch"],
             "repeats": first["cost_repeats"], "seeds": max(len(r["by_seed"]) for r in rows), "qtypes": qtypes,
-            "chance": {q: chance_accuracy(q) for q in qtypes}, "units": [r["unit"] for r in records], "rows": rows}
+            "chance": {q: chance_accuracy(q, MIXES[mix].get("data.mix", "default")) for q in qtypes}, "units": [r["unit"] for r in records], "rows": rows}
 
 
 def result_from_units(units: Path, mixes=("default",), presets=None, seeds: int | None = None) -> dict | None:

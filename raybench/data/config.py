@@ -17,6 +17,9 @@ QTYPES: tuple[str, ...] = ("color", "shape", "position", "count", "glyph", "back
 # one-word answers teach a word at a time, and binds each attribute to its object.
 DESCRIBE = "describe"
 ALL_QTYPES: tuple[str, ...] = QTYPES + (DESCRIBE,)
+# The `detail` mix's (raybench/data/detail.py): smaller things, words to read, relations.
+DETAIL_QTYPES: tuple[str, ...] = ("color", "shape", "position", "count", "word", "relation")
+MIXES: tuple[str, ...] = ("default", "detail")
 
 
 class DataConfig(Strict):
@@ -24,7 +27,11 @@ class DataConfig(Strict):
     num_train: int = Field(20_000, ge=1)
     num_val: int = Field(1_000, ge=1)
     seed: int = 0
-    qtypes: list[str] | None = None  # None: every synthetic question type
+    # Which synthetic scenes: `default` (2x2 grid, up to 4 objects, one letter) or `detail`
+    # (3x3 grid, 3-6 small objects, words to read, relations; docs/data.md). A scene stage's
+    # own scenes are the default mix's either way: the tower's pretraining.
+    mix: str = "default"
+    qtypes: list[str] | None = None  # None: every question type of the mix
     image_size: int | None = Field(None, ge=8)  # None: model.vision.image_size
     tokenizer_vocab_size: int = Field(512, ge=300)
     max_length: int = Field(96, ge=8)  # text tokens per row (+1 <image> placeholder), padded to this in Ray Data
@@ -34,9 +41,12 @@ class DataConfig(Strict):
     questions_per_image: int = Field(1, ge=1, le=7)  # at most one per question type
 
 
-def qtype_errors(where: str, qtypes: list[str] | None) -> list[str]:
-    """Question types the generator does not know; `where` is the field path."""
+def qtype_errors(where: str, qtypes: list[str] | None, mix: str = "default") -> list[str]:
+    """Question types the generator does not know in `mix`; `where` is the field path."""
+    if mix not in MIXES:
+        return [f"data.mix = {mix!r}: unknown; allowed: {', '.join(MIXES)}"]
     if qtypes is None:
         return []
-    bad = [q for q in qtypes if q not in ALL_QTYPES]
-    return [f"{where} = {qtypes}: unknown {bad}; allowed: {', '.join(ALL_QTYPES)}"] if bad else []
+    allowed = DETAIL_QTYPES if mix == "detail" else ALL_QTYPES
+    bad = [q for q in qtypes if q not in allowed]
+    return [f"{where} = {qtypes}: unknown {bad} in the {mix} mix; allowed: {', '.join(allowed)}"] if bad else []

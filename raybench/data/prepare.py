@@ -18,7 +18,7 @@ def ensure_data(cfg: RunConfig) -> dict[str, int]:
     if cfg.data.path is None and not path.exists():
         write_synthetic(path, num_train=cfg.data.num_train, num_val=cfg.data.num_val,
                         image_size=cfg.image_size, seed=cfg.data.seed, qtypes=cfg.data.qtypes,
-                        questions_per_image=cfg.data.questions_per_image)
+                        questions_per_image=cfg.data.questions_per_image, mix=cfg.data.mix)
     counts = validate_dataset(path)
     for split in ("train", "val"):
         if counts.get(split, 0) == 0:

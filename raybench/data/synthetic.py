@@ -49,6 +49,14 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 50, 180),
     "orange": (245, 140, 20),
 }
+# The `detail` mix's other four (raybench/data/detail.py): close to one another at a few pixels.
+MORE_COLORS: dict[str, tuple[int, int, int]] = {
+    "pink": (245, 120, 190),
+    "cyan": (40, 200, 210),
+    "white": (245, 245, 245),
+    "black": (25, 25, 25),
+}
+_RGB = {**COLORS, **MORE_COLORS}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 # Cell index -> answer word; cells are numbered row-major in the 2x2 grid.
 POSITIONS: tuple[str, ...] = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -86,6 +94,8 @@ class Scene:
     glyph: str | None = None  # the capital letter drawn, if any
     glyph_cell: int | None = None
     glyph_center: tuple[float, float] | None = None  # in [0, 1] image coordinates
+    word: str | None = None  # the `detail` mix: 2-3 capitals written in a row of their own
+    word_center: tuple[float, float] | None = None
 
 
 def answer_vocabulary() -> dict[str, list[str]]:
@@ -101,8 +111,12 @@ def answer_vocabulary() -> dict[str, list[str]]:
     }
 
 
-def chance_accuracy(qtype: str) -> float:
-    """Accuracy of a uniform guess over the question type's answer set (0 for a caption)."""
+def chance_accuracy(qtype: str, mix: str = "default") -> float:
+    """Accuracy of a uniform guess over the question type's answer set in `mix` (0 for a caption)."""
+    if mix == "detail":
+        from raybench.data.detail import detail_vocabulary
+
+        return 1.0 / len(detail_vocabulary()[qtype])
     _check_qtypes([qtype])
     return 0.0 if qtype == DESCRIBE else 1.0 / len(answer_vocabulary()[qtype])
 
@@ -239,28 +253,33 @@ def glyph_font_size(image_size: int) -> int:
     return max(6, round(image_size / 4))
 
 
+def word_font_size(image_size: int) -> int:
+    """A `detail` word: a fifth of the image, so three capitals fit a third of its width."""
+    return max(6, round(image_size / 5))
+
+
 def render_scene(scene: Scene, image_size: int) -> Image.Image:
     """The scene as an RGB image of image_size x image_size."""
     big = image_size * _SUPERSAMPLE
-    img = Image.new("RGB", (big, big), COLORS[scene.background])
+    img = Image.new("RGB", (big, big), _RGB[scene.background])
     draw = ImageDraw.Draw(img)
     for obj in scene.objects:
         x0, y0, x1, y1 = (v * big for v in obj.box)
-        fill = COLORS[obj.color]
+        fill = _RGB[obj.color]
         if obj.shape == "circle":
             draw.ellipse((x0, y0, x1, y1), fill=fill)
         elif obj.shape == "square":
             draw.rectangle((x0, y0, x1, y1), fill=fill)
         else:  # triangle, apex up
             draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    if scene.glyph is not None and scene.glyph_center is not None:
-        font = _font(glyph_font_size(image_size) * _SUPERSAMPLE)
-        # Black or white, whichever contrasts with the background, so every letter is legible.
-        r, g, b = COLORS[scene.background]
-        ink = (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
-        cx, cy = scene.glyph_center[0] * big, scene.glyph_center[1] * big
-        # anchor="mm" centres the ink box (not the line box) on the point.
-        draw.text((cx, cy), scene.glyph, fill=ink, font=font, anchor="mm")
+    # Black or white, whichever contrasts with the background, so every letter is legible.
+    r, g, b = _RGB[scene.background]
+    ink = (0, 0, 0) if 0.299 * r + 0.587 * g + 0.114 * b > 140 else (255, 255, 255)
+    for text, center, size in ((scene.glyph, scene.glyph_center, glyph_font_size(image_size)),
+                               (scene.word, scene.word_center, word_font_size(image_size))):
+        if text is not None and center is not None:
+            # anchor="mm" centres the ink box (not the line box) on the point.
+            draw.text((center[0] * big, center[1] * big), text, fill=ink, font=_font(size * _SUPERSAMPLE), anchor="mm")
     return img.reduce(_SUPERSAMPLE)
 
 
@@ -309,38 +328,61 @@ def _question_about(rng: random.Random, scene: Scene, qtype: str) -> tuple[str, 
     return None
 
 
-def scene_questions(rng: random.Random, scene: Scene, kinds: Sequence[str], k: int
+def scene_questions(rng: random.Random, scene: Scene, kinds: Sequence[str], k: int, ask=None
                     ) -> list[tuple[str, str, str]]:
     """Up to `k` (qtype, question, answer) about `scene`, of distinct types from `kinds`,
-    chosen with `rng`."""
+    chosen with `rng`; `ask(rng, scene, qtype)` words one (default: the default mix's)."""
+    ask = ask or _question_about
     out = []
     for qtype in rng.sample(list(kinds), len(kinds)):
         if len(out) == k:
             break
-        if (qa := _question_about(rng, scene, qtype)) is not None:
+        if (qa := ask(rng, scene, qtype)) is not None:
             out.append((qtype, *qa))
     return out
 
 
 def make_group(seed: int, index: int, image_size: int, qtype: str, k: int, max_objects: int = 4,
-               kinds: Sequence[str] = QTYPES, letter_share: float | None = None
+               kinds: Sequence[str] = QTYPES, letter_share: float | None = None, mix: str = "default"
                ) -> tuple[bytes, list[tuple[str, str, str]]]:
     """Example `index` asked up to `k` questions: (png, [(qtype, question, answer), ...]).
     The first is `make_example`'s own question; the rest come from the same random stream."""
     rng = _example_rng(seed, index)
-    scene, question, answer = sample_scene(rng, qtype, max_objects, letter_share)
     others = [q for q in kinds if q != qtype]
-    return (_png(render_scene(scene, image_size)),
-            [(qtype, question, answer)] + scene_questions(rng, scene, others, k - 1))
+    if mix == "detail":
+        from raybench.data.detail import detail_question, sample_detail
+
+        scene, question, answer = sample_detail(rng, qtype)
+        rest = scene_questions(rng, scene, others, k - 1, ask=detail_question)
+    else:
+        scene, question, answer = sample_scene(rng, qtype, max_objects, letter_share)
+        rest = scene_questions(rng, scene, others, k - 1)
+    return _png(render_scene(scene, image_size)), [(qtype, question, answer)] + rest
+
+
+def mix_qtypes(mix: str, qtypes: Sequence[str] | None = None) -> list[str]:
+    """The question types asked in `mix` (`qtypes`, checked against the mix, or all of its own)."""
+    if mix == "detail":
+        from raybench.data.detail import DETAIL_QTYPES
+
+        kinds = list(DETAIL_QTYPES if qtypes is None else dict.fromkeys(qtypes))
+        bad = [q for q in kinds if q not in DETAIL_QTYPES]
+        if bad or not kinds:
+            raise ValueError(f"detail question type(s) {bad or kinds}: allowed {', '.join(DETAIL_QTYPES)}")
+        return kinds
+    if mix != "default":
+        raise ValueError(f"unknown data mix {mix!r}; allowed: default, detail")
+    return _check_qtypes(QTYPES if qtypes is None else qtypes)
 
 
 def generate(num_examples: int, image_size: int, seed: int, split: str,
              qtypes: Sequence[str] | None = None, max_objects: int = 4,
-             questions_per_image: int = 1, letter_share: float | None = None) -> pa.Table:
+             questions_per_image: int = 1, letter_share: float | None = None, mix: str = "default") -> pa.Table:
     """`num_examples` rows (image, question, answer, qtype, split); the images' qtypes cycle
     in order. With `questions_per_image` k > 1 each image is asked up to k questions about
-    the same scene, in consecutive rows that share its PNG bytes (trainers encode it once)."""
-    kinds = _check_qtypes(QTYPES if qtypes is None else qtypes)
+    the same scene, in consecutive rows that share its PNG bytes (trainers encode it once).
+    `mix`: the default scenes, or the `detail` mix's (raybench/data/detail.py)."""
+    kinds = mix_qtypes(mix, qtypes)
     if num_examples < 0:
         raise ValueError(f"num_examples = {num_examples}: must be >= 0")
     if image_size < _MIN_IMAGE_SIZE:
@@ -351,7 +393,7 @@ def generate(num_examples: int, image_size: int, seed: int, split: str,
     i = 0
     while len(questions) < num_examples:
         png, group = make_group(seed, i, image_size, kinds[i % len(kinds)], questions_per_image,
-                                max_objects, kinds, letter_share)
+                                max_objects, kinds, letter_share, mix)
         for qt, q, a in group[: num_examples - len(questions)]:
             images.append(png)
             questions.append(q)
@@ -368,13 +410,14 @@ def derived_seed(seed: int, split: str) -> int:
 
 
 def write_synthetic(out_dir: str | os.PathLike, num_train: int, num_val: int, image_size: int,
-                    seed: int, qtypes: Sequence[str] | None = None, questions_per_image: int = 1) -> Path:
+                    seed: int, qtypes: Sequence[str] | None = None, questions_per_image: int = 1,
+                    mix: str = "default") -> Path:
     """Write out_dir/train.parquet (seed) and out_dir/val.parquet (a derived seed; one
     question per image, whatever `questions_per_image` the training rows have)."""
     return _write_tables(out_dir, {
         "train": generate(num_train, image_size, seed, "train", qtypes,
-                          questions_per_image=questions_per_image),
-        "val": generate(num_val, image_size, derived_seed(seed, "val"), "val", qtypes),
+                          questions_per_image=questions_per_image, mix=mix),
+        "val": generate(num_val, image_size, derived_seed(seed, "val"), "val", qtypes, mix=mix),
     })
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -132,7 +133,9 @@ def _start_shared(shared: dict | None, model, optimizer, scheduler, log) -> int:
     """The step this run starts at: the shared stages' end when another run left them, else 0."""
     if not shared or not (Path(shared["path"]) / ckpt.SHARED_READY).is_file():
         return 0
-    state = ckpt.load_shared(Path(shared["path"]), model, optimizer, scheduler)
+    with warnings.catch_warnings():  # DCP without a process group: "assuming ... a single process", as meant
+        warnings.simplefilter("ignore", UserWarning)
+        state = ckpt.load_shared(Path(shared["path"]), model, optimizer, scheduler)
     log(f"[raybench] starting at step {state.step}, after stages up to {shared['name']} from {shared['path']}")
     return state.step
 
@@ -145,8 +148,10 @@ def _save_shared(shared: dict, model, optimizer, name: str, log) -> None:
         return
     tmp = final.with_name(f".{final.name}.{name}.{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ckpt.save_shared(tmp, model, optimizer, SCENE_MODULES, 0, {"stage": shared["name"], "step": shared["end"],
-                                                             "trial": name})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        ckpt.save_shared(tmp, model, optimizer, SCENE_MODULES, 0, {"stage": shared["name"], "step": shared["end"],
+                                                                 "trial": name})
     try:
         tmp.rename(final)
         log(f"[raybench] step {shared['end']}: stages up to {shared['name']} saved for later runs at {final}")

@@ -49,7 +49,8 @@ def test_differences_pair_seeds_by_number_not_by_position():
 
 def test_units_are_named_by_mix_preset_seed_and_recorded_seed_by_seed():
     assert unit_name("dense_sparse", 1) == "default-dense_sparse-s1"
-    assert list(bench.MIXES) == ["default"] and bench.MIXES["default"] == {}  # default.yaml's own data
+    assert bench.MIXES["default"] == {}  # default.yaml's own data
+    assert bench.MIXES["detail"] == {"data.mix": "detail"}
     order = unit_order(PRESETS, 2, ("default", "other"))
     assert len(order) == len(set(order)) == 2 * 2 * len(PRESETS)
     # every preset on every mix at seed 0 first: a partial recording is a whole table early
@@ -69,6 +70,17 @@ def test_the_default_mix_keeps_default_yaml_s_data_tower_and_stage_share(tmp_pat
     assert cfg.run_path == tmp_path / "seeds-runs" / "default-deepstack-s1"
     assert cfg.data_path == tmp_path / "seeds-data"
     assert [st.steps for st in cfg.train.stages] == [st["steps"] for st in yaml["train"]["stages"][:1]] + [None]
+
+
+def test_the_detail_mix_is_default_yaml_s_run_on_detail_scenes_rendered_beside(tmp_path):
+    from raybench.config import validate_config
+
+    default, detail = (_raw_config(tmp_path, "small", quick=False, steps=None, mix=m) for m in ("default", "detail"))
+    assert detail["data"] == {**default["data"], "mix": "detail", "path": str(tmp_path / "seeds-data-detail")}
+    assert detail["train"]["steps"] == default["train"]["steps"]
+    cfg = validate_config(unit_raw(detail, "llava", 0, "detail"))
+    assert cfg.run_path == tmp_path / "seeds-runs" / "detail-llava-s0"
+    assert cfg.stage_path(cfg.train.stages[0]) == tmp_path / "seeds-stage-detail-see"
 
 
 def unit(raw: dict, preset: str, seed: int, accuracy: float, glyph: float, count: float = 0.5,
