@@ -170,6 +170,7 @@ def _throughput(cfg) -> dict:
 
 def train_and_measure(cfg, batch: int, repeats: int, measure_cost: bool = True, shared_root: Path | None = None) -> dict:
     from raybench.bench.fusion import measure
+    from raybench.bench.keep_curve import keep_curve
     from raybench.model.vlm import HybridVLM
     from raybench.train.checkpoint import SHARED_READY
     from raybench.train.local import train_local
@@ -190,6 +191,8 @@ def train_and_measure(cfg, batch: int, repeats: int, measure_cost: bool = True, 
         cost = measure(model, batch, repeats)
         row.update(params_m=cost["params_m"], image_tokens=cost["image_tokens"], prefill_ms=cost["latency_ms"],
                    gflops_per_sample=cost["gflops_per_sample"], peak_rss_growth_mib=cost["peak_rss_growth_mib"])
+        if model.config.fusion.sparsity.enabled:  # what pruning costs in accuracy, on these weights
+            row["keep_curve"] = keep_curve(model, cfg, batch, repeats)
     return row
 
 

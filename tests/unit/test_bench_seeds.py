@@ -156,3 +156,24 @@ def test_bench_seeds_renders_units_into_the_report_without_training(tmp_path):
     assert not (out / "seeds-data").exists()
     assert write_report(out) == 0
     assert "## The seeds' comparison" in (out / "BENCHMARKS.md").read_text()
+
+
+def test_the_keep_curve_is_the_trained_model_at_each_ratio_and_its_own_eval_at_its_own(tmp_path):
+    from raybench.bench.keep_curve import keep_curve
+    from raybench.config import validate_config
+    from raybench.model.vlm import HybridVLM
+    from raybench.train.local import train_local
+
+    cfg = validate_config({"name": "k", "run_dir": str(tmp_path), "model": {"preset": "dense_sparse", "size": "tiny"},
+                           "data": {"num_train": 32, "num_val": 24},
+                           "train": {"steps": 2, "batch_size": 8, "eval_every": 2, "eval_samples": 24}})
+    metrics = train_local(cfg, log=lambda _: None)
+    model = HybridVLM.from_pretrained(cfg.run_path / "model").requires_grad_(False)
+    curve = keep_curve(model, cfg, batch=2, repeats=1)
+    assert [c["keep"] for c in curve] == [1.0, 0.75, 0.5, 0.25, 0.125]
+    kept = [c["kept_after_stages"][-1] for c in curve]
+    assert kept == sorted(kept, reverse=True) and kept[0] == cfg.model.num_image_tokens > kept[-1]
+    trained = next(c for c in curve if c["keep"] == c["trained_keep"])  # tiny trains at 0.5
+    assert trained["accuracy"] == pytest.approx(metrics["accuracy"])
+    assert trained["acc"] == pytest.approx({k[4:]: v for k, v in metrics.items() if k.startswith("acc/")})
+    assert model.stage_keep == trained["kept_after_stages"]  # left pruning as it trained
