@@ -59,3 +59,9 @@ def test_quick_run_measures_every_schedule_against_dense(tmp_path):
     section = pruning.markdown_section(result)
     goals = pruning.verdicts(result)  # three goals per batch, each judged from the rows
     assert len(goals) == 6 and all(goal in section for goal, _ in goals)
+    # The memory claim, whole: a fresh process per schedule, weights and tower counted.
+    whole = result["whole_process"]
+    assert [(w["batch"], w["schedule"]) for w in whole] == [(1, "dense"), (1, "pyramiddrop")]  # --quick: batch 1
+    for w in whole:
+        assert 0 < w["build_peak_mib"] <= w["peak_mib"]
+    assert "whole-process peak RSS" in section
