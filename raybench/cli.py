@@ -203,7 +203,7 @@ def _add_bench_parser(sub) -> None:
                         "is stored and found again (default: the checkout's benchmarks/curves or benchmarks/seeds; "
                         "--quick: OUT/curves/units-quick or OUT/seeds/units-quick)")
     p.add_argument("--presets", nargs="+", default=None,
-                   help="seeds: record and render only these presets (default: all)")
+                   help="seeds: record and render only these presets and variants (default: all; names in raybench/bench/seeds.py MODELS)")
     p.add_argument("--mixes", nargs="+", default=None,
                    help="seeds: data mixes (names in raybench/bench/seeds.py MIXES; default: default)")
     p.add_argument("--max-units", type=int, default=None,

@@ -45,6 +45,14 @@ UNITS_DIR = REPO / "benchmarks" / "seeds"
 # carries its mix, so a mix added here records beside the others.
 MIXES: dict[str, dict] = {"default": {}, "detail": {"data.mix": "detail"}}
 
+# The seed's own variants (docs/architecture.md, "The notes' own variants"), recorded beside
+# the presets: a unit named for the variant trains its preset with these overrides.
+VARIANTS: dict[str, dict] = {
+    "deepstack_interior": {"model.preset": "deepstack", "model.fusion.deepstack.tap_placement": "interior"},
+    "hybrid_vet_taps": {"model.preset": "hybrid", "model.fusion.deepstack.through_vet": True},
+}
+MODELS: tuple[str, ...] = PRESETS + tuple(VARIANTS)  # what a unit can train, in table order
+
 # The research notes' cost table and trade-offs, quoted in docs/architecture.md ("The research
 # claims the benchmarks check"). `level` orders the cost words.
 SEEDS_CLAIMS = {
@@ -58,6 +66,10 @@ SEEDS_CLAIMS = {
                      "claim": "best efficiency-accuracy balance; +15% OCR"},
     "hybrid": {"family": "VET + DeepStack + dense-sparse (ours)", "cost": "-", "level": None,
                "claim": "not in the seeds' table"},
+    "deepstack_interior": {"family": "DeepStack, interior taps (Qwen3-VL-like)", "cost": "-", "level": None,
+                           "claim": "taps inside the tower, never its last block"},
+    "hybrid_vet_taps": {"family": "hybrid, VET on every tapped level (the notes')", "cost": "-", "level": None,
+                        "claim": "the notes' hybrid"},
 }
 
 
@@ -96,6 +108,8 @@ def _raw_config(out: Path, size: str, quick: bool, steps: int | None, mix: str =
         model["vision"] = base["model"]["vision"]
     if quick:
         model["size"], steps = "tiny", steps or 30
+        # A third tower block: interior taps (deepstack_interior) leave the last one out.
+        model["vision"] = {**model.get("vision", {}), "num_layers": 3}
         data.update(num_train=960, num_val=120)
         train.update(batch_size=32, warmup_steps=3)
     if steps:
@@ -127,7 +141,8 @@ def unit_raw(raw: dict, preset: str, seed: int, mix: str = "default") -> dict:
     from raybench.config import set_path
 
     name = unit_name(preset, seed, mix)
-    raw = set_path(raw, ["model", "preset"], preset)
+    for path, value in VARIANTS.get(preset, {"model.preset": preset}).items():
+        raw = set_path(raw, path.split("."), value)
     raw = set_path(raw, ["train", "seed"], seed)
     raw = set_path(raw, ["name"], f"bench-seeds-{name}")
     return set_path(raw, ["run_dir"], str(Path(raw["run_dir"]) / name))
@@ -208,7 +223,8 @@ def run_unit(raw: dict, unit: tuple[str, int, str], tokenizer: Path, batch: int,
     shutil.rmtree(cfg.run_path, ignore_errors=True)  # what a crashed attempt left
     shutil.copytree(tokenizer, tokenizer_dir(cfg))  # one tokenizer per mix: only the fusion differs
     started = time.time()
-    row = train_and_measure(cfg, batch, repeats, shared_root=cfg.run_path.parent)
+    row = {**train_and_measure(cfg, batch, repeats, shared_root=cfg.run_path.parent), "preset": preset,
+           "model_preset": cfg.model.preset}
     return {"unit": unit_name(*unit), "mix": mix, "trainer": "local", **row,
             "wall_s": time.time() - started, "date": time.strftime("%Y-%m-%d", time.gmtime(started)),
             "commit": checkout_commit(), "quick": quick, "command": command, "cost_batch": batch, "cost_repeats": repeats,
@@ -246,7 +262,7 @@ def _command(size: str, quick: bool, steps: int | None) -> str:
 
 
 def record_units(out: Path, units: Path, size: str = "small", quick: bool = False, steps: int | None = None,
-                 repeats: int = 7, presets=PRESETS, seeds: int = 1, mixes=("default",),
+                 repeats: int = 7, presets=MODELS, seeds: int = 1, mixes=("default",),
                  max_units: int | None = None) -> list[str]:
     """Train the units of presets x seeds x mixes not yet in `units` (at most `max_units` of
     them, in `unit_order`), each written there as it ends. The names trained."""
@@ -285,9 +301,9 @@ def load_units(units: Path, mix: str = "default", presets=None, seeds: int | Non
     """The recorded units of one mix (only the given presets and seeds 0..seeds-1, if given),
     in preset order, then seed."""
     records = [json.loads(p.read_text()) for p in sorted(units.glob("*-s*.json"))]
-    records = [r for r in records if r["mix"] == mix and r["preset"] in (presets or PRESETS)
+    records = [r for r in records if r["mix"] == mix and r["preset"] in (presets or MODELS)
                and (seeds is None or r["seed"] < seeds)]
-    return sorted(records, key=lambda r: (PRESETS.index(r["preset"]), r["seed"]))
+    return sorted(records, key=lambda r: (MODELS.index(r["preset"]), r["seed"]))
 
 
 def mix_result(records: list[dict]) -> dict:
@@ -323,7 +339,7 @@ def result_from_units(units: Path, mixes=("default",), presets=None, seeds: int 
         cmd += f" --seeds {seeds or r['seeds']}"
     for m in results.values():
         m["units_dir"] = str(units)
-        m["asked"] = {"presets": list(presets or PRESETS), "seeds": seeds or r["seeds"]}
+        m["asked"] = {"presets": list(presets or MODELS), "seeds": seeds or r["seeds"]}
     return {"bench": "seeds", "quick": first["quick"], "command": cmd, **r, "mixes": {m: results[m] for m in others}}
 
 
@@ -340,7 +356,8 @@ def _over_seeds(runs: list[dict]) -> dict:
     row["acc"] = {q: statistics.fmean(r["acc"].get(q, float("nan")) for r in runs) for q in qtypes}
     row["train_s"] = statistics.fmean(r["train_s"] for r in runs)
     row["seeds"] = SEEDS_CLAIMS[row["preset"]]
-    row["by_seed"] = [{k: r[k] for k in ("seed", "accuracy", "acc", "val_loss", "wall_s", "date", "commit") if k in r}
+    row["by_seed"] = [{k: r[k] for k in ("seed", "accuracy", "acc", "val_loss", "wall_s", "date", "commit", "keep_curve")
+                       if k in r}
                       for r in runs]
     return row
 
@@ -351,11 +368,12 @@ def main(args) -> int:
 
     out, quick = Path(args.out), args.quick
     units = Path(args.units) if getattr(args, "units", None) else out / "seeds" / "units-quick" if quick else UNITS_DIR
-    presets = tuple(getattr(args, "presets", None) or PRESETS)
+    presets = tuple(getattr(args, "presets", None) or MODELS)
     mixes = tuple(getattr(args, "mixes", None) or ("default",))
-    unknown = [p for p in presets if p not in PRESETS] + [m for m in mixes if m not in MIXES]
+    unknown = [p for p in presets if p not in MODELS] + [m for m in mixes if m not in MIXES]
     if unknown:
-        raise ConfigError(f"bench seeds: {unknown} unknown; presets: {', '.join(PRESETS)}; mixes: {', '.join(MIXES)}")
+        raise ConfigError(f"bench seeds: {unknown} unknown; presets and variants: {', '.join(MODELS)}; "
+                          f"mixes: {', '.join(MIXES)}")
     # Two seeds by default: a verdict pairs seeds (one run is one draw); --quick checks the machinery.
     seeds = getattr(args, "seeds", None) or (1 if quick else 2)
     record_units(out, units, size=args.size, quick=quick, steps=getattr(args, "steps", None), repeats=args.repeats,

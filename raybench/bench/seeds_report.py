@@ -9,12 +9,23 @@ from pathlib import Path
 
 from raybench.bench.common import REPO
 
-FINE_DETAIL = ("count", "glyph")
+# Which question types stand for what the notes claim, per data mix: fine detail, reading
+# ("OCR") and spatial reasoning. The default mix's letter is one capital in a quadrant and
+# its "where" a quadrant; the detail mix reads 2-3-letter words and relates neighbours.
+FINE = {"default": ("count", "glyph"), "detail": ("shape", "count", "word")}
+OCR = {"default": "glyph", "detail": "word"}
+SPATIAL = {"default": "position", "detail": "relation"}
+FINE_DETAIL = FINE["default"]
 
 
-def _fine(r: dict) -> float:
-    vals = [r["acc"][q] for q in FINE_DETAIL if q in r["acc"]]
+def _fine(r: dict, mix: str = "default") -> float:
+    vals = [r["acc"][q] for q in FINE[mix] if q in r["acc"]]
     return sum(vals) / len(vals) if vals else float("nan")
+
+
+def _mix(r: dict) -> str:
+    """The synthetic scenes a mix's units trained on (bench seeds' mix `detail` = data.mix detail)."""
+    return r.get("config", {}).get("data", {}).get("mix", "default")
 
 
 def _runs(row: dict) -> list[dict]:
@@ -51,25 +62,109 @@ def markdown_table(r: dict) -> str:
     from raybench.bench.common import markdown_table as table, spread
 
     qs = r["qtypes"]
+    fine = FINE[_mix(r)]
     columns = {"preset": "preset", "family": "seeds' family", "cost": "seeds' cost", "params": "params M",
                "prefill": "prefill ms (median, min-max)", "gflops": "GFLOP/sample",
                "train": "train samples/s", "accuracy": "accuracy", **{q: q for q in qs},
-               "fine": "fine detail (count, glyph)"}
+               "fine": f"fine detail ({', '.join(fine)})"}
     cells = [{"preset": row["preset"], "family": row["seeds"]["family"], "cost": row["seeds"]["cost"],
               "params": f"{row['params_m']:.2f}", "prefill": spread(row["prefill_ms"]),
               "gflops": f"{row['gflops_per_sample']:.3g}", "train": f"{row['train_samples_per_s']['median']:.0f}",
               "accuracy": _mean_range(row, lambda run: run["accuracy"], 3),
               **{q: _mean_range(row, lambda run, q=q: run["acc"].get(q, float("nan")), 2) for q in qs},
-              "fine": f"{_fine(row):.2f}"} for row in r["rows"]]
+              "fine": f"{_fine(row, _mix(r)):.2f}"} for row in r["rows"]]
     chance = r["chance"]
-    cells.append({"preset": "chance", **{q: f"{chance[q]:.2f}" for q in qs},
-                  "fine": f"{sum(chance.get(q, 0) for q in FINE_DETAIL) / len(FINE_DETAIL):.2f}"})
+    cells.append({"preset": "chance", "accuracy": f"{sum(chance.values()) / len(chance):.3f}",
+                  **{q: f"{chance[q]:.2f}" for q in qs},
+                  "fine": f"{sum(chance.get(q, 0) for q in fine) / len(fine):.2f}"})
     return table(cells, columns)
+
+
+def _points(diffs: list[float]) -> str:
+    if not diffs:
+        return "no seed in common"
+    return ", ".join(f"{d * 100:+.1f}" for d in diffs) + " points" + (" (per seed)" if len(diffs) > 1 else "")
+
+
+def _acc(q: str):
+    return lambda run: run["acc"].get(q, float("nan"))
+
+
+def _overall(run: dict) -> float:
+    return run["accuracy"]
+
+
+def claim_verdicts(r: dict) -> list[dict]:
+    """Each of the notes' claims this mix can test: {"claim", "line", "verdict"} (the verdict's
+    first word: holds / fails / within noise / not measured)."""
+    by, mix, out = {row["preset"]: row for row in r["rows"]}, _mix(r), []
+
+    def add(claim: str, line: str, verdict: str) -> None:
+        out.append({"claim": claim, "line": f"- {line} — {verdict}", "verdict": verdict.split("**")[1]})
+
+    def versus(a: str, b: str, claim: str, what: str, value, threshold: float = 0.0) -> None:
+        if a in by and b in by:
+            diffs = _paired(by[a], by[b], value)
+            add(claim, f"{claim}: {what}, {a} vs {b} {_points(diffs)}", _verdict(diffs, threshold))
+
+    if "deepstack" in by and len(r["rows"]) > 1:
+        # Among the families: a variant (deepstack_interior, ...) is compared with its own preset below.
+        others = [row for row in r["rows"] if row["preset"] != "deepstack"
+                  and row.get("model_preset", row["preset"]) == row["preset"]]
+        best = max(others, key=lambda row: _fine(row, mix))
+        diffs = _paired(by["deepstack"], best, lambda run: _fine(run, mix))
+        add("DeepStack \"best detail capture\"", f"DeepStack \"best detail capture\": fine detail "
+            f"({', '.join(FINE[mix])}) {_fine(by['deepstack'], mix):.2f}, best of the others {best['preset']} "
+            f"{_fine(best, mix):.2f}: {_points(diffs)}", _verdict(diffs))
+    # deepstack = llava + taps injected into the LLM: the taps' own effect.
+    versus("deepstack", "llava", "DeepStack \"+15% OCR\"", f"{OCR[mix]} accuracy", _acc(OCR[mix]), 0.15 - 1e-9)
+    versus("deepstack", "llava", "DeepStack \"+10% spatial reasoning\"", f"{SPATIAL[mix]} accuracy",
+           _acc(SPATIAL[mix]), 0.10 - 1e-9)
+    if "deepstack" in by:
+        add("DeepStack \"+20% document parsing\"", "DeepStack \"+20% document parsing\": neither mix has "
+            "documents", "**not measured**")
+    if "ovis" in by and "llava" in by:  # alignment itself is not observable here; accuracy is
+        diffs = _paired(by["ovis"], by["llava"], _overall)
+        add("Ovis VET vs an MLP connector", f"Ovis VET vs an MLP connector (\"best alignment, moderate cost\"): "
+            f"accuracy vs llava {_points(diffs)}, GFLOP/sample "
+            f"x{by['ovis']['gflops_per_sample'] / by['llava']['gflops_per_sample']:.2f}", _verdict(diffs))
+    _sparse_claims(by, mix, add)
+    versus("deepstack_interior", "deepstack", "Interior taps (Qwen3-VL-like) beat first-to-last", "accuracy", _overall)
+    versus("hybrid_vet_taps", "hybrid", "VET on every tapped level (the notes' hybrid) beats mergers", "accuracy",
+           _overall)
+    return out
+
+
+def _sparse_claims(by: dict, mix: str, add) -> None:
+    if "dense_sparse" not in by or "llava" not in by:
+        return
+    ds, dense = by["dense_sparse"], by["llava"]  # llava = dense_sparse without pruning
+    ocr = _paired(ds, dense, _acc(OCR[mix]))
+    add("dense-sparse \"+15% OCR\"", f"dense-sparse \"+15% OCR\" ({OCR[mix]}, vs llava = the same model unpruned): "
+        f"{_points(ocr)}", _verdict(ocr, threshold=0.15 - 1e-9))
+    acc = _paired(ds, dense, _overall)
+    add("dense-sparse \"preserves accuracy\"", f"dense-sparse \"preserves accuracy\" (within 2 points of llava): "
+        f"{_points(acc)}, GFLOP/sample x{ds['gflops_per_sample'] / dense['gflops_per_sample']:.2f}, prefill "
+        f"x{ds['prefill_ms']['median'] / dense['prefill_ms']['median']:.2f}",
+        _verdict([-abs(d) for d in acc], threshold=-0.02 - 1e-9))
+    curves = [run["keep_curve"] for run in _runs(ds) if run.get("keep_curve")]
+    if curves:
+        # The same weights at each keep ratio: accuracy lost to pruning alone, against keeping all.
+        at = {c["keep"]: [] for c in curves[0]}
+        for curve in curves:
+            full = next(c["accuracy"] for c in curve if c["keep"] == 1.0)
+            for c in curve:
+                at[c["keep"]].append(c["accuracy"] - full)
+        trained = curves[0][0]["trained_keep"]
+        lost = at.get(trained, [])
+        add("dense-sparse keeps accuracy at its keep ratio", "dense-sparse's own weights at each keep ratio, "
+            "accuracy vs keeping every visual token: " + "; ".join(
+                f"{k:g} ({c['kept_after_stages'][-1]} tokens) {_points(v)}" for (k, v), c in zip(at.items(), curves[0]))
+            + f"; at the trained {trained:g}, within 2 points", _verdict([-abs(d) for d in lost], threshold=-0.02 - 1e-9))
 
 
 def claims(r: dict) -> list[str]:
     """The seeds' qualitative statements, each turned into a number from this run."""
-    by = {row["preset"]: row for row in r["rows"]}
     out = []
     ranked = [row for row in r["rows"] if row["seeds"]["level"] is not None]
     pairs = [(a, b) for i, a in enumerate(ranked) for b in ranked[i + 1:]
@@ -81,31 +176,18 @@ def claims(r: dict) -> list[str]:
     if pairs:
         out.append(f"- cost order (Low < Low-Medium < Medium < Medium-High): measured GFLOP/sample "
                    f"{order}; {agree} of {len(pairs)} pairs the seeds rank differently agree")
-    def points(diffs: list[float]) -> str:
-        if not diffs:
-            return "no seed in common"
-        return ", ".join(f"{d * 100:+.1f}" for d in diffs) + " points" + (" (per seed)" if len(diffs) > 1 else "")
+    return out + [c["line"] for c in claim_verdicts(r)]
 
-    if "deepstack" in by and len(r["rows"]) > 1:
-        best = max((row for row in r["rows"] if row["preset"] != "deepstack"), key=_fine)
-        diffs = _paired(by["deepstack"], best, _fine)
-        out.append(f"- DeepStack \"best detail capture\": fine-detail accuracy {_fine(by['deepstack']):.2f}, "
-                   f"best of the others {best['preset']} {_fine(best):.2f}: {points(diffs)} — " + _verdict(diffs))
-    if "ovis" in by and "llava" in by:  # alignment itself is not observable here; accuracy is
-        diffs = _paired(by["ovis"], by["llava"], lambda run: run["accuracy"])
-        out.append(f"- Ovis \"best alignment, moderate cost\": accuracy vs llava {points(diffs)} — "
-                   f"{_verdict(diffs)}; GFLOP/sample x{by['ovis']['gflops_per_sample'] / by['llava']['gflops_per_sample']:.2f}")
-    if "dense_sparse" in by and "llava" in by:
-        ds, dense = by["dense_sparse"], by["llava"]  # llava = dense_sparse without pruning
-        glyph = _paired(ds, dense, lambda run: run["acc"].get("glyph", float("nan")))
-        out.append(f"- dense-sparse \"+15% OCR\" (glyph, vs llava = the same model unpruned): "
-                   f"{points(glyph)} — " + _verdict(glyph, threshold=0.15 - 1e-9))
-        acc = _paired(ds, dense, lambda run: run["accuracy"])
-        out.append(f"- dense-sparse \"comparable accuracy\" at lower cost: accuracy {points(acc)} "
-                   f"(within 2 points: {_verdict([-abs(d) for d in acc], threshold=-0.02)}), GFLOP/sample "
-                   f"x{ds['gflops_per_sample'] / dense['gflops_per_sample']:.2f}, prefill "
-                   f"x{ds['prefill_ms']['median'] / dense['prefill_ms']['median']:.2f} vs llava")
-    return out
+
+def verdict_table(r: dict) -> str:
+    """One row per claim, one column per mix: the verdicts at a glance."""
+    from raybench.bench.common import markdown_table as table
+
+    results = {r["mix"]: r, **r.get("mixes", {})}
+    per_mix = {mix: {c["claim"]: c["verdict"] for c in claim_verdicts(m)} for mix, m in results.items()}
+    names = list(dict.fromkeys(c for v in per_mix.values() for c in v))
+    cells = [{"claim": name, **{mix: v.get(name, "-") for mix, v in per_mix.items()}} for name in names]
+    return table(cells, {"claim": "claim", **{mix: f"mix `{mix}`" for mix in results}})
 
 
 def markdown_row(r: dict) -> str:
@@ -167,6 +249,7 @@ def markdown_section(r: dict) -> str:
         f"{r['batch']}, {r['repeats']} repeats) and FLOPs. `seeds' cost` is the research "
         "document's column (section 10); `chance` is a uniform guess over the type's answers."
         + (f" Data mix `{r['mix']}` first." if others else ""), "",
+        "Verdicts, claim by claim (the lines under each table give the figures):", "", verdict_table(r), "",
         *_mix_block(r), *others, "",
         ("One run per preset on one seed: accuracy differences of a few points are within "
          "run-to-run noise; the cost columns are the stable part." if r.get("seeds", 1) == 1 else

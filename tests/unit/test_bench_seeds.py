@@ -11,7 +11,7 @@ from raybench.bench import seeds as bench
 from raybench.bench.report import check_written, write_report
 from raybench.bench.seeds import (_over_seeds, _raw_config, record_units, result_from_units, unit_name, unit_order,
                                   unit_path, unit_raw, todo_units)
-from raybench.bench.seeds_report import _mean_range, _paired, _verdict
+from raybench.bench.seeds_report import _mean_range, _paired, _verdict, claim_verdicts
 from raybench.cli import main
 from raybench.config import ConfigError
 from raybench.model.presets import PRESETS
@@ -138,11 +138,20 @@ def test_the_section_renders_from_unit_files_alone_partial_recording_included(tm
     assert [s["seed"] for s in r["rows"][1]["by_seed"]] == [0]  # blip2: what it has
     section = bench.markdown_section(r)
     assert "| llava " in section and "0.610 (0.600-0.620)" in section
-    assert "Partial recording: blip2 1 of 2 seeds so far; no unit yet for hybrid." in section
-    assert "9 of 12 units in" in section and "2026-12-05 to 2026-12-06" in section
+    assert ("Partial recording: blip2 1 of 2 seeds so far; no unit yet for hybrid, deepstack_interior, "
+            "hybrid_vet_taps.") in section
+    assert "9 of 16 units in" in section and "2026-12-05 to 2026-12-06" in section
     assert "llava s0 10.0, s1 11.0" in section  # each unit's wall minutes
     assert "**holds** on all 2 seeds" in section  # dense_sparse glyph vs llava: +0.20 on both seeds
     assert "**within noise**" in section  # deepstack's fine detail: ahead on seed 0, behind on seed 1
+    # The verdicts at a glance, one row per claim the recorded presets can test.
+    verdicts = {c["claim"]: c["verdict"] for c in claim_verdicts(r)}
+    assert verdicts['dense-sparse "+15% OCR"'] == "holds"  # +20 points on both seeds
+    assert verdicts['DeepStack "best detail capture"'] == "within noise"
+    assert verdicts['DeepStack "+20% document parsing"'] == "not measured"
+    assert verdicts['dense-sparse "preserves accuracy"'] == "holds"  # -1.0, -2.0 points: within 2
+    assert "Interior taps (Qwen3-VL-like) beat first-to-last" not in verdicts  # no variant recorded
+    assert "| DeepStack \"+15% OCR\" " in section and "| mix `default`" in section
     assert result_from_units(units, seeds=1)["seeds"] == 1  # seed 1 left out when not asked for
     assert result_from_units(tmp_path / "empty") is None
 
