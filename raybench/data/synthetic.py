@@ -254,8 +254,10 @@ def glyph_font_size(image_size: int) -> int:
 
 
 def word_font_size(image_size: int) -> int:
-    """A `detail` word: a fifth of the image, so three capitals fit a third of its width."""
-    return max(6, round(image_size / 5))
+    """A `detail` word: its letters the size of the default mix's glyph, which a `scene` stage
+    teaches the tower (at a fifth of the image, nothing read a single letter after the answer
+    stage); three of them take about half the image's width."""
+    return glyph_font_size(image_size)
 
 
 def render_scene(scene: Scene, image_size: int) -> Image.Image:
