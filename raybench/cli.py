@@ -203,16 +203,17 @@ def _add_bench_parser(sub) -> None:
                         "is stored and found again (default: the checkout's benchmarks/curves or benchmarks/seeds; "
                         "--quick: OUT/curves/units-quick or OUT/seeds/units-quick)")
     p.add_argument("--presets", nargs="+", default=None,
-                   help="seeds: record and render only these presets and variants (default: all; names in raybench/bench/seeds.py MODELS)")
+                   help="seeds: record and render only these presets and variants (default: all, --quick: the presets; names in raybench/bench/seeds.py MODELS)")
     p.add_argument("--mixes", nargs="+", default=None,
-                   help="seeds: data mixes (names in raybench/bench/seeds.py MIXES; default: default)")
+                   help="seeds: data mixes (names in raybench/bench/seeds.py MIXES; default: all of them, --quick: default)")
     p.add_argument("--max-units", type=int, default=None,
                    help="seeds: train at most N units not yet recorded, then render what is there "
                         "(0: render only; a session's worth at a time)")
     p.add_argument("--configs", nargs="+", default=None,
                    help="curves: record only these configs (names in raybench/bench/curves.py)")
     p.add_argument("--write-benchmarks-md", action="store_true",
-                   help="all / report: also copy the rendered page over ./BENCHMARKS.md")
+                   help="all / report: also copy the rendered page over ./BENCHMARKS.md; seeds / search: write "
+                        "their section into it (the others kept)")
     p.set_defaults(fn=_cmd_bench)
 
 

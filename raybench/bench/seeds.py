@@ -368,8 +368,10 @@ def main(args) -> int:
 
     out, quick = Path(args.out), args.quick
     units = Path(args.units) if getattr(args, "units", None) else out / "seeds" / "units-quick" if quick else UNITS_DIR
-    presets = tuple(getattr(args, "presets", None) or MODELS)
-    mixes = tuple(getattr(args, "mixes", None) or ("default",))
+    # --quick checks the machinery on the presets and the default mix (the variants and the
+    # detail mix have unit tests of their own); a real recording takes everything.
+    presets = tuple(getattr(args, "presets", None) or (PRESETS if quick else MODELS))
+    mixes = tuple(getattr(args, "mixes", None) or (("default",) if quick else MIXES))
     unknown = [p for p in presets if p not in MODELS] + [m for m in mixes if m not in MIXES]
     if unknown:
         raise ConfigError(f"bench seeds: {unknown} unknown; presets and variants: {', '.join(MODELS)}; "
@@ -385,4 +387,8 @@ def main(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_result(out, "seeds", result, markdown_row(result), plot)
     print(markdown_table(result))
+    if getattr(args, "write_benchmarks_md", False) and not quick:  # the recording's section, the rest kept
+        from raybench.bench.report import splice_section
+
+        splice_section(Path("BENCHMARKS.md"), "## The seeds' comparison", markdown_section(result))
     return 0

@@ -58,8 +58,8 @@ def test_seeds_scores_every_preset_and_qtype_on_one_data_set(quick_out):
     section = seeds_bench.markdown_section(result)
     assert "mean over 2 seeds" in section
     # Each claim is judged from both seeds' paired differences.
-    verdicts = [line for line in section.splitlines() if "+15% OCR" in line or "best detail" in line]
-    assert len(verdicts) == 2 and all(re.search(r"\*\*(holds|fails|within noise)", v) for v in verdicts)
+    verdicts = [line for line in section.splitlines() if line.startswith("- ") and ("OCR" in line or "best detail" in line)]
+    assert len(verdicts) == 3 and all(re.search(r"\*\*(holds|fails|within noise)", v) for v in verdicts)
 
 
 def test_compile_traces_prefill_whole_and_keeps_the_answers(quick_out):
