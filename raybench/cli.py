@@ -144,7 +144,7 @@ def _cmd_ask(args) -> int:
 
 # Each benchmark is a module `raybench.bench.<name>` with `main(args) -> int`; `report`
 # renders BENCHMARKS.md from their JSON files and `all` runs every benchmark, then `report`.
-BENCHMARKS = ("fusion", "pruning", "train", "sweep", "serve", "compile", "seeds")
+BENCHMARKS = ("fusion", "pruning", "train", "fsdp", "sweep", "serve", "compile", "seeds")
 
 
 def _cmd_bench(args) -> int:
@@ -212,8 +212,8 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--configs", nargs="+", default=None,
                    help="curves: record only these configs (names in raybench/bench/curves.py)")
     p.add_argument("--write-benchmarks-md", action="store_true",
-                   help="all / report: also copy the rendered page over ./BENCHMARKS.md; seeds / search: write "
-                        "their section into it (the others kept)")
+                   help="all / report: also copy the rendered page over ./BENCHMARKS.md; seeds / search / fsdp: "
+                        "write their section into it (the others kept)")
     p.set_defaults(fn=_cmd_bench)
 
 

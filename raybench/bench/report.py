@@ -18,9 +18,9 @@ import sys
 from pathlib import Path
 
 # Page order; each is `raybench.bench.<name>` writing `<name>.json`.
-SECTIONS = ("train", "fusion", "pruning", "seeds", "compile", "serve", "sweep")
+SECTIONS = ("train", "fsdp", "fusion", "pruning", "seeds", "compile", "serve", "sweep")
 TITLES = {"train": "Training", "fusion": "Fusion", "pruning": "Dense->sparse at depth", "seeds": "The seeds' comparison",
-          "compile": "torch.compile", "serve": "Serving", "sweep": "Sweeps"}
+          "compile": "torch.compile", "serve": "Serving", "sweep": "Sweeps", "fsdp": "FSDP memory per rank"}
 MACHINE_KEYS = ("platform", "python", "torch")
 STATS_KEYS = ("median", "min", "max", "samples")
 
@@ -52,6 +52,8 @@ SCHEMA: dict[str, dict[str, list[str]]] = {
                        "sum_training_s", "wall_over_training", "empty_trainer.train_fn_entry_s",
                        "empty_trainer.fit_s", "empty_trainer_imports.imported_s", "over_floor_s"],
               "stats": ["startup_s"]},
+    "fsdp": {"keys": ["size", "rows[].world", "rows[].rank", "rows[].params_mib", "rows[].grads_mib",
+                      "rows[].optimizer_mib", "rows[].state_vs_one", "rows[].peak_rss_mib"]},
     "serve": {"keys": ["goals.pipeline_added_ms_at_c1", "goals.batched_over_unbatched_req_s_at_c32",
                        "goals.decode_batched_over_unbatched_req_s", "goals.decode_llm_median_batch",
                        "rows[].config", "rows[].concurrency", "rows[].p50_ms", "rows[].p99_ms",
