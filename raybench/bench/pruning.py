@@ -67,7 +67,7 @@ def build(size: str, tokens: int, random_init: bool) -> HybridVLM:
     return probe_model(validate_config({"model": model}).model)
 
 
-class _Prefill:
+class Prefill:
     """End-to-end prefill of fixed probe inputs under a schedule, timed in two parts."""
 
     def __init__(self, model: HybridVLM, batch: int):
@@ -100,7 +100,7 @@ def _kv_mib(cache: KVCache) -> float:
 def measure_point(model: HybridVLM, batch: int, variants: dict[str, SparsityConfig | None],
                   repeats: int, warmup: int) -> list[dict]:
     """Rows for every schedule at one (token count, batch)."""
-    run = _Prefill(model, batch)
+    run = Prefill(model, batch)
     vit_ms = {n: [] for n in variants}
     llm_ms = {n: [] for n in variants}
     for rep in range(warmup + repeats):

@@ -41,13 +41,13 @@ def main() -> None:
 
     import torch
 
-    from raybench.bench.pruning import _Prefill, build, schedules
+    from raybench.bench.pruning import Prefill, build, schedules
     from raybench.model.config import SparsityConfig
 
     model = build(args.size, args.tokens, args.random_init).requires_grad_(False)
     sp = SparsityConfig() if args.schedule == "dense" else schedules(len(model.decoder_layers))[args.schedule]
     model.set_pruning(sp)
-    run = _Prefill(model, args.batch)
+    run = Prefill(model, args.batch)
     built = _peak_mib()
     with torch.no_grad():
         run.llm(run.visual())
