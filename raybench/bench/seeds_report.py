@@ -267,7 +267,13 @@ def plot(r: dict, path: Path) -> None:
 
     qs, rows = r["qtypes"] + ["overall"], r["rows"]
     width = 0.8 / len(rows)
-    fig, ax = plt.subplots(figsize=(11, 4))
+    curves = {row["preset"]: [run["keep_curve"] for run in _runs(row) if run.get("keep_curve")] for row in rows}
+    curves = {k: v for k, v in curves.items() if v}
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(16 if curves else 11, 4),
+                             gridspec_kw={"width_ratios": [11, 5]} if curves else None)
+    ax = axes[0] if curves else axes
+    if curves:
+        _plot_keep(axes[1], curves)
     for k, row in enumerate(rows):
         vals = [row["acc"].get(q, 0.0) for q in r["qtypes"]] + [row["accuracy"]]
         ax.bar([i + k * width for i in range(len(qs))], vals, width, label=row["preset"])
@@ -282,3 +288,18 @@ def plot(r: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_keep(ax, curves: dict[str, list[list[dict]]]) -> None:
+    """Accuracy against prefill ms at each keep ratio, per pruned preset (mean over seeds)."""
+    for preset, runs in curves.items():
+        keeps = [c["keep"] for c in runs[0]]
+        acc = [statistics.fmean(run[i]["accuracy"] for run in runs) for i in range(len(keeps))]
+        ms = [statistics.fmean(run[i]["prefill_ms"]["median"] for run in runs) for i in range(len(keeps))]
+        ax.plot(ms, acc, marker="o", label=preset)
+        for k, x, y in zip(keeps, ms, acc):
+            ax.annotate(f"{k:g}", (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+    ax.set_xlabel("prefill ms (batch of the cost measure)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("keep ratio: accuracy x prefill cost, same weights")
+    ax.legend(fontsize=8)

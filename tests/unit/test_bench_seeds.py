@@ -186,3 +186,23 @@ def test_the_keep_curve_is_the_trained_model_at_each_ratio_and_its_own_eval_at_i
     assert trained["accuracy"] == pytest.approx(metrics["accuracy"])
     assert trained["acc"] == pytest.approx({k[4:]: v for k, v in metrics.items() if k.startswith("acc/")})
     assert model.stage_keep == trained["kept_after_stages"]  # left pruning as it trained
+
+
+def test_the_keep_curve_claim_and_plot_come_from_the_units_curves(tmp_path):
+    units = tmp_path / "units"
+    write_units(units, _raw_config(tmp_path / "out", "small", quick=False, steps=None),
+                {"llava": [(0.60, 0.30), (0.62, 0.32)], "dense_sparse": [(0.61, 0.50), (0.60, 0.52)]})
+    for seed, lost_at_trained in ((0, 0.01), (1, 0.03)):
+        path = unit_path(units, ("dense_sparse", seed, "default"))
+        record = json.loads(path.read_text())
+        record["keep_curve"] = [{"keep": k, "trained_keep": 0.25, "accuracy": 0.6 - (lost_at_trained if k == 0.25 else
+                                                                                      0.1 * (1 - k)),
+                                 "acc": {}, "kept_after_stages": [max(1, int(16 * k))], "prefill_ms": {"median": 5 + 10 * k},
+                                 "gflops_per_sample": 1.0} for k in (1.0, 0.75, 0.5, 0.25, 0.125)]
+        path.write_text(json.dumps(record))
+    r = result_from_units(units, seeds=2)
+    keep = next(c for c in claim_verdicts(r) if c["claim"] == "dense-sparse keeps accuracy at its keep ratio")
+    assert keep["verdict"] == "within noise"  # -1 point on seed 0, -3 on seed 1
+    assert "0.25 (4 tokens) -1.0, -3.0 points" in keep["line"]
+    bench.plot(r, tmp_path / "seeds.png")  # the second panel: accuracy x prefill cost per keep
+    assert (tmp_path / "seeds.png").stat().st_size > 0
