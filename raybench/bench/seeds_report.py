@@ -236,8 +236,9 @@ def markdown_section(r: dict) -> str:
                    f"lr {t['lr']}, {d['num_train']} train / {d['num_val']} val questions")
     others = []
     for mix, m in r.get("mixes", {}).items():
-        md = m["config"]["data"]
-        others += ["", f"### Mix `{mix}` ({md['num_train']} train / {md['num_val']} val questions)", "",
+        md, mt = m["config"]["data"], m["config"]["train"]
+        others += ["", f"### Mix `{mix}` ({mt['steps']} steps, {md['num_train']} train / {md['num_val']} val "
+                       "questions)", "",
                    *_mix_block(m)]
     whole = all(len(_runs(row)) == r.get("seeds", 1) for row in r["rows"])
     return "\n".join([

@@ -50,7 +50,7 @@ def test_differences_pair_seeds_by_number_not_by_position():
 def test_units_are_named_by_mix_preset_seed_and_recorded_seed_by_seed():
     assert unit_name("dense_sparse", 1) == "default-dense_sparse-s1"
     assert bench.MIXES["default"] == {}  # default.yaml's own data
-    assert bench.MIXES["detail"] == {"data.mix": "detail"}
+    assert bench.MIXES["detail"]["data.mix"] == "detail"
     order = unit_order(PRESETS, 2, ("default", "other"))
     assert len(order) == len(set(order)) == 2 * 2 * len(PRESETS)
     # every preset on every mix at seed 0 first: a partial recording is a whole table early
@@ -77,7 +77,9 @@ def test_the_detail_mix_is_default_yaml_s_run_on_detail_scenes_rendered_beside(t
 
     default, detail = (_raw_config(tmp_path, "small", quick=False, steps=None, mix=m) for m in ("default", "detail"))
     assert detail["data"] == {**default["data"], "mix": "detail", "path": str(tmp_path / "seeds-data-detail")}
-    assert detail["train"]["steps"] == default["train"]["steps"]
+    assert detail["train"]["steps"] == 3000 and default["train"]["steps"] == 1500  # the detail mix trains longer
+    # ... after the same scene stage: 600 steps either way.
+    assert detail["train"]["stages"][0]["steps"] == default["train"]["stages"][0]["steps"] == 600
     cfg = validate_config(unit_raw(detail, "llava", 0, "detail"))
     assert cfg.run_path == tmp_path / "seeds-runs" / "detail-llava-s0"
     assert cfg.stage_path(cfg.train.stages[0]) == tmp_path / "seeds-stage-detail-see"
