@@ -300,6 +300,10 @@ def _plot(rows: list[dict], path: Path) -> None:
 
 
 def main(args) -> int:
-    run_pruning_bench(Path(args.out), size=args.size, random_init=args.random_init, quick=args.quick,
-                      repeats=args.repeats)
+    result = run_pruning_bench(Path(args.out), size=args.size, random_init=args.random_init, quick=args.quick,
+                               repeats=args.repeats)
+    if getattr(args, "write_benchmarks_md", False) and not args.quick:
+        from raybench.bench.report import splice_section
+
+        splice_section(Path("BENCHMARKS.md"), "## Dense->sparse at depth", markdown_section(result))
     return 0

@@ -16,6 +16,7 @@ FINE = {"default": ("count", "glyph"), "detail": ("shape", "count", "word")}
 OCR = {"default": "glyph", "detail": "word"}
 SPATIAL = {"default": "position", "detail": "relation"}
 FINE_DETAIL = FINE["default"]
+AT_CHANCE = 0.03  # within 3 points of a uniform guess counts as not learned
 
 
 def _fine(r: dict, mix: str = "default") -> float:
@@ -49,6 +50,18 @@ def _verdict(diffs: list[float], threshold: float = 0.0) -> str:
     if all(d <= threshold for d in diffs):
         return "**fails**" + (f" on all {len(diffs)} seeds" if len(diffs) > 1 else " (one seed)")
     return "**within noise** (the seeds disagree)"
+
+
+def _untestable(a: dict, b: dict, q: str, chance: float, gain: float) -> str | None:
+    """Why "a gains `gain` over b on question type q" cannot be decided by this mix: both at
+    chance on every seed (nothing learned to compare), or b so close to 1 that the gain does not
+    fit (a ceiling). None when the comparison can tell."""
+    both = [run["acc"].get(q, float("nan")) for row in (a, b) for run in _runs(row)]
+    if both and all(v <= chance + AT_CHANCE for v in both):
+        return f"**not measured** (both at chance on {q}: not learned at this size)"
+    if gain > 0 and all(run["acc"].get(q, 0.0) > 1.0 - gain for run in _runs(b)):
+        return f"**not measured** ({b['preset']} above {1 - gain:.2f} on {q}: no room for +{gain * 100:.0f})"
+    return None
 
 
 def _paired(a: dict, b: dict, value) -> list[float]:
@@ -104,10 +117,11 @@ def claim_verdicts(r: dict) -> list[dict]:
         out.append({"claim": claim, "line": f"- {line} — {verdict}", "verdict": verdict.split("**")[1],
                     "cell": verdict.replace("**", "")})
 
-    def versus(a: str, b: str, claim: str, what: str, value, threshold: float = 0.0) -> None:
+    def versus(a: str, b: str, claim: str, what: str, value, threshold: float = 0.0, q: str | None = None) -> None:
         if a in by and b in by:
             diffs = _paired(by[a], by[b], value)
-            add(claim, f"{claim}: {what}, {a} vs {b} {_points(diffs)}", _verdict(diffs, threshold))
+            why = q and _untestable(by[a], by[b], q, r["chance"].get(q, 0.0), threshold)
+            add(claim, f"{claim}: {what}, {a} vs {b} {_points(diffs)}", why or _verdict(diffs, threshold))
 
     if "deepstack" in by and len(r["rows"]) > 1:
         # Among the notes' other families: not our hybrid (it holds DeepStack), nor a variant
@@ -119,9 +133,10 @@ def claim_verdicts(r: dict) -> list[dict]:
             f"({', '.join(FINE[mix])}) {_fine(by['deepstack'], mix):.2f}, best of the others {best['preset']} "
             f"{_fine(best, mix):.2f}: {_points(diffs)}", _verdict(diffs))
     # deepstack = llava + taps injected into the LLM: the taps' own effect.
-    versus("deepstack", "llava", "DeepStack \"+15% OCR\"", f"{OCR[mix]} accuracy", _acc(OCR[mix]), 0.15 - 1e-9)
+    versus("deepstack", "llava", "DeepStack \"+15% OCR\"", f"{OCR[mix]} accuracy", _acc(OCR[mix]), 0.15 - 1e-9,
+           q=OCR[mix])
     versus("deepstack", "llava", "DeepStack \"+10% spatial reasoning\"", f"{SPATIAL[mix]} accuracy",
-           _acc(SPATIAL[mix]), 0.10 - 1e-9)
+           _acc(SPATIAL[mix]), 0.10 - 1e-9, q=SPATIAL[mix])
     if "deepstack" in by:
         add("DeepStack \"+20% document parsing\"", "DeepStack \"+20% document parsing\": neither mix has "
             "documents", "**not measured**")
@@ -130,20 +145,21 @@ def claim_verdicts(r: dict) -> list[dict]:
         add("Ovis VET vs an MLP connector", f"Ovis VET vs an MLP connector (\"best alignment, moderate cost\"): "
             f"accuracy vs llava {_points(diffs)}, GFLOP/sample "
             f"x{by['ovis']['gflops_per_sample'] / by['llava']['gflops_per_sample']:.2f}", _verdict(diffs))
-    _sparse_claims(by, mix, add)
+    _sparse_claims(by, mix, add, r["chance"])
     versus("deepstack_interior", "deepstack", "Interior taps (Qwen3-VL-like) beat first-to-last", "accuracy", _overall)
     versus("hybrid_vet_taps", "hybrid", "VET on every tapped level (the notes' hybrid) beats mergers", "accuracy",
            _overall)
     return out
 
 
-def _sparse_claims(by: dict, mix: str, add) -> None:
+def _sparse_claims(by: dict, mix: str, add, chance: dict) -> None:
     if "dense_sparse" not in by or "llava" not in by:
         return
     ds, dense = by["dense_sparse"], by["llava"]  # llava = dense_sparse without pruning
     ocr = _paired(ds, dense, _acc(OCR[mix]))
+    why = _untestable(ds, dense, OCR[mix], chance.get(OCR[mix], 0.0), 0.15 - 1e-9)
     add("dense-sparse \"+15% OCR\"", f"dense-sparse \"+15% OCR\" ({OCR[mix]}, vs llava = the same model unpruned): "
-        f"{_points(ocr)}", _verdict(ocr, threshold=0.15 - 1e-9))
+        f"{_points(ocr)}", why or _verdict(ocr, threshold=0.15 - 1e-9))
     acc = _paired(ds, dense, _overall)
     add("dense-sparse \"preserves accuracy\"", f"dense-sparse \"preserves accuracy\" (no more than 2 points below llava): "
         f"{_points(acc)}, GFLOP/sample x{ds['gflops_per_sample'] / dense['gflops_per_sample']:.2f}, prefill "
@@ -260,6 +276,9 @@ def markdown_section(r: dict) -> str:
          "and batch order; the same data), with the lowest and highest seed in brackets; a claim holds or fails "
          "only when every seed both presets have says so. Cost: the lowest seed's model (it does not depend on "
          "the weights)."),
+        "A gain on one question type is **not measured** when the mix cannot show it: both presets within "
+        f"{AT_CHANCE * 100:.0f} points of chance on every seed (nothing learned to compare), or the reference "
+        "so close to 1 on every seed that the claimed gain does not fit.",
     ]) + "\n"
 
 

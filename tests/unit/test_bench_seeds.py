@@ -11,7 +11,7 @@ from raybench.bench import seeds as bench
 from raybench.bench.report import check_written, write_report
 from raybench.bench.seeds import (_over_seeds, _raw_config, record_units, result_from_units, unit_name, unit_order,
                                   unit_path, unit_raw, todo_units)
-from raybench.bench.seeds_report import _mean_range, _paired, _verdict, claim_verdicts
+from raybench.bench.seeds_report import _mean_range, _paired, _untestable, _verdict, claim_verdicts
 from raybench.cli import main
 from raybench.config import ConfigError
 from raybench.model.presets import PRESETS
@@ -38,6 +38,20 @@ def test_a_claim_needs_every_seed():
     assert _verdict(glyph, threshold=0.15).startswith("**within noise**")  # "+15%": one seed short
     assert _verdict([-0.1, -0.2]).startswith("**fails**")
     assert _verdict([0.2]) == "**holds** (one seed)"
+
+
+def test_a_gain_nothing_learned_or_no_room_for_is_not_measured():
+    def row(preset, *glyphs):
+        return {**_over_seeds([run(i, 0.5, g) for i, g in enumerate(glyphs)]), "preset": preset}
+
+    # Both at chance (0.10) on every seed: "fails" would blame a model for what the mix does not teach.
+    assert "both at chance on glyph" in _untestable(row("deepstack", 0.11, 0.12), row("llava", 0.10, 0.09), "glyph", 0.10, 0.15)
+    # The reference above 0.85 on every seed: +15 points cannot fit.
+    assert "no room for +15" in _untestable(row("deepstack", 0.99, 0.98), row("llava", 0.97, 0.90),
+                                                   "glyph", 0.10, 0.15)
+    # One learned value, or one seed with room, and the seeds decide.
+    assert _untestable(row("deepstack", 0.40, 0.12), row("llava", 0.10, 0.09), "glyph", 0.10, 0.15) is None
+    assert _untestable(row("deepstack", 0.99, 0.98), row("llava", 0.97, 0.80), "glyph", 0.10, 0.15) is None
 
 
 def test_differences_pair_seeds_by_number_not_by_position():
