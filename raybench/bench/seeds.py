@@ -347,11 +347,15 @@ def result_from_units(units: Path, mixes=("default",), presets=None, seeds: int 
 
 def _over_seeds(runs: list[dict]) -> dict:
     """One preset's row: the lowest seed's cost, the accuracies' mean over seeds (`by_seed`
-    keeps each seed's accuracies and its unit's wall time)."""
+    keeps each seed's accuracies and its unit's wall time). Timings come from the seed that
+    measured fastest: they do not depend on the weights, and another process on the cores
+    only ever slows a measurement down."""
     runs = sorted(runs, key=lambda r: r.get("seed", 0))
     row = dict(runs[0])
     for key in ("raw", "config"):  # a unit's own; the result keeps one mix config
         row.pop(key, None)
+    row["prefill_ms"] = min((r["prefill_ms"] for r in runs), key=lambda t: t["median"])
+    row["train_samples_per_s"] = max((r["train_samples_per_s"] for r in runs), key=lambda t: t["median"])
     qtypes = sorted({q for r in runs for q in r["acc"]})
     row["accuracy"] = statistics.fmean(r["accuracy"] for r in runs)
     row["val_loss"] = statistics.fmean(r["val_loss"] for r in runs)

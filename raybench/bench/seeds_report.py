@@ -275,7 +275,8 @@ def markdown_section(r: dict) -> str:
          f"Accuracy: the mean over {r['seeds'] if whole else 'the recorded'} seeds (`train.seed`: initial weights "
          "and batch order; the same data), with the lowest and highest seed in brackets; a claim holds or fails "
          "only when every seed both presets have says so. Cost: the lowest seed's model (it does not depend on "
-         "the weights)."),
+         "the weights); prefill ms and train samples/s: the seed that measured fastest (a busy core only "
+         "slows a timing down)."),
         "A gain on one question type is **not measured** when the mix cannot show it: both presets within "
         f"{AT_CHANCE * 100:.0f} points of chance on every seed (nothing learned to compare), or the reference "
         "so close to 1 on every seed that the claimed gain does not fit.",

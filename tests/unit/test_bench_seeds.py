@@ -19,7 +19,8 @@ from raybench.model.presets import PRESETS
 
 def run(seed, accuracy, glyph):
     return {"preset": "llava", "seed": seed, "accuracy": accuracy, "val_loss": 1.0 - accuracy,
-            "acc": {"glyph": glyph, "color": 1.0}, "train_s": 10.0 + seed, "params_m": 1.5}
+            "acc": {"glyph": glyph, "color": 1.0}, "train_s": 10.0 + seed, "params_m": 1.5,
+            "prefill_ms": {"median": 20.0}, "train_samples_per_s": {"median": 400.0}}
 
 
 def test_a_row_is_the_mean_over_seeds_and_keeps_each_seed():
@@ -28,6 +29,15 @@ def test_a_row_is_the_mean_over_seeds_and_keeps_each_seed():
     assert row["params_m"] == 1.5  # cost: seed 0's
     assert [s["accuracy"] for s in row["by_seed"]] == [0.6, 0.8]
     assert _mean_range(row, lambda r: r["accuracy"], 2) == "0.70 (0.60-0.80)"
+
+
+def test_timings_come_from_the_seed_that_measured_fastest():
+    def timed(seed, prefill, samples_per_s):
+        return {**run(seed, 0.5, 0.5), "prefill_ms": {"median": prefill}, "train_samples_per_s": {"median": samples_per_s}}
+
+    # Seed 0's prefill measured beside another process (slow), seed 1's training was the slow one.
+    row = _over_seeds([timed(0, 31.6, 400.0), timed(1, 22.0, 240.0)])
+    assert row["prefill_ms"]["median"] == 22.0 and row["train_samples_per_s"]["median"] == 400.0
 
 
 def test_a_claim_needs_every_seed():
