@@ -4,6 +4,7 @@ paired per-seed differences, its BENCHMARKS.md section and its plot, all from th
 
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -40,16 +41,47 @@ def _mean_range(row: dict, value, digits: int) -> str:
     return mean if len(vals) == 1 else f"{mean} ({min(vals):.{digits}f}-{max(vals):.{digits}f})"
 
 
-def _verdict(diffs: list[float], threshold: float = 0.0) -> str:
+def _verdict(diffs: list[float], threshold: float = 0.0, noise: list[float] | None = None) -> str:
     """A claim "a beats b by more than `threshold`" from paired per-seed differences: every
-    seed agrees (holds / fails) or the seeds disagree (within noise). One seed decides alone."""
+    seed agrees (holds / fails) or not (within noise). One seed decides alone. `noise`: each
+    seed's sampling noise of the difference (`_noise`). A seed supports "holds" when its
+    difference is past the threshold and, for a gain (threshold >= 0), beyond the noise; it
+    supports "fails" when its difference is short of the threshold and, for a tie or a loss
+    allowed (threshold <= 0), a loss beyond the noise."""
     if not diffs:
         return "**not measured** (no seed recorded for both)"
-    if all(d > threshold for d in diffs):
-        return "**holds**" + (f" on all {len(diffs)} seeds" if len(diffs) > 1 else " (one seed)")
-    if all(d <= threshold for d in diffs):
-        return "**fails**" + (f" on all {len(diffs)} seeds" if len(diffs) > 1 else " (one seed)")
+    noise = noise or [0.0] * len(diffs)
+    seeds = f" on all {len(diffs)} seeds" if len(diffs) > 1 else " (one seed)"
+    pairs = list(zip(diffs, noise))
+    if all(d > threshold and (threshold < 0 or d > m) for d, m in pairs):
+        return "**holds**" + seeds
+    if all(d <= threshold and (threshold > 0 or d < -m) for d, m in pairs):
+        return "**fails**" + seeds
+    if all(abs(d) <= m for d, m in pairs):
+        return "**within noise** (each seed inside sampling noise)"
+    if all(d > threshold for d in diffs) or all(d <= threshold for d in diffs):
+        return "**within noise** (not every seed beyond sampling noise)"
     return "**within noise** (the seeds disagree)"
+
+
+def _noise(a: dict, b: dict, value, questions: int) -> list[float]:
+    """Per seed (in `_paired`'s order), two standard errors of a - b when each is an accuracy
+    over `questions` questions: a difference inside it is what another draw of questions
+    could give."""
+    theirs = {run.get("seed", i): run for i, run in enumerate(_runs(b))}
+    out = []
+    for i, x in enumerate(_runs(a)):
+        if (k := x.get("seed", i)) in theirs:
+            pa, pb = value(x), value(theirs[k])
+            out.append(2 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / max(questions, 1)))
+    return out
+
+
+def _questions(r: dict, qtypes: int | None = None) -> int:
+    """How many validation questions an accuracy counts: all, or `qtypes` of the mix's types
+    (the mixes draw every type equally often)."""
+    n = r["config"]["data"].get("num_val", 1000)
+    return n if qtypes is None else n * qtypes // max(len(r["chance"]), 1)
 
 
 def _untestable(a: dict, b: dict, q: str, chance: float, gain: float) -> str | None:
@@ -121,7 +153,8 @@ def claim_verdicts(r: dict) -> list[dict]:
         if a in by and b in by:
             diffs = _paired(by[a], by[b], value)
             why = q and _untestable(by[a], by[b], q, r["chance"].get(q, 0.0), threshold)
-            add(claim, f"{claim}: {what}, {a} vs {b} {_points(diffs)}", why or _verdict(diffs, threshold))
+            noise = _noise(by[a], by[b], value, _questions(r, 1 if q else None))
+            add(claim, f"{claim}: {what}, {a} vs {b} {_points(diffs)}", why or _verdict(diffs, threshold, noise))
 
     if "deepstack" in by and len(r["rows"]) > 1:
         # Among the notes' other families: not our hybrid (it holds DeepStack), nor a variant
@@ -129,9 +162,10 @@ def claim_verdicts(r: dict) -> list[dict]:
         others = [row for row in r["rows"] if row["preset"] != "deepstack" and row["seeds"]["level"] is not None]
         best = max(others, key=lambda row: _fine(row, mix))
         diffs = _paired(by["deepstack"], best, lambda run: _fine(run, mix))
+        noise = _noise(by["deepstack"], best, lambda run: _fine(run, mix), _questions(r, len(FINE[mix])))
         add("DeepStack \"best detail capture\"", f"DeepStack \"best detail capture\": fine detail "
             f"({', '.join(FINE[mix])}) {_fine(by['deepstack'], mix):.2f}, best of the others {best['preset']} "
-            f"{_fine(best, mix):.2f}: {_points(diffs)}", _verdict(diffs))
+            f"{_fine(best, mix):.2f}: {_points(diffs)}", _verdict(diffs, noise=noise))
     # deepstack = llava + taps injected into the LLM: the taps' own effect.
     versus("deepstack", "llava", "DeepStack \"+15% OCR\"", f"{OCR[mix]} accuracy", _acc(OCR[mix]), 0.15 - 1e-9,
            q=OCR[mix])
@@ -144,15 +178,16 @@ def claim_verdicts(r: dict) -> list[dict]:
         diffs = _paired(by["ovis"], by["llava"], _overall)
         add("Ovis VET vs an MLP connector", f"Ovis VET vs an MLP connector (\"best alignment, moderate cost\"): "
             f"accuracy vs llava {_points(diffs)}, GFLOP/sample "
-            f"x{by['ovis']['gflops_per_sample'] / by['llava']['gflops_per_sample']:.2f}", _verdict(diffs))
-    _sparse_claims(by, mix, add, r["chance"])
+            f"x{by['ovis']['gflops_per_sample'] / by['llava']['gflops_per_sample']:.2f}",
+            _verdict(diffs, noise=_noise(by["ovis"], by["llava"], _overall, _questions(r))))
+    _sparse_claims(by, mix, add, r["chance"], _questions(r))
     versus("deepstack_interior", "deepstack", "Interior taps (Qwen3-VL-like) beat first-to-last", "accuracy", _overall)
     versus("hybrid_vet_taps", "hybrid", "VET on every tapped level (the notes' hybrid) beats mergers", "accuracy",
            _overall)
     return out
 
 
-def _sparse_claims(by: dict, mix: str, add, chance: dict) -> None:
+def _sparse_claims(by: dict, mix: str, add, chance: dict, n_val: int) -> None:
     if "dense_sparse" not in by or "llava" not in by:
         return
     ds, dense = by["dense_sparse"], by["llava"]  # llava = dense_sparse without pruning
@@ -161,10 +196,11 @@ def _sparse_claims(by: dict, mix: str, add, chance: dict) -> None:
     add("dense-sparse \"+15% OCR\"", f"dense-sparse \"+15% OCR\" ({OCR[mix]}, vs llava = the same model unpruned): "
         f"{_points(ocr)}", why or _verdict(ocr, threshold=0.15 - 1e-9))
     acc = _paired(ds, dense, _overall)
+    acc_noise = _noise(ds, dense, _overall, n_val)
     add("dense-sparse \"preserves accuracy\"", f"dense-sparse \"preserves accuracy\" (no more than 2 points below llava): "
         f"{_points(acc)}, GFLOP/sample x{ds['gflops_per_sample'] / dense['gflops_per_sample']:.2f}, prefill "
         f"x{ds['prefill_ms']['median'] / dense['prefill_ms']['median']:.2f}",
-        _verdict(acc, threshold=-0.02 - 1e-9))
+        _verdict(acc, threshold=-0.02 - 1e-9, noise=acc_noise))
     curves = [run["keep_curve"] for run in _runs(ds) if run.get("keep_curve")]
     if curves:
         # The same weights at each keep ratio: accuracy lost to pruning alone, against keeping all.
@@ -277,6 +313,9 @@ def markdown_section(r: dict) -> str:
          "only when every seed both presets have says so. Cost: the lowest seed's model (it does not depend on "
          "the weights); prefill ms and train samples/s: the seed that measured fastest (a busy core only "
          "slows a timing down)."),
+        "A seed counts for a gain (or against a claimed tie) only where its difference is beyond two standard "
+        "errors of a difference of two accuracies over that many questions: the validation questions are one "
+        "draw too. "
         "A gain on one question type is **not measured** when the mix cannot show it: both presets within "
         f"{AT_CHANCE * 100:.0f} points of chance on every seed (nothing learned to compare), or the reference "
         "so close to 1 on every seed that the claimed gain does not fit.",

@@ -11,7 +11,7 @@ from raybench.bench import seeds as bench
 from raybench.bench.report import check_written, write_report
 from raybench.bench.seeds import (_over_seeds, _raw_config, record_units, result_from_units, unit_name, unit_order,
                                   unit_path, unit_raw, todo_units)
-from raybench.bench.seeds_report import _mean_range, _paired, _untestable, _verdict, claim_verdicts
+from raybench.bench.seeds_report import _mean_range, _noise, _paired, _untestable, _verdict, claim_verdicts
 from raybench.cli import main
 from raybench.config import ConfigError
 from raybench.model.presets import PRESETS
@@ -48,6 +48,27 @@ def test_a_claim_needs_every_seed():
     assert _verdict(glyph, threshold=0.15).startswith("**within noise**")  # "+15%": one seed short
     assert _verdict([-0.1, -0.2]).startswith("**fails**")
     assert _verdict([0.2]) == "**holds** (one seed)"
+
+
+def test_a_plain_beats_needs_each_seed_beyond_the_questions_sampling_noise():
+    a, b = _over_seeds([run(0, 0.985, 0.5), run(1, 0.984, 0.5)]), _over_seeds([run(0, 0.980, 0.5), run(1, 0.981, 0.5)])
+    noise = _noise(a, b, lambda r: r["accuracy"], 1000)
+    assert noise == pytest.approx([2 * ((0.985 * 0.015 + 0.98 * 0.02) / 1000) ** 0.5,
+                                   2 * ((0.984 * 0.016 + 0.981 * 0.019) / 1000) ** 0.5])
+    diffs = _paired(a, b, lambda r: r["accuracy"])  # +0.5, +0.3 points: ahead on both seeds, by less than noise
+    assert _verdict(diffs).startswith("**holds**")
+    assert _verdict(diffs, noise=noise).startswith("**within noise** (each seed inside")
+    assert _verdict([0.10, 0.12], noise=[0.04, 0.04]).startswith("**holds**")
+    assert _verdict([-0.10, -0.12], noise=[0.04, 0.04]).startswith("**fails**")
+    assert _verdict([0.10, -0.08], noise=[0.04, 0.04]).startswith("**within noise** (the seeds disagree)")
+    assert _verdict([0.10, 0.01], noise=[0.04, 0.04]).startswith("**within noise** (not every seed beyond")
+    # A claimed size (+10 points) is judged on the size: +5 beyond noise is still short of it.
+    assert _verdict([0.05, 0.06], threshold=0.10, noise=[0.04, 0.04]).startswith("**fails**")
+    # "No more than 2 points below": fails only on a loss beyond noise, holds on the estimate.
+    assert _verdict([-0.035, -0.049], threshold=-0.02, noise=[0.043, 0.043]) == (
+        "**within noise** (not every seed beyond sampling noise)")
+    assert _verdict([-0.06, -0.07], threshold=-0.02, noise=[0.043, 0.043]).startswith("**fails**")
+    assert _verdict([-0.01, 0.03], threshold=-0.02, noise=[0.043, 0.043]).startswith("**holds**")
 
 
 def test_a_gain_nothing_learned_or_no_room_for_is_not_measured():
