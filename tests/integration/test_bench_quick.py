@@ -59,7 +59,10 @@ def test_seeds_scores_every_preset_and_qtype_on_one_data_set(quick_out):
     assert "mean over 2 seeds" in section
     # Each claim is judged from both seeds' paired differences.
     verdicts = [line for line in section.splitlines() if line.startswith("- ") and ("OCR" in line or "best detail" in line)]
-    assert len(verdicts) == 3 and all(re.search(r"\*\*(holds|fails|within noise)", v) for v in verdicts)
+    # Or not measured for what the mix cannot show (a tiny model at chance, or no room below 1),
+    # never for want of a seed.
+    assert len(verdicts) == 3 and all(re.search(r"\*\*(holds|fails|within noise)\*\*|\*\*not measured\*\* "
+                                                r"\((both at chance|.* no room)", v) for v in verdicts)
 
 
 def test_compile_traces_prefill_whole_and_keeps_the_answers(quick_out):
