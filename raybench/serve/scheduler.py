@@ -1,8 +1,9 @@
 """The LLM stage's slot pool: one decode loop, requests join and leave between its steps.
 
 `submit(row)` queues a request and returns its `RowStream`; one loop task (started by the
-first request, ended when nothing is left) runs `DecodeEngine.step` in a worker thread, so
-the replica's event loop keeps taking requests while the model runs. Before each step the
+first request, ended when nothing is left) runs `DecodeEngine.step` off the event loop (on
+the process's model thread, serve/torch_thread.py), so the replica keeps taking requests
+while the model runs. Before each step the
 loop moves waiting requests into free slots (`max_rows`, live through `set_max_rows`);
 after it, each row's stream learns its new tokens and, when the row ended, its finish.
 
@@ -17,6 +18,7 @@ import collections
 import time
 from typing import AsyncIterator, Callable
 
+from raybench.serve import torch_thread
 from raybench.serve.engine import DecodeEngine, Row, StepResult
 
 
@@ -101,7 +103,7 @@ class Scheduler:
                     streams[id(s.row)] = s
             t0 = time.perf_counter()
             try:
-                result = await asyncio.to_thread(self.engine.step, joining)
+                result = await torch_thread.run(self.engine.step, joining)
             except Exception:  # noqa: BLE001 - the engine catches model errors; this is a bug
                 result = self._fail_all(joining)
             if self.on_step is not None:

@@ -30,7 +30,7 @@ import torch
 
 from raybench.data.loader import DataError, decode_rgb_uint8, normalize_pixels
 from raybench.model.vlm import HybridVLM
-from raybench.serve import metrics
+from raybench.serve import metrics, torch_thread
 from raybench.serve.batching import batch
 from raybench.serve.compiled_decode import BUCKETS, CompiledDecode
 from raybench.serve.engine import DecodeEngine, Row, StepResult
@@ -53,6 +53,15 @@ class _Stage:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         t0 = time.perf_counter()
+        torch_thread.call(self._load, model_ref, tracking_uri, compile, torch_threads, batch)
+        log.info("%s ready in %.1fs on %s (model %s, %d torch threads, compile=%s)", self.name,
+                 time.perf_counter() - t0, self.device, self.model_dir, torch.get_num_threads(), compile)
+
+    def _load(self, model_ref: str, tracking_uri: str | None, compile: bool, torch_threads: int | None,
+              batch: dict[str, Any] | None) -> None:
+        """Load, set up and warm the model on the thread that will run it (serve/torch_thread.py)."""
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.model_dir = resolve_model_dir(model_ref, tracking_uri)
         model = HybridVLM.from_pretrained(self.model_dir).requires_grad_(False)
         for name in ("vision", "projector", "deepstack", "llm"):
@@ -70,8 +79,6 @@ class _Stage:
         if batch:
             self.reconfigure(batch)
         self.warm_up()
-        log.info("%s ready in %.1fs on %s (model %s, %d torch threads, compile=%s)", self.name,
-                 time.perf_counter() - t0, self.device, self.model_dir, torch.get_num_threads(), compile)
 
     def _compile(self) -> None:
         # In place and per block, as training does: wrapping `model.llm` in torch.compile
@@ -140,7 +147,7 @@ class _Stage:
         self.batch_sizes[len(live)] += 1
         metrics.observe_batch(self.name, len(live), getattr(self, self.batched_method).queued())
         try:
-            results = await asyncio.to_thread(fn, [items[i] for i in live])
+            results = await torch_thread.run(fn, [items[i] for i in live])
         except Exception:
             if len(live) == 1:
                 results = [self._internal_error(live[0], items)]
@@ -148,7 +155,7 @@ class _Stage:
                 results = []
                 for i in live:
                     try:
-                        results.extend(await asyncio.to_thread(fn, [items[i]]))
+                        results.extend(await torch_thread.run(fn, [items[i]]))
                     except Exception:
                         results.append(self._internal_error(i, items))
         failed = all(isinstance(r, StageError) for r in results)

@@ -2,6 +2,7 @@
 (first token, tokens as decoded, the answer) and its health check."""
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -68,3 +69,26 @@ def test_check_health_fails_when_the_model_is_unusable(stage):
     finally:
         stage.scheduler.engine.failed_steps = 0
     assert stage.run_health_check() is None
+
+
+def test_with_several_torch_threads_load_warm_up_and_steps_share_one_thread(tiny_model_dir):
+    """Two OpenMP teams (one per thread running torch) contend for the cores: the stage loads,
+    warms up and steps its model on one thread (serve/torch_thread.py), never the event loop's."""
+    seen: set[int] = set()
+
+    class Recording(LLMStage):
+        def warm_up(self):
+            seen.add(threading.get_ident())
+            super().warm_up()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stage = Recording(str(tiny_model_dir), batch={"max_batch_size": 4})
+        step = stage.scheduler.engine.step
+        stage.scheduler.engine.step = lambda joining: (seen.add(threading.get_ident()), step(joining))[1]
+        for max_tokens in (3, 5):
+            assert isinstance(events(stage, GenRequest(prompt(stage), max_tokens, ignore_eos=True))[-1], GenOut)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1 and threading.get_ident() not in seen
