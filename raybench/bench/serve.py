@@ -285,6 +285,9 @@ def _serve_apps(model_dir: Path) -> dict:
         # unbatched first: its closed-loop rate sets the open loop's arrival rates
         "3-stage, unbatched": pipeline(vision=unbatched, projection=unbatched, llm=unbatched),
         "3-stage, batched": pipeline(),
+        # The ingress is the busiest process when 32 clients stream: a second replica
+        # (Anyscale's RayLLM router starts two) for the streamed points.
+        TWO_INGRESS_APP: pipeline(ingress={**base["ingress"], "num_replicas": 2}),
         "3-stage, batched, values via ingress": pipeline(chain_responses=False),
         "3-stage, static batching": pipeline(llm={**stage, "scheduling": "static"}),
         # last: its rates come from the batched pipeline's closed loop
@@ -294,6 +297,7 @@ def _serve_apps(model_dir: Path) -> dict:
 
 BOUNDED_APP = "3-stage, bounded queue"  # the default limits.max_queued_requests
 PAYLOAD_APP = "real ingress + payloads, no-op stages"
+TWO_INGRESS_APP = "3-stage, batched, 2 ingress replicas"
 
 
 def _run_serve_configs(names: list[str], apps: dict, port: int, bodies, quick, repeats, rows, tag=""):
@@ -302,7 +306,7 @@ def _run_serve_configs(names: list[str], apps: dict, port: int, bodies, quick, r
         url = f"http://127.0.0.1:{port}{PATH}"
         if name in LLM_CONFIGS and not tag:
             _run_llm_points(name, url, bodies, quick, rows)
-        if name == BOUNDED_APP:
+        if name in (BOUNDED_APP, TWO_INGRESS_APP):
             serve.delete("bench")
             continue
         for c in CONCURRENCY:
@@ -332,7 +336,11 @@ def with_max_tokens(bodies: list[bytes], n: int) -> list[bytes]:
     return [json.dumps({**json.loads(b), "max_tokens": n}).encode() for b in bodies]
 
 
-LLM_CONFIGS = ("3-stage, batched", "3-stage, static batching", BOUNDED_APP)
+# The mixed point on the payload app is the floor: what a pipeline whose models cost nothing
+# serves on this mix, so floor / static bounds what any batching of the models could give.
+MIXED_CONFIGS = (PAYLOAD_APP, "3-stage, batched", "3-stage, static batching")
+STREAM_CONFIGS = ("3-stage, batched", TWO_INGRESS_APP)
+LLM_CONFIGS = (*MIXED_CONFIGS, TWO_INGRESS_APP, BOUNDED_APP)
 
 
 def _run_llm_points(name: str, url: str, bodies: list[bytes], quick: bool, rows: list[dict]) -> None:
@@ -347,11 +355,11 @@ def _run_llm_points(name: str, url: str, bodies: list[bytes], quick: bool, rows:
             rate = round(sustainable * k, 1)
             n = 16 if quick else int(min(400, max(24, rate * OPEN_LOOP_SECONDS)))
             points.append((serve_llm.overload_name(k), f"{rate:g}/s", serve_llm.open_loop(url, bodies, rate, n)))
-    else:
+    if name in MIXED_CONFIGS:
         mixed = serve_llm.mixed_bodies(bodies)
         n = top * (2 if quick else 8)
         points.append((serve_llm.mixed_name(name), top, serve_llm.closed_loop(url, mixed, top, n)))
-    if name == "3-stage, batched":
+    if name in STREAM_CONFIGS:
         streamed = serve_llm.with_fields(bodies, max_tokens=serve_llm.STREAM_TOKENS, ignore_eos=True, stream=True)
         for c in (1, top):
             n = (8 if c == 1 else top) * (1 if quick else 4)
@@ -454,7 +462,8 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
         apps = _serve_apps(model_dir)
         # --quick: the rows the goals need, one Ray start; the full run adds the floor-lowering
         # variants (values via the ingress, a fresh Ray in throughput-optimized mode).
-        names = [n for n in apps if not (quick and n in ("3-stage, batched, values via ingress", PAYLOAD_APP))]
+        names = [n for n in apps if not (quick and n in ("3-stage, batched, values via ingress", PAYLOAD_APP,
+                                                        TWO_INGRESS_APP))]
         owned = _start_ray(port, throughput_optimized=False)
         try:
             _run_serve_configs(names, apps, port, bodies, quick, repeats, rows)

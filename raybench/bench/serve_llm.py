@@ -130,21 +130,33 @@ def llm_goals(rows: list[dict], top: int) -> dict:
         return r.get(key, float("nan")) if r else float("nan")
 
     cont, static = mixed_name("3-stage, batched"), mixed_name("3-stage, static batching")
-    stream = stream_name("3-stage, batched")
+    floor = mixed_name("real ingress + payloads, no-op stages")
+    stream, stream2 = stream_name("3-stage, batched"), stream_name("3-stage, batched, 2 ingress replicas")
     hot, calm = by_config.get(overload_name(OVERLOAD)), by_config.get(overload_name(1.0))
     return {
         "mixed_continuous_over_static_req_s": get(cont, top, "req_per_s") / get(static, top, "req_per_s"),
         "mixed_goal": 2.0,
+        "mixed_floor_over_static_req_s": get(floor, top, "req_per_s") / get(static, top, "req_per_s"),
         "mixed_short_p99_ratio": get(cont, top, "short_p99_ms") / get(static, top, "short_p99_ms"),
         "short_p99_goal": 0.5,
         "stream_ttft_over_e2e_c1": get(stream, 1, "ttft_p50_ms") / get(stream, 1, "p50_ms"),
         "stream_ttft_over_e2e_top": get(stream, top, "ttft_p50_ms") / get(stream, top, "p50_ms"),
+        "stream2_ttft_over_e2e_c1": get(stream2, 1, "ttft_p50_ms") / get(stream2, 1, "p50_ms"),
+        "stream2_ttft_over_e2e_top": get(stream2, top, "ttft_p50_ms") / get(stream2, top, "p50_ms"),
         "ttft_goal": 0.25,
         "overload_statuses": (hot or {}).get("statuses"),
         "overload_only_200_429": None if hot is None else set(hot["statuses"]) <= {"200", "429"},
         "overload_p99_ratio": get(overload_name(OVERLOAD), None, "p99_ms") / (calm or {}).get("p99_ms", float("nan")),
         "overload_p99_goal": 3.0,
     }
+
+
+def _floor_line(g: dict, num) -> list[str]:
+    x = g.get("mixed_floor_over_static_req_s", float("nan"))
+    if x != x:  # nan: no payload app in this run (--quick, or results from before it)
+        return []
+    return [f"  - the same mix on the real ingress and payloads with stages that compute nothing: "
+            f"{num(x)}x static batching's req/s, the most any batching of the models could reach here"]
 
 
 def llm_lines(g: dict, claim, finite, num) -> list[str]:
@@ -161,9 +173,13 @@ def llm_lines(g: dict, claim, finite, num) -> list[str]:
         f"- mixed {MIXED_TOKENS[0]}-{MIXED_TOKENS[-1]} tokens, closed loop: continuous / static batching req/s "
         f"{bar(g['mixed_continuous_over_static_req_s'], g['mixed_goal'])}; the shortest answers' p99, "
         f"continuous / static {bar(g['mixed_short_p99_ratio'], g['short_p99_goal'], below=True)}",
+        *_floor_line(g, num),
         f"- streamed {STREAM_TOKENS} tokens: time to first token / end-to-end, p50 at c=1 "
         f"{bar(g['stream_ttft_over_e2e_c1'], g['ttft_goal'], below=True)} and at the top concurrency "
         f"{bar(g['stream_ttft_over_e2e_top'], g['ttft_goal'], below=True)}",
+        *([] if not finite(g.get("stream2_ttft_over_e2e_top", float("nan"))) else [
+            f"- the same with 2 ingress replicas: c=1 {bar(g['stream2_ttft_over_e2e_c1'], g['ttft_goal'], below=True)}, "
+            f"top concurrency {bar(g['stream2_ttft_over_e2e_top'], g['ttft_goal'], below=True)}"]),
         f"- {OVERLOAD:g}x the sustainable rate: statuses {g['overload_statuses']} (only 200 / 429: "
         f"{claim(ok_codes)}); accepted p99 / p99 at the sustainable rate "
         f"{bar(g['overload_p99_ratio'], g['overload_p99_goal'], below=True)}",

@@ -79,6 +79,10 @@ class LLMStageConfig(StageConfig):
     # every answer waits for it (how LLM servers batched before Orca): a baseline for
     # `raybench bench serve`, never faster.
     scheduling: Literal["continuous", "static"] = "continuous"
+    # Streamed answers: the first token goes out at once, then tokens go out this many at a
+    # time (vLLM's `--stream-interval`): each chunk is a Serve stream item and an SSE event,
+    # whose cost the ingress and the stage pay per chunk, however few tokens it carries.
+    stream_interval: int = Field(1, ge=1, le=64)
 
 
 class LimitsConfig(Strict):
@@ -210,6 +214,8 @@ def batch_user_config(s: StageConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"max_batch_size": s.max_batch_size, "batch_wait_timeout_s": s.batch_wait_timeout_s}
     if isinstance(s, LLMStageConfig) and s.scheduling != "continuous":
         out["scheduling"] = s.scheduling  # only when set: the default's user_config stays as it was
+    if isinstance(s, LLMStageConfig) and s.stream_interval != 1:
+        out["stream_interval"] = s.stream_interval
     return out
 
 

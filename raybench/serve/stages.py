@@ -245,6 +245,7 @@ class LLMStage(_Stage):
         compiled = CompiledDecode(self.model, BUCKETS[-1]) if self.compiled else None
         self.scheduler = Scheduler(DecodeEngine(self.model, self.device, proc.decode_answer, compiled), 16,
                                    on_step=self._count_step)
+        self.stream_interval = 1  # llm.stream_interval, through reconfigure
 
     def _compile(self) -> None:
         """The decode step, compiled per batch-size bucket (`_setup`); prefill stays eager:
@@ -257,6 +258,7 @@ class LLMStage(_Stage):
                 raise ValueError(f"max_batch_size = {n}: a compiled LLM stage decodes at most {BUCKETS[-1]} rows")
             self.scheduler.set_max_rows(n)
         self.scheduler.set_static(user_config.get("scheduling", "continuous") == "static")
+        self.stream_interval = int(user_config.get("stream_interval", 1))
 
     def warm_up(self) -> None:
         m = self.model
@@ -292,10 +294,16 @@ class LLMStage(_Stage):
         row = Row(gen, from_wire(projected.visual_embeds), [from_wire(d) for d in projected.deepstack_embeds])
         stream = self.scheduler.submit(row)
         tokens: list[int] = []
+        held: list[int] = []  # streamed tokens not yet sent (stream_interval)
         async for chunk in stream.chunks():
-            if gen.stream or not tokens:
-                yield chunk
+            if not tokens or (gen.stream and len(held) + len(chunk) >= self.stream_interval):
+                yield held + chunk  # the first token at once: it says the request holds a slot
+                held = []
+            elif gen.stream:
+                held += chunk
             tokens += chunk
+        if held:
+            yield held
         if stream.finish == "error":
             yield StageError(500, "llm failed on this request", "internal_error")
             return

@@ -44,6 +44,16 @@ def test_streamed_events_are_the_tokens_then_the_answer(stage):
     assert first == out.tokens[:1] and plain.tokens == out.tokens
 
 
+def test_stream_interval_sends_the_first_token_alone_then_that_many_at_a_time(stage):
+    stage.reconfigure({"max_batch_size": 4, "stream_interval": 3})
+    try:
+        *chunks, out = events(stage, GenRequest(prompt(stage), 8, ignore_eos=True, stream=True))
+    finally:
+        stage.reconfigure({"max_batch_size": 4})
+    assert [len(c) for c in chunks] == [1, 3, 3, 1] and sum(chunks, []) == out.tokens
+    assert stage.stream_interval == 1  # a reconfigure without it goes back to the default
+
+
 def test_an_upstream_error_passes_through(stage):
     err = StageError(400, "bad image", "invalid_image")
     assert events(stage, GenRequest(prompt(stage), 4), upstream=err) == [err]
