@@ -212,7 +212,7 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--configs", nargs="+", default=None,
                    help="curves: record only these configs (names in raybench/bench/curves.py)")
     p.add_argument("--write-benchmarks-md", action="store_true",
-                   help="all / report: also copy the rendered page over ./BENCHMARKS.md; seeds / search / fsdp / pruning: "
+                   help="all / report: also copy the rendered page over ./BENCHMARKS.md; seeds / search / fsdp / pruning / serve: "
                         "write their section into it (the others kept)")
     p.set_defaults(fn=_cmd_bench)
 

@@ -369,6 +369,18 @@ def _run_llm_points(name: str, url: str, bodies: list[bytes], quick: bool, rows:
         _print_row(rows[-1])
 
 
+def _engine_points(model_dir: Path, bodies: list[bytes], quick: bool, rows: list[dict]) -> None:
+    """The mixed point on the LLM stage's engine alone, continuous and static (serve_engine.py)."""
+    from raybench.bench.serve_engine import engine_mixed
+
+    top = max(CONCURRENCY)
+    for static in (False, True):
+        results, elapsed = engine_mixed(model_dir, serve_llm.mixed_bodies(bodies), top, top * (2 if quick else 8),
+                                        pool=top, static=static)
+        rows.append({"config": serve_llm.engine_name(static), "concurrency": top, **_llm_row(results, elapsed)})
+        _print_row(rows[-1])
+
+
 def _llm_row(results: list[dict], elapsed: float) -> dict:
     """A row from timed requests: latency over the 200s; a 429 is a refusal, not an error."""
     ok = [r for r in results if r["status"] == 200]
@@ -457,6 +469,7 @@ def run_serve_bench(out_dir: Path, size: str = "small", quick: bool = False, rep
                 rows.append({"config": f"in-process, {'batched' if batched else 'unbatched'}",
                              "concurrency": c, **r})
                 _print_row(rows[-1])
+        _engine_points(model_dir, bodies, quick, rows)
         rows += _plain_fastapi(bodies, quick, repeats)
         port = free_port()
         apps = _serve_apps(model_dir)
@@ -508,5 +521,10 @@ def _plain_fastapi(bodies, quick, repeats) -> list[dict]:
 
 
 def main(args) -> int:
-    run_serve_bench(Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
+    report = run_serve_bench(Path(args.out), size=args.size, quick=args.quick, repeats=args.repeats)
+    if getattr(args, "write_benchmarks_md", False) and not args.quick:
+        from raybench.bench.report import splice_section
+        from raybench.bench.serve_report import markdown_section
+
+        splice_section(Path("BENCHMARKS.md"), "## Serving", markdown_section(report))
     return 0

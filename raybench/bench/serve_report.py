@@ -32,7 +32,21 @@ def _overhead_lines(g: dict, finite, ms, num, top: int) -> list[str]:
             f"{num(g['payload_req_s_at_c32'])} req/s against the no-op floor's "
             f"{num(g['noop_3hop_req_s_at_c32'])} and the pipeline's {num(g['pipeline_req_s_at_c32'])} "
             f"(pipeline / no-op floor {g['pipeline_req_s_at_c32'] / g['noop_3hop_req_s_at_c32']:.2f}x, "
-            "goal >= 0.75x)."]
+            "goal >= 0.75x).", *_floor_bars(payload - floor, g["payload_req_s_at_c32"] / g["noop_3hop_req_s_at_c32"], top,
+                                        g["added_goal_ms"])]
+
+
+def _floor_bars(added_ms: float, share: float, top: int, added_goal_ms: float = 5.0) -> list[str]:
+    """Whether the pipeline without its models already misses issue 31's overhead bars: then no
+    work on the models or their batching can meet them, only less of Serve's handling."""
+    missed = [text for miss, text in (
+        (added_ms > added_goal_ms, f"{added_ms:+.1f} ms at c=1 (the whole pipeline may add {added_goal_ms:g} ms)"),
+        (share < 0.75, f"{share:.2f}x the no-op floor's req/s at c={top} (the whole pipeline should reach 0.75x)"),
+    ) if miss]
+    if not missed:
+        return []
+    return [f"  - Without its models the pipeline already misses: {'; '.join(missed)}. What is left there is "
+            "Serve's handling of real requests and payloads, not the models or their batching."]
 
 
 def goals(rows: list[dict]) -> dict:
@@ -59,7 +73,7 @@ def goals(rows: list[dict]) -> dict:
 
     return {
         "in_process_p50_ms": model, "noop_3hop_p50_ms": floor, "pipeline_p50_ms": pipe,
-        "pipeline_added_ms_at_c1": pipe - (model + floor), "added_goal_ms": 3.0,
+        "pipeline_added_ms_at_c1": pipe - (model + floor), "added_goal_ms": 5.0,  # issue 31's bar
         "batched_over_unbatched_req_s_at_c32": ratio, "batching_goal": 4.0,
         "throughput_optimized_noop_3hop_p50_ms": get("serve no-op, 3 hops [THROUGHPUT_OPTIMIZED]", 1, "p50_ms"),
         "values_via_ingress_p50_ms_at_c1": get("3-stage, batched, values via ingress", 1, "p50_ms"),

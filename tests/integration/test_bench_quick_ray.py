@@ -17,6 +17,7 @@ import pytest
 
 from raybench.bench.report import check_written
 from raybench.bench.serve import CONCURRENCY, DECODE_TOKENS, n_requests
+from raybench.bench.serve_llm import engine_name
 from raybench.cli import main
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -116,6 +117,10 @@ def test_serve_answers_every_load_point_without_errors(results):
         assert row["errors"] == 0 and row["requests"] == n_requests(top, True, r["repeats"])
         for cores in (row["cpu_cores"], points[(config, top)]["cpu_cores"]):
             assert {"LLMStage", "ChatIngress", "load client"} <= set(cores) and all(v > 0 for v in cores.values())
+    # The mixed mix on the LLM engine alone (no Serve), continuous and static: every request answered.
+    for static in (False, True):
+        row = points[(engine_name(static), top)]
+        assert row["errors"] == 0 and row["requests"] == 2 * top and 0 < row["p50_ms"] <= row["p99_ms"]
     g = r["goals"]
     assert g["decode_batched_over_unbatched_req_s"] == pytest.approx(
         points[(f"3-stage, batched, {DECODE_TOKENS} tokens", top)]["req_per_s"]
