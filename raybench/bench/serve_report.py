@@ -175,6 +175,8 @@ def markdown_section(r: dict) -> str:
         f"{num(rps('3-stage, batched', top))} -> {num(rps('3-stage, batched [THROUGHPUT_OPTIMIZED]', top))} req/s). "
         "gRPC is not measured.",
         *_overhead_lines(g, finite, ms, num, top),
+        "- One run is one draw: docs/serving.md (\"What the serving bars come to\") gives the ranges over "
+        "several runs and what the model-free pipeline bounds.",
         "- The seeds' serving claims are GPU-scale; rerun this on a GPU node to check them.",
     ]
     return "\n".join(lines) + "\n"
