@@ -25,6 +25,7 @@ def _overhead_lines(g: dict, finite, ms, num, top: int) -> list[str]:
     if not finite(payload):
         return []
     floor, pipe, model = g["noop_3hop_p50_ms"], g["pipeline_p50_ms"], g["in_process_p50_ms"]
+    share = g["payload_req_s_at_c32"] / g["noop_3hop_req_s_at_c32"]
     return [f"- Where the overhead goes (issue 31): the real ingress and hops carrying real payloads to stages "
             f"that compute nothing answer in {ms(payload)} p50 at c=1, {payload - floor:+.1f} ms over the no-op "
             f"3-hop floor (request parsing, image decode check, chat template, payload serialisation); the "
@@ -32,8 +33,7 @@ def _overhead_lines(g: dict, finite, ms, num, top: int) -> list[str]:
             f"{num(g['payload_req_s_at_c32'])} req/s against the no-op floor's "
             f"{num(g['noop_3hop_req_s_at_c32'])} and the pipeline's {num(g['pipeline_req_s_at_c32'])} "
             f"(pipeline / no-op floor {g['pipeline_req_s_at_c32'] / g['noop_3hop_req_s_at_c32']:.2f}x, "
-            "goal >= 0.75x).", *_floor_bars(payload - floor, g["payload_req_s_at_c32"] / g["noop_3hop_req_s_at_c32"], top,
-                                        g["added_goal_ms"])]
+            "goal >= 0.75x).", *_floor_bars(payload - floor, share, top, g["added_goal_ms"])]
 
 
 def _floor_bars(added_ms: float, share: float, top: int, added_goal_ms: float = 5.0) -> list[str]:
