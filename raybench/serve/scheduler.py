@@ -23,7 +23,8 @@ from raybench.serve.engine import DecodeEngine, Row, StepResult
 
 
 class RowStream:
-    """What one request sees of its row: tokens so far and, at the end, its finish."""
+    """What one request sees of its row: tokens so far and, at the end, its finish (a request
+    that is not streamed: its first token, then the rest at the end)."""
 
     def __init__(self, row: Row):
         self.row = row
@@ -32,6 +33,10 @@ class RowStream:
         self.changed = asyncio.Event()
 
     def _deliver(self) -> None:
+        # A request that is not streamed needs its first token (it holds a slot) and its end:
+        # waking its consumer at every step would cost the event loop a wake-up per row per step.
+        if not self.row.req.stream and self.n and self.row.finish is None:
+            return
         # Snapshots on the event loop's thread, between steps: the next step may append.
         self.n, self.finish = len(self.row.tokens), self.row.finish
         self.changed.set()

@@ -62,7 +62,7 @@ def run_staggered(model, requests, joins_after: list[int], max_rows: int = 8):
         stream0 = scheduler.submit(first)
         tasks = []
         for req, after in zip(requests[1:], joins_after[1:]):
-            while stream0.n < after and stream0.finish is None:
+            while len(first.tokens) < after and first.finish is None:
                 await asyncio.sleep(0.001)
             tasks.append(asyncio.ensure_future(collect(scheduler, Row(*req))))
         tokens0 = []
@@ -171,3 +171,15 @@ def test_static_batching_the_bench_baseline_holds_answers_until_the_batch_ends(m
     assert [t for t, _ in results] == [reference(model, GenRequest(r.prompt_ids, r.max_tokens), v, d)
                                        for r, v, d in requests]
     assert done_at[0] == done_at[1] < done_at[2]  # the short one left with the long one
+
+
+def test_a_streamed_row_hears_every_step_and_one_that_is_not_its_first_token_then_the_end(model):
+    async def main():
+        scheduler = Scheduler(DecodeEngine(model, torch.device("cpu")), 4)
+        plain = scheduler.submit(Row(*make_request(model, 0, 6, ignore_eos=True)))
+        streamed = scheduler.submit(Row(*make_request(model, 1, 6, ignore_eos=True, stream=True)))
+        async def chunks(stream):
+            return [c async for c in stream.chunks()]
+        return await asyncio.gather(chunks(plain), chunks(streamed))
+    plain, streamed = asyncio.run(main())
+    assert [len(c) for c in plain] == [1, 5] and [len(c) for c in streamed] == [1] * 6
