@@ -65,16 +65,11 @@ def _verdict(diffs: list[float], threshold: float = 0.0, noise: list[float] | No
 
 
 def _noise(a: dict, b: dict, value, questions: int) -> list[float]:
-    """Per seed (in `_paired`'s order), two standard errors of a - b when each is an accuracy
+    """Per seed (`_seed_pairs`), two standard errors of a - b when each is an accuracy
     over `questions` questions: a difference inside it is what another draw of questions
     could give."""
-    theirs = {run.get("seed", i): run for i, run in enumerate(_runs(b))}
-    out = []
-    for i, x in enumerate(_runs(a)):
-        if (k := x.get("seed", i)) in theirs:
-            pa, pb = value(x), value(theirs[k])
-            out.append(2 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / max(questions, 1)))
-    return out
+    pairs = [(value(x), value(y)) for x, y in _seed_pairs(a, b)]
+    return [2 * math.sqrt((pa * (1 - pa) + pb * (1 - pb)) / max(questions, 1)) for pa, pb in pairs]
 
 
 def _questions(r: dict, qtypes: int | None = None) -> int:
@@ -96,11 +91,17 @@ def _untestable(a: dict, b: dict, q: str, chance: float, gain: float) -> str | N
     return None
 
 
-def _paired(a: dict, b: dict, value) -> list[float]:
-    """a - b on each seed both have, by seed (a partial recording may hold seed 1 of one
-    preset and not of the other; results from before units kept no seed: their order)."""
+def _seed_pairs(a: dict, b: dict) -> list[tuple[dict, dict]]:
+    """(a's run, b's run) on each seed both have, in a's order (a partial recording may hold
+    seed 1 of one preset and not of the other; results from before units kept no seed: their
+    order)."""
     theirs = {run.get("seed", i): run for i, run in enumerate(_runs(b))}
-    return [value(x) - value(theirs[k]) for i, x in enumerate(_runs(a)) if (k := x.get("seed", i)) in theirs]
+    return [(x, theirs[k]) for i, x in enumerate(_runs(a)) if (k := x.get("seed", i)) in theirs]
+
+
+def _paired(a: dict, b: dict, value) -> list[float]:
+    """a - b on each seed both have (`_seed_pairs`)."""
+    return [value(x) - value(y) for x, y in _seed_pairs(a, b)]
 
 
 def markdown_table(r: dict) -> str:
