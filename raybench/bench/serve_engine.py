@@ -2,7 +2,7 @@
 
 The same requests (each body's prompt, its image through vision and projection once up
 front), c closed-loop clients on one `Scheduler` + `DecodeEngine`, continuous or static,
-with one torch thread as a stage replica has. What continuous batching gives where nothing
+with one torch thread as a stage replica has (or `threads`). What continuous batching gives where nothing
 but the LLM step costs, and what the step costs a request: the models' share of the served
 mixed point is read against it.
 """
@@ -14,23 +14,26 @@ import time
 from pathlib import Path
 
 
-def engine_mixed(model_dir: Path, bodies: list[bytes], c: int, n: int, pool: int, static: bool
-                 ) -> tuple[list[dict], float]:
+def engine_mixed(model_dir: Path, bodies: list[bytes], c: int, n: int, pool: int, static: bool,
+                 threads: int = 1) -> tuple[list[dict], float]:
     """`n` requests from `c` clients; results as the HTTP points give them (status, max_tokens,
-    seconds to the first token and to the end), and the seconds the whole loop took."""
+    seconds to the first token and to the end), and the seconds the whole loop took. The model
+    loads where a stage's does (serve/torch_thread.py), with `threads` torch threads."""
     import torch
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    from raybench.serve import torch_thread
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
-        rows = _requests(model_dir, bodies)
-        return asyncio.run(_closed(rows, c, n, pool, static))
+        model, requests = torch_thread.call(_requests, model_dir, bodies)
+        return asyncio.run(_closed(model, requests, c, n, pool, static))
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
-def _requests(model_dir: Path, bodies: list[bytes]) -> list[tuple]:
-    """(model, GenRequest, visual embeds, DeepStack embeds) per body."""
+def _requests(model_dir: Path, bodies: list[bytes]) -> tuple:
+    """The model, and (GenRequest, visual embeds, DeepStack embeds) per body."""
     import torch
 
     from raybench.data.processor import VQAProcessor
@@ -48,24 +51,25 @@ def _requests(model_dir: Path, bodies: list[bytes]) -> list[tuple]:
         with torch.inference_mode():
             visual, deepstack = model.project(*model.encode_images(proc.pixel_values([req.image])))
         gen = GenRequest(proc.conversation_prompt_ids(req.messages), req.max_tokens, ignore_eos=req.ignore_eos)
-        out.append((model, gen, visual[0], [d[0] for d in deepstack]))
-    return out
+        out.append((gen, visual[0], [d[0] for d in deepstack]))
+    return model, out
 
 
-async def _closed(requests: list[tuple], c: int, n: int, pool: int, static: bool) -> tuple[list[dict], float]:
+async def _closed(model, requests: list[tuple], c: int, n: int, pool: int, static: bool
+                  ) -> tuple[list[dict], float]:
     import torch
 
     from raybench.serve.engine import DecodeEngine, Row
     from raybench.serve.scheduler import Scheduler
 
-    scheduler = Scheduler(DecodeEngine(requests[0][0], torch.device("cpu")), pool)
+    scheduler = Scheduler(DecodeEngine(model, torch.device("cpu")), pool)
     scheduler.set_static(static)
     results: list[dict] = []
     counter = iter(range(n))
 
     async def client():
         for i in counter:
-            _, gen, visual, deepstack = requests[i % len(requests)]
+            gen, visual, deepstack = requests[i % len(requests)]
             t0, first = time.perf_counter(), None
             async for _ in scheduler.submit(Row(gen, visual, deepstack)).chunks():
                 first = first or time.perf_counter() - t0

@@ -53,15 +53,13 @@ class _Stage:
         if torch_threads:
             torch.set_num_threads(torch_threads)
         t0 = time.perf_counter()
-        torch_thread.call(self._load, model_ref, tracking_uri, compile, torch_threads, batch)
+        torch_thread.call(self._load, model_ref, tracking_uri, compile, batch)
         log.info("%s ready in %.1fs on %s (model %s, %d torch threads, compile=%s)", self.name,
                  time.perf_counter() - t0, self.device, self.model_dir, torch.get_num_threads(), compile)
 
-    def _load(self, model_ref: str, tracking_uri: str | None, compile: bool, torch_threads: int | None,
-              batch: dict[str, Any] | None) -> None:
-        """Load, set up and warm the model on the thread that will run it (serve/torch_thread.py)."""
-        if torch_threads:
-            torch.set_num_threads(torch_threads)
+    def _load(self, model_ref: str, tracking_uri: str | None, compile: bool, batch: dict[str, Any] | None) -> None:
+        """Load, set up and warm the model on the thread that will run it (serve/torch_thread.py;
+        the thread count set above is the process's)."""
         self.model_dir = resolve_model_dir(model_ref, tracking_uri)
         model = HybridVLM.from_pretrained(self.model_dir).requires_grad_(False)
         for name in ("vision", "projector", "deepstack", "llm"):
